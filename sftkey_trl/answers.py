@@ -1,0 +1,356 @@
+"""Answer extraction from generations and answer matching against gold, plus the paper's composite score.
+
+Decisions worth knowing:
+- An empty answer inside tags gives ``answer=None`` (strict tags keep ``format_ok=True``); no number fallback then.
+- Numbers found by the last-number fallback are returned normalised: thousands commas removed, unicode minus -> "-".
+- Numbers compare within 1e-6 relative, except two integers, which must be equal (1000000 != 1000001).
+- Percentages: ``50%`` matches ``50`` (cheap numeric fallback) and, through math_verify, also ``0.5``.
+- math_verify runs with signal timeouts (5 s) on the main thread and without timeouts elsewhere (signals fail off
+  the main thread); inputs that look pathological (towers of powers, huge factorials) skip it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import cache, lru_cache
+from typing import Any
+
+ANSWER_TYPES = ("numeric", "math", "multiple_choice", "text")
+RESPONSE_FORMATS = ("tags", "plain")
+
+
+@dataclass(frozen=True)
+class Tags:
+    """The tag strings of the "tags" response format."""
+
+    thinking_open: str = "<Thinking>"
+    thinking_close: str = "</Thinking>"
+    answer_open: str = "<Answer>"
+    answer_close: str = "</Answer>"
+
+    def __post_init__(self) -> None:
+        if not all((self.thinking_open, self.thinking_close, self.answer_open, self.answer_close)):
+            raise ValueError("Tags: every tag string must be non-empty")
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """What `extract_answer` found in one generation."""
+
+    answer: str | None
+    method: str
+    format_ok: bool
+    reasoning: str | None
+
+
+_MINUS = str.maketrans({"\u2212": "-", "\ufe63": "-", "\uff0d": "-"})
+_NUM = r"(?:\d+/\d+|(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
+_NUMBER_RE = re.compile(rf"(?:(?<![\w)\]}}])-)?(?<![\w.,/]){_NUM}(?![\d/])")
+_FRAC_RE = re.compile(r"\\[dt]?frac\{\s*(-?\d+)\s*\}\s*\{\s*(\d+)\s*\}")
+_WRAPPER_RE = re.compile(r"\\(?:boxed|text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}")
+_TRAILING_PUNCT = ".!?,;:"
+
+
+def _prepare(text: str) -> str:
+    """Unicode minus -> '-', ``\\frac{a}{b}`` -> ``a/b``, unwrap ``\\boxed{}``/``\\text{}``, drop markdown bold."""
+    text = text.translate(_MINUS).replace("**", "")
+    for _ in range(3):
+        text = _WRAPPER_RE.sub(r"\1", text)
+    text = _FRAC_RE.sub(r"\1/\2", text)
+    return text.replace("\\$", "$").replace("\\%", "%").replace("\\!", "").replace("\\,", "")
+
+
+def _last_number(text: str) -> str | None:
+    matches = list(_NUMBER_RE.finditer(_prepare(text)))
+    return matches[-1].group(0).replace(",", "") if matches else None
+
+
+# ---------------------------------------------------------------------------------------------------------- extraction
+def _thinking(text: str, tags: Tags, end: int) -> str | None:
+    """Reasoning in text[:end]: after the last thinking-open tag up to its close (or `end`), else before a close."""
+    start = text.rfind(tags.thinking_open, 0, end)
+    if start != -1:
+        segment = text[start + len(tags.thinking_open) : end]
+        close = segment.find(tags.thinking_close)
+        segment = segment[:close] if close != -1 else segment
+    else:
+        close = text.rfind(tags.thinking_close, 0, end)
+        segment = text[:close] if close != -1 else ""
+    return segment.strip() or None
+
+
+def _extract_tags(text: str, tags: Tags) -> Extraction | None:
+    e = re.escape
+    strict = re.fullmatch(
+        f"{e(tags.thinking_open)}(.*?){e(tags.thinking_close)}\n{e(tags.answer_open)}(.*?){e(tags.answer_close)}",
+        text.strip(),
+        re.DOTALL,
+    )
+    all_tags = (tags.thinking_open, tags.thinking_close, tags.answer_open, tags.answer_close)
+    if strict and not any(tag in group for group in strict.groups() for tag in all_tags):
+        return Extraction(strict.group(2).strip() or None, "strict_tags", True, strict.group(1).strip() or None)
+    opens = [m.start() for m in re.finditer(e(tags.answer_open), text)]
+    if not opens:
+        return None
+    for pos in reversed(opens):  # the last answer tag with some content; an unclosed one runs to the next tag/end
+        body = text[pos + len(tags.answer_open) :]
+        cut = [i for i in (body.find(tags.answer_close), body.find(tags.answer_open)) if i != -1]
+        answer = (body[: min(cut)] if cut else body).strip()
+        if answer:
+            return Extraction(answer, "lenient_tags", False, _thinking(text, tags, pos))
+    return Extraction(None, "lenient_tags", False, _thinking(text, tags, opens[-1]))
+
+
+@lru_cache(maxsize=32)
+def _template_regex(template: str) -> re.Pattern[str]:
+    if template.count("{answer}") != 1:
+        raise ValueError(f"answer_template must contain '{{answer}}' exactly once, got {template!r}")
+    prefix, suffix = template.split("{answer}")
+    core = suffix.rstrip(_TRAILING_PUNCT)
+    punct = suffix[len(core) :]
+
+    def escape(part: str) -> str:
+        return r"[ \t]+".join(re.escape(word) for word in re.split(r"\s+", part))
+
+    group = f"((?:(?!{escape(prefix)}).)+?)" if prefix.strip() else "(.+?)"  # starts at the line's last prefix
+    optional = f"(?:{re.escape(punct)})?" if punct else ""
+    return re.compile(escape(prefix) + group + escape(core) + optional + r"[ \t]*$", re.IGNORECASE | re.MULTILINE)
+
+
+def _extract_plain(text: str, template: str) -> Extraction | None:
+    matches = [m for m in _template_regex(template).finditer(text) if m.group(1).strip()]
+    if not matches:
+        return None
+    m = matches[-1]
+    line_start = text.rfind("\n", 0, m.start()) + 1
+    format_ok = not text[m.end() :].strip()
+    return Extraction(m.group(1).strip(), "answer_line", format_ok, text[:line_start].strip() or None)
+
+
+def extract_answer(
+    generation: str,
+    response_format: str = "tags",
+    tags: Tags = Tags(),  # noqa: B008 - frozen dataclass, safe as a default
+    answer_template: str = "The answer is {answer}.",
+) -> Extraction:
+    """Extract the final answer (and reasoning) from one generation.
+
+    "tags": strict when the stripped generation is exactly ``<Thinking>R</Thinking>\\n<Answer>A</Answer>`` (R and A
+    free of tags); otherwise lenient: the last answer tag with content (unclosed: up to the next tag or the end).
+    "plain": the last line matching `answer_template` (case-insensitive, trailing punctuation optional); format_ok
+    when nothing but whitespace follows it. Fallback for both: the last number in the text (never format_ok).
+    Raises ValueError for an unknown `response_format` or a template without exactly one ``{answer}``.
+    """
+    if response_format not in RESPONSE_FORMATS:
+        raise ValueError(f"response_format must be one of {RESPONSE_FORMATS}, got {response_format!r}")
+    text = generation or ""
+    if response_format == "tags":
+        found = _extract_tags(text, tags)
+        reasoning = _thinking(text, tags, len(text))
+    else:
+        found = _extract_plain(text, answer_template)
+        reasoning = None
+    if found is not None:
+        return found
+    number = _last_number(text)
+    return Extraction(number, "last_number" if number is not None else "none", False, reasoning)
+
+
+# ------------------------------------------------------------------------------------------------------------ matching
+_PLACEHOLDERS = {"", "n/a", "na", "none", "null", "nan", "unknown", "?", "-"}
+_NOT_UNITS = {"pi", "sqrt", "inf", "infinity"}
+_NUMERIC_RE = re.compile(rf"(-)?\s*({_NUM})\s*(%)?(?:\s+([a-z]{{2,}}(?:\s+[a-z]{{2,}})*))?", re.IGNORECASE)
+_DELIMITED_RE = re.compile(r"\$|\\\(|\\\[|\\boxed")
+_RISKY_RE = re.compile(r"\^\s*\{[^}]*\^|\^\s*\(?[\d.]+\)?\s*\^|\d{4,}\s*\)?\s*!|\}\s*\)?\s*!|\d{60,}")
+_MAX_MATH_VERIFY_CHARS = 500
+
+
+def _to_fraction(text: str) -> Fraction | None:
+    """Cheap parse of a plain number: drops $/€/£, thousands commas, %, unit words, a trailing '.'."""
+    s = re.sub(r"[$€£]", "", _prepare(text)).strip().rstrip(".").strip()
+    m = _NUMERIC_RE.fullmatch(s)
+    if not m or (m.group(4) and _NOT_UNITS & set(m.group(4).lower().split())):
+        return None
+    try:
+        value = Fraction(m.group(2).replace(",", ""))
+    except (ValueError, ZeroDivisionError):
+        return None
+    return -value if m.group(1) else value
+
+
+def _close(a: Fraction, b: Fraction) -> bool:
+    """Equal; or, unless both are integers (1000000 != 1000001), within 1e-6 relative."""
+    if a.denominator == 1 and b.denominator == 1:
+        return a == b
+    return abs(a - b) <= Fraction(1, 10**6) * max(abs(a), abs(b))
+
+
+@cache
+def _timeout_kwarg(func: Callable[..., Any], name: str) -> bool:
+    return name in inspect.signature(func).parameters
+
+
+def _mv_call(func: Callable[..., Any], timeout_name: str, *args: Any, **kwargs: Any) -> Any:
+    if _timeout_kwarg(func, timeout_name):
+        kwargs[timeout_name] = 5 if threading.current_thread() is threading.main_thread() else None
+    return func(*args, **kwargs)
+
+
+def _only_words(rest: str) -> bool:
+    """Whether `rest` (what math_verify left unparsed) is prose: no digits/operators/LaTeX, no 1-letter words."""
+    if re.search(r"[\d\\^_{}=+*/()\[\]]", rest):
+        return False
+    return all(len(w) > 1 and w.lower() not in _NOT_UNITS for w in re.findall(r"[A-Za-z]+", rest))
+
+
+@lru_cache(maxsize=4096)
+def _mv_candidates(text: str, wrap: bool) -> tuple[list[Any], ...]:
+    """math_verify parses of `text`: as LaTeX math (``$text$``) when `wrap`, and as-is when nothing unparsed is left
+    over except words (so ``2\\sqrt{2}`` never reads as ``2``). Empty tuple when nothing parses."""
+    s = text.translate(_MINUS).replace("**", "").strip()
+    if not s or len(s) > _MAX_MATH_VERIFY_CHARS or _RISKY_RE.search(s):
+        return ()
+    try:
+        from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+    except ImportError:  # pragma: no cover - math-verify is a dependency
+        return ()
+    configs = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+
+    def run(source: str) -> list[Any]:
+        try:
+            return list(_mv_call(parse, "parsing_timeout", source, extraction_config=configs))
+        except Exception:
+            return []
+
+    if _DELIMITED_RE.search(s):
+        return tuple(r for r in (run(s),) if r)
+    results = []
+    if wrap and (wrapped := run("$" + re.sub(r"(?<!\\)%", r"\\%", s) + "$")):
+        results.append(wrapped)
+    direct = run(s)
+    if direct and isinstance(direct[-1], str) and direct[-1] in s:
+        if _only_words(s.replace(direct[-1], "", 1)):
+            results.append(direct)
+    return tuple(results)
+
+
+def _math_verify_match(predicted: str, gold: str, gold_wrap: bool) -> bool:
+    golds = _mv_candidates(gold, gold_wrap)
+    if not golds:
+        return False
+    from math_verify import verify
+
+    for candidate in _mv_candidates(predicted, True):
+        try:
+            if _mv_call(verify, "timeout_seconds", golds[0], candidate):  # gold first
+                return True
+        except Exception:
+            continue
+    return False
+
+
+_CHOICE_BARE_RE = re.compile(r"[(\[]?\s*([A-E])\s*[)\]]?\s*[.:]?", re.IGNORECASE)
+_CHOICE_LEAD_RE = re.compile(r"[(\[]?([A-E])[)\].:](?:\s|$)")
+_CHOICE_PHRASE_RE = re.compile(
+    r"(?i:answer|option|choice)(?:\s+(?i:is|would\s+be|should\s+be))?\s*:?\s*[(\[]?([A-E])(?![A-Za-z0-9])"
+)
+_CHOICE_PAREN_RE = re.compile(r"\(([A-E])\)")
+
+
+def _choice_letter(text: str) -> str | None:
+    """The option letter A-E in `text` ("B", "(b)", "B.", "B) photosynthesis", "The answer is B"), else None."""
+    s = re.sub(r"[$*]", "", _prepare(text)).strip()
+    if m := _CHOICE_BARE_RE.fullmatch(s):
+        return m.group(1).upper()
+    if m := _CHOICE_LEAD_RE.match(s):
+        return m.group(1)
+    for pattern in (_CHOICE_PHRASE_RE, _CHOICE_PAREN_RE):
+        if found := pattern.findall(s):
+            return found[-1]
+    return None
+
+
+def _default_normalizer(text: str) -> str:
+    """Lowercase, collapse whitespace, strip trailing punctuation and a leading article (a/an/the)."""
+    s = " ".join(text.lower().split()).rstrip(_TRAILING_PUNCT).strip()
+    return re.sub(r"^(?:a|an|the)\s+", "", s)
+
+
+def _check_type(answer_type: str) -> None:
+    if answer_type not in ANSWER_TYPES:
+        raise ValueError(f"answer_type must be one of {ANSWER_TYPES}, got {answer_type!r}")
+
+
+def gold_is_parseable(gold: str, answer_type: str) -> bool:
+    """Whether `gold` can be parsed for `answer_type`; golds that can't are never matched by `answers_match`.
+
+    numeric/math: a plain number, or something math_verify parses (math: as LaTeX; placeholders like "N/A" never);
+    multiple_choice: a single letter A-E; text: non-empty after the default normalizer.
+    """
+    _check_type(answer_type)
+    if answer_type == "multiple_choice":
+        return len(gold.strip()) == 1 and gold.strip().upper() in "ABCDE"
+    if answer_type == "text":
+        return bool(_default_normalizer(gold))
+    if gold.strip().lower() in _PLACEHOLDERS:
+        return False
+    return _to_fraction(gold) is not None or bool(_mv_candidates(gold, answer_type == "math"))
+
+
+def answers_match(
+    predicted: str | None,
+    gold: str,
+    answer_type: str = "math",
+    normalizer: Callable[[str], str] | None = None,
+) -> bool:
+    """Whether `predicted` answers `gold` for `answer_type` (one of ANSWER_TYPES).
+
+    numeric/math: numbers compared as fractions (relative tolerance 1e-6, ignoring $, thousands commas, %, unit
+    words, unicode minus), then math_verify (LaTeX, ``\\boxed{}``, ``\\frac``, expressions). multiple_choice: option
+    letters. text: equal after `normalizer` (used only for text; default lowercases, collapses whitespace, strips
+    trailing punctuation and a leading article). False when `predicted` is None or the gold is unparseable.
+    """
+    if predicted is None or not gold_is_parseable(gold, answer_type):
+        return False
+    if answer_type == "multiple_choice":
+        return _choice_letter(predicted) == gold.strip().upper()
+    if answer_type == "text":
+        norm = normalizer or _default_normalizer
+        return bool(norm(gold)) and norm(predicted) == norm(gold)
+    if not predicted.strip():
+        return False
+    gold_value, predicted_value = _to_fraction(gold), _to_fraction(predicted)
+    if gold_value is not None and predicted_value is not None and _close(gold_value, predicted_value):
+        return True
+    return _math_verify_match(predicted, gold, gold_wrap=answer_type == "math")
+
+
+_EQUALS_RE = re.compile(r"(?<![<>!=])=(?!=)")
+_RESULT_RE = re.compile(rf"\s*[$€£]?\s*(-?\s*{_NUM})(?![\d/]|,\d|\s*[-+*/×÷^(]|\s*\\(?:times|cdot|div))")
+
+
+def reasoning_final_value(reasoning: str | None) -> str | None:
+    """The value the reasoning arrives at: the number right of the last '=' (if it is a bare number, not the
+    start of an expression), else the last number in the text; None if there is none. Commas are dropped."""
+    if not reasoning:
+        return None
+    text = _prepare(reasoning)
+    equals = list(_EQUALS_RE.finditer(text))
+    if equals:
+        rhs = text[equals[-1].end() :].split("\n", 1)[0]
+        if m := _RESULT_RE.match(rhs):
+            return re.sub(r"[\s,]", "", m.group(1))
+    return _last_number(text)
+
+
+def composite_score(accuracy: float, format_accuracy: float) -> float:
+    """The paper's composite metric: 0.7 * accuracy + 0.3 * format accuracy (both fractions in [0, 1])."""
+    for name, value in (("accuracy", accuracy), ("format_accuracy", format_accuracy)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}")
+    return 0.7 * accuracy + 0.3 * format_accuracy
