@@ -1,8 +1,8 @@
 """Train and evaluate an SFTKey recipe.
 
-    accelerate launch recipes/run.py                                 # the offline demo
-    accelerate launch recipes/run.py --config recipes/<...>.yaml     # a real recipe
-    python recipes/run.py --config FILE --inspect 3 [--json]         # what each stage trains on
+accelerate launch recipes/run.py                                 # the offline demo
+accelerate launch recipes/run.py --config recipes/<...>.yaml     # a real recipe
+python recipes/run.py --config FILE --inspect 3 [--json]         # what each stage trains on
 """
 
 from __future__ import annotations

@@ -88,11 +88,19 @@ def main(argv: list[str] | None = None) -> int:
         if options.inspect is not None:
             inspect(script_args, training_args, model_args, stages, options.inspect, options.json)
             return 0
+        if options.dry_run:
+            from .dryrun import dry_run
+
+            print(dry_run(script_args, training_args, model_args, stages, rest[rest.index("--config") + 1]))
+            return 0
         from .report import print_results
         from .stages import Pipeline
 
         pipeline = Pipeline(script_args, training_args, model_args, stages)
-        results = pipeline.run()
+        if options.eval_only:
+            results = pipeline.evaluate_only(options.checkpoint)
+        else:
+            results = pipeline.run()
         if pipeline.state.is_main_process:
             print_results(results, Path(training_args.output_dir))
     return 0

@@ -85,6 +85,13 @@ class SFTKeyConfig(SFTConfig):
         metadata={"help": "Log the loss on reasoning and on key tokens separately (scores the whole response)."},
     )
 
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Discard a previous run in output_dir (all stages) and start over."}
+    )
+    restart_from: str | None = field(
+        default=None, metadata={"help": "Retrain from this stage on; earlier finished stages are kept."}
+    )
+
     def __post_init__(self):
         if self.bf16 is None:  # TRL defaults to bf16, which raises on machines without bf16 support
             import torch
@@ -112,7 +119,7 @@ class Stage:
 STAGE_KEYS = {f.name for f in dataclasses.fields(Stage)} - {"overrides"}
 
 
-def parse_stages(raw: Any, training_args: SFTConfig) -> list[Stage]:
+def parse_stages(raw: Any, training_args: SFTConfig, parser: TrlParser | None = None) -> list[Stage]:
     """Validate the `stages:` list and return `Stage` objects; every problem is a one-line `SFTKeyError`."""
     if not isinstance(raw, list) or not raw:
         raise SFTKeyError("`stages` must be a non-empty list, e.g. [{name: sft, loss_on: completion}, ...]")
@@ -132,6 +139,10 @@ def parse_stages(raw: Any, training_args: SFTConfig) -> list[Stage]:
             raise SFTKeyError(f"stage name `{name}` is used as a folder name; use letters, digits, - and _")
         names.add(name)
         values = {key: entry.pop(key) for key in list(entry) if key in STAGE_KEYS}
+        try:
+            values["reasoning_weight"] = float(values.get("reasoning_weight", 0.0))
+        except (TypeError, ValueError):
+            raise SFTKeyError(f"{where} ({name}): `reasoning_weight` must be a number") from None
         stage = Stage(name=name, **values)
         if stage.loss_on not in LOSS_ON:
             raise SFTKeyError(f"{where} ({name}): `loss_on: {stage.loss_on}` is not valid; use one of {LOSS_ON}")
@@ -140,12 +151,14 @@ def parse_stages(raw: Any, training_args: SFTConfig) -> list[Stage]:
                 f"{where} ({name}): `loss_normalization: {stage.loss_normalization}` is not valid; "
                 f"use one of {LOSS_NORMALIZATIONS}"
             )
-        if not 0.0 <= float(stage.reasoning_weight) <= 1.0:
+        if not 0.0 <= stage.reasoning_weight <= 1.0:
             raise SFTKeyError(f"{where} ({name}): `reasoning_weight` must be between 0 and 1")
         for key in entry:
             if key not in training_keys:
                 hint = closest(key, training_keys | STAGE_KEYS)
                 raise SFTKeyError(f"{where} ({name}): unknown key `{key}`{hint}")
+            if parser is not None:
+                entry[key] = _coerce(parser, key, entry[key], f"{where} ({name}): ")
         stage.overrides = entry
         stages.append(stage)
     return stages
@@ -242,7 +255,7 @@ def parse_config(argv: list[str] | None = None):
     except (ValueError, TypeError) as error:
         raise SFTKeyError(f"invalid configuration: {str(error).splitlines()[0]}") from error
     _check_script_args(script_args)
-    stages = parse_stages(training_args.stages, training_args)
+    stages = parse_stages(training_args.stages, training_args, parser)
     return script_args, training_args, model_args, stages
 
 
@@ -264,3 +277,17 @@ def _check_yaml_type(parser: TrlParser, key: str, value: Any) -> None:
         if action.nargs in ("+", "*") and not isinstance(value, list):
             raise SFTKeyError(f"`{key}` must be a list, got {value!r}")
         return
+
+
+def _coerce(parser: TrlParser, key: str, value: Any, where: str = "") -> Any:
+    """Convert a YAML string (PyYAML reads `2e-4` as a string) with the argparse type of `key`."""
+    if not isinstance(value, str):
+        return value
+    for action in parser._actions:
+        if action.dest == key and action.type is not None and action.type is not str:
+            try:
+                return action.type(value)
+            except (TypeError, ValueError):
+                kind = getattr(action.type, "__name__", "value")
+                raise SFTKeyError(f"{where}`{key}: {value}` has the wrong type; give a {kind}") from None
+    return value

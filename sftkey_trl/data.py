@@ -61,7 +61,7 @@ def load_source(name: str, config: str | None, split: str, what: str = "dataset_
 
         if name != "demo:arithmetic":
             raise SFTKeyError(f"`{what}: {name}` is not a known demo dataset; use `demo:arithmetic`")
-        directory = cache_root() / "demo-arithmetic"
+        directory = cache_root() / "demo-arithmetic-v2"  # bump when the generator changes
         if not (directory / "test.jsonl").exists():
             write_arithmetic_dataset(directory)
         if split not in ("train", "test"):
@@ -178,18 +178,19 @@ def prepare_data(script_args, training_args, stages, tokenizer, formatter: Forma
         columns = tokenize_rendered(tokenizer, rendered)
         columns["index"] = [index for index, _ in triples]
         tokenized = Dataset.from_dict(columns)
-        if cached is not None:  # written under a temporary name, then renamed: a kill never leaves half a cache
-            tmp = cached.with_name(cached.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tokenized.save_to_disk(str(tmp))
-            os.replace(tmp, cached)
-            tokenized = load_from_disk(str(cached))
+    num_tokenized = len(tokenized)
     tokenized = _validate_lengths(tokenized, training_args.max_length, stages, report, len(train_rows))
     if report.total:
         message = f"{report.total} of {len(train_rows)} training rows are invalid: {report.describe()}"
         if script_args.on_invalid == "error":
             raise SFTKeyError(message + "; fix the data or set `on_invalid: skip` to drop them")
         logger.warning("%s; skipped (on_invalid: skip)", message)
+    if cached is not None and not cached.exists():  # only valid data is cached; temp name then rename
+        tmp = cached.with_name(cached.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = tokenized if len(tokenized) == num_tokenized else Dataset.from_dict(columns)
+        full.save_to_disk(str(tmp))
+        os.replace(tmp, cached)
     if len(tokenized) == 0:
         raise SFTKeyError("no valid training rows are left; check the dataset and its adapter (`dataset_format`)")
     answer_type = script_args.answer_type or get_adapter(script_args.dataset_format).answer_type

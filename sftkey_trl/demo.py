@@ -19,25 +19,27 @@ TAG_TOKENS = ["<Thinking>", "</Thinking>", "<Answer>", "</Answer>"]
 ALPHABET = string.digits + string.ascii_letters + " \n.,:;?!+-*/=()%$#<>'\"_|[]{}"
 
 
-def make_arithmetic_example(rng: random.Random, steps: tuple[int, int] = (2, 3)) -> dict[str, str]:
-    """One multi-step problem: start from a number, apply 2-3 additions/subtractions, never below zero."""
-    value = rng.randint(2, 9)
-    question = f"Start at {value}"
+def make_arithmetic_example(rng: random.Random, steps: tuple[int, int] = (2, 3), max_value: int = 9) -> dict[str, str]:
+    """One multi-step problem such as `Compute 7 + 2 - 4.`, worked left to right, staying in [0, max_value]."""
+    value = rng.randint(1, max_value - 1)
+    expression = str(value)
     lines = []
     for _ in range(rng.randint(*steps)):
-        if value > 1 and rng.random() < 0.5:
-            operand = rng.randint(1, min(value, 9))
-            result, op, word = value - operand, "-", "subtract"
+        if value == max_value or (value > 0 and rng.random() < 0.5):
+            operand = rng.randint(1, value)
+            result, op = value - operand, "-"
         else:
-            operand = rng.randint(1, 9)
-            result, op, word = value + operand, "+", "add"
-        question += f", {word} {operand}"
+            operand = rng.randint(1, max_value - value)
+            result, op = value + operand, "+"
+        expression += f" {op} {operand}"
         lines.append(f"{value} {op} {operand} = {result}")
         value = result
-    return {"question": question + ".", "reasoning": "\n".join(lines), "answer": str(value)}
+    return {"question": f"Compute {expression}.", "reasoning": "\n".join(lines), "answer": str(value)}
 
 
-def write_arithmetic_dataset(directory: str | Path, num_train: int = 2000, num_test: int = 200, seed: int = 0) -> Path:
+def write_arithmetic_dataset(
+    directory: str | Path, num_train: int = 2000, num_test: int = 200, seed: int = 0, max_value: int = 9
+) -> Path:
     """Write `train.jsonl` and `test.jsonl` (columns question/reasoning/answer) deterministically; return the dir."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -47,7 +49,7 @@ def write_arithmetic_dataset(directory: str | Path, num_train: int = 2000, num_t
     for split, count in splits.items():
         rows = []
         while len(rows) < count:
-            example = make_arithmetic_example(rng)
+            example = make_arithmetic_example(rng, max_value=max_value)
             if example["question"] in seen:  # keep test questions out of train
                 continue
             seen.add(example["question"])

@@ -1,10 +1,13 @@
 """Stage chaining: each stage trains from the previous stage's weights, saves to `<output_dir>/<stage>/` and is
-evaluated; results accumulate in `<output_dir>/results.json`."""
+evaluated. `manifest.json` makes reruns safe: finished stages are skipped, a killed stage resumes from its last
+complete checkpoint, and a changed configuration for a finished stage is refused unless asked for."""
 
 from __future__ import annotations
 
 import gc
+import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from .errors import SFTKeyError
 from .evaluate import evaluate_model
 from .files import read_json, write_json, write_jsonl
 from .formatting import Formatter
+from .manifest import Manifest, changed_keys, config_hash, resolved_config
 from .modeling import load_model, load_tokenizer, lora_config
 from .trainer import SFTKeyTrainer
 
@@ -36,16 +40,33 @@ def apply_global_batch_size(args, world_size: int) -> None:
     args.gradient_accumulation_steps = args.global_batch_size // per_step
 
 
+def last_complete_checkpoint(directory: Path) -> str | None:
+    """The newest `checkpoint-N` whose `trainer_state.json` (written last by Trainer) is readable.
+
+    A kill during a checkpoint save leaves a folder without it; such a folder is never resumed from.
+    """
+    if not directory.is_dir():
+        return None
+    candidates = sorted(
+        (p for p in directory.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
+    for candidate in candidates:
+        try:
+            json.loads((candidate / "trainer_state.json").read_text())
+            return str(candidate)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 class Pipeline:
     """Runs a recipe: prepare the data once, then train and evaluate each stage in order."""
 
     def __init__(self, script_args, training_args, model_args, stages: list[Stage]):
-        self.script_args, self.training_args, self.model_args, self.stages = (
-            script_args,
-            training_args,
-            model_args,
-            stages,
-        )
+        self.script_args, self.training_args, self.model_args = script_args, training_args, model_args
+        self.stages = stages
         self.output_dir = Path(training_args.output_dir)
         self.state = PartialState()
         self.tokenizer = load_tokenizer(model_args, training_args)
@@ -55,29 +76,21 @@ class Pipeline:
     @property
     def data(self) -> PreparedData:
         if self._data is None:
+            cache = self.output_dir / ".cache" if self.state.is_main_process else None
             with self.training_args.main_process_first(desc="preparing data"):
                 self._data = prepare_data(
-                    self.script_args,
-                    self.training_args,
-                    self.stages,
-                    self.tokenizer,
-                    self.formatter,
-                    self.output_dir / ".cache",
+                    self.script_args, self.training_args, self.stages, self.tokenizer, self.formatter, cache
                 )
         return self._data
-
-    @property
-    def results_path(self) -> Path:
-        return self.output_dir / "results.json"
 
     def stage_args(self, stage: Stage):
         args = stage_training_args(self.training_args, stage, str(self.output_dir / stage.name / "checkpoints"))
         apply_global_batch_size(args, args.world_size)
         return args
 
-    def train_stage(self, stage: Stage, start_from: Path | None) -> dict:
-        """Train one stage from `start_from` (None: the base model) and save it to `<output_dir>/<stage>/`."""
-        args = self.stage_args(stage)
+    def train_stage(self, stage: Stage, args, start_from: Path | None):
+        """Train one stage from `start_from` (None: the base model), resuming from its last complete checkpoint,
+        and save it to `<output_dir>/<stage>/`. Returns (trained model, training summary)."""
         model = load_model(self.model_args, args, start_from)
         trainer = SFTKeyTrainer(
             model=model,
@@ -89,10 +102,17 @@ class Pipeline:
             log_part_losses=self.training_args.log_part_losses,
         )
         global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        resume = last_complete_checkpoint(Path(args.output_dir))
         if self.state.is_main_process:
-            logger.info("stage %s: loss on %s, global batch %d", stage.name, stage.loss_on, global_batch)
+            logger.info(
+                "stage %s: loss on %s, global batch %d%s",
+                stage.name,
+                stage.loss_on,
+                global_batch,
+                f", resuming from {resume}" if resume else "",
+            )
         started = time.perf_counter()
-        output = trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir))
+        output = trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - started
         stage_dir = self.output_dir / stage.name
         trainer.save_model(str(stage_dir))
@@ -103,58 +123,122 @@ class Pipeline:
             "train_loss": output.training_loss,
             "train_seconds": seconds,
             "global_batch_size": global_batch,
+            "world_size": args.world_size,
             "train_tokens": trainer._total_train_tokens,
             "tokens_per_second": trainer._total_train_tokens / seconds if seconds else 0.0,
+            "resumed_from": resume,
         }
-        self._model = trainer.model
+        model = trainer.model
         del trainer
-        return summary
+        return model, summary
 
     def evaluate(self, model, name: str) -> dict:
-        """Generate on the evaluation split with `model`; write predictions and return the metrics."""
+        """Generate on the evaluation split with `model`; write `<name>/predictions.jsonl`, return the metrics."""
         metrics, predictions = evaluate_model(
-            model,
-            self.tokenizer,
-            self.data.eval_examples,
-            self.data.answer_type,
-            self.script_args,
-            self.formatter,
+            model, self.tokenizer, self.data.eval_examples, self.data.answer_type, self.script_args, self.formatter
         )
         if self.state.is_main_process:
             write_jsonl(self.output_dir / name / "predictions.jsonl", predictions)
         return metrics
 
+    def _plan(self, manifest: Manifest) -> list[tuple]:
+        """Resolve each stage's arguments and hash; refuse a changed finished stage unless restarting it."""
+        plan, previous = [], self.data.data_hash
+        names = [stage.name for stage in self.stages]
+        restart = self.training_args.restart_from
+        if restart is not None and restart not in names:
+            raise SFTKeyError(f"`restart_from: {restart}` is not a stage of this recipe; stages are {names}")
+        restarting = False
+        for stage in self.stages:
+            args = self.stage_args(stage)
+            config = resolved_config(self.script_args, args, self.model_args, stage, self.data.data_hash, previous)
+            digest = config_hash(config)
+            restarting = restarting or stage.name == restart
+            entry = manifest.stage(stage.name)
+            if not entry and not restarting and (self.output_dir / stage.name).exists():
+                raise SFTKeyError(
+                    f"{self.output_dir / stage.name} exists but the manifest does not know it (another run's "
+                    "output?); pass --overwrite_output_dir true or use another output_dir"
+                )
+            if entry and entry.get("hash") != digest and not restarting:
+                changed = ", ".join(changed_keys(entry.get("config", {}), config)[:8]) or "the previous stage"
+                raise SFTKeyError(
+                    f"stage `{stage.name}` in {self.output_dir} was run with another config (changed: {changed}); "
+                    f"pass --restart_from {stage.name} or --overwrite_output_dir true, or use another output_dir"
+                )
+            plan.append((stage, args, digest, config, restarting))
+            previous = digest
+        return plan
+
     def run(self) -> dict:
-        """Train and evaluate every stage; return the results written to `results.json`."""
-        results = read_json(self.results_path, None) or {"stages": {}}
-        results["answer_type"] = self.data.answer_type
-        results["invalid_rows"] = self.data.report.counts
+        """Train and evaluate every stage that is not already done; return the contents of `results.json`."""
+        main = self.state.is_main_process
+        if self.training_args.overwrite_output_dir and main and self.output_dir.exists():
+            for stage in self.stages:
+                shutil.rmtree(self.output_dir / stage.name, ignore_errors=True)
+            for name in ("manifest.json", "results.json"):
+                (self.output_dir / name).unlink(missing_ok=True)
+        self.state.wait_for_everyone()
+        manifest = Manifest(self.output_dir, write=main)
+        plan = self._plan(manifest)  # every check before anything is written
+        results_path = self.output_dir / "results.json"
+        results = read_json(results_path, None) or {"stages": {}}
+        results.update(answer_type=self.data.answer_type, invalid_rows=self.data.report.counts)
         evaluate = self.script_args.eval_after_stages and bool(self.data.eval_examples)
-        if self.script_args.eval_base and evaluate:
+        if self.script_args.eval_base and evaluate and "base" not in results:
             base = load_model(self.model_args, self.training_args)
             results["base"] = self.evaluate(base, "base")
             del base
         start_from: Path | None = None
-        for stage in self.stages:
-            training = self.train_stage(stage, start_from)
-            entry = {"loss_on": stage.loss_on, "training": training}
+        for stage, args, digest, config, restarting in plan:
+            stage_dir = self.output_dir / stage.name
+            entry = manifest.stage(stage.name) or {}
+            if restarting:
+                if main:
+                    shutil.rmtree(stage_dir, ignore_errors=True)
+                manifest.forget(stage.name)
+                results["stages"].pop(stage.name, None)
+                entry = {}
+                self.state.wait_for_everyone()
+            if entry.get("status") == "done":
+                logger.info("stage %s is done with the same configuration: skipped", stage.name)
+                start_from = stage_dir
+                continue
+            model = None
+            if entry.get("status") != "trained":
+                manifest.update(stage.name, status="running", hash=digest, config=config, checkpoint=str(stage_dir))
+                model, training = self.train_stage(stage, args, start_from)
+                results["stages"][stage.name] = {"loss_on": stage.loss_on, "training": training}
+                manifest.update(stage.name, status="trained", seconds=training["train_seconds"])
             if evaluate:
-                entry.update(self.evaluate(self._model, stage.name))
-            results["stages"][stage.name] = entry
-            if self.state.is_main_process:
-                write_json(self.results_path, results)
-            self._model = None
+                if model is None:  # killed during evaluation: reload the saved stage
+                    model = load_model(self.model_args, args, stage_dir, trainable=False)
+                results["stages"].setdefault(stage.name, {"loss_on": stage.loss_on})
+                results["stages"][stage.name].update(self.evaluate(model, stage.name))
+            if main:
+                write_json(results_path, results)
+            manifest.update(stage.name, status="done")
+            del model
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            start_from = self.output_dir / stage.name
+            start_from = stage_dir
         self.state.wait_for_everyone()
         return results
 
-
-def last_checkpoint(directory: str) -> str | None:
-    """The newest complete `checkpoint-N` folder under `directory`, if any (used to resume a killed stage)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    path = Path(directory)
-    return get_last_checkpoint(str(path)) if path.is_dir() else None
+    def evaluate_only(self, checkpoint: str | None) -> dict:
+        """Evaluate a saved stage folder (adapter or full weights), or the base model, without training."""
+        name = Path(checkpoint).name if checkpoint else "base"
+        if checkpoint and not Path(checkpoint).is_dir():
+            raise SFTKeyError(f"`--checkpoint {checkpoint}` is not a folder; point it at a saved stage folder")
+        if not self.data.eval_examples:
+            raise SFTKeyError("no evaluation data: set `eval_dataset_name`, `eval_split` or `eval_fraction`")
+        model = load_model(self.model_args, self.training_args, checkpoint, trainable=False)
+        metrics, predictions = evaluate_model(
+            model, self.tokenizer, self.data.eval_examples, self.data.answer_type, self.script_args, self.formatter
+        )
+        if self.state.is_main_process:
+            out = self.output_dir / "eval_only" / name
+            write_jsonl(out / "predictions.jsonl", predictions)
+            write_json(out / "metrics.json", metrics)
+        return {"stages": {name: metrics}}

@@ -1,0 +1,61 @@
+"""Shared fixtures: the locally built tiny tokenizer/model and a BPE tokenizer whose tokens straddle boundaries."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sftkey_cache(tmp_path_factory):
+    """Keep demo data and models built by tests out of the user's cache."""
+    path = tmp_path_factory.mktemp("sftkey-cache")
+    os.environ["SFTKEY_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(sftkey_cache) -> Path:
+    from sftkey_trl.demo import build_tiny_model
+
+    return build_tiny_model(sftkey_cache / "tiny-llama", hidden_size=64, num_layers=2)
+
+
+@pytest.fixture()
+def char_tokenizer():
+    from sftkey_trl.demo import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer trained on a few sentences: merges like `>\\n` straddle the key boundary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    corpus = [
+        "<Thinking>48/2 = 24 and 48+24 = 72</Thinking>\n<Answer>72</Answer>",
+        "The answer is 1,234.\nThe answer is -7.\n### Question:\nhow many?\n\n### Response:\n",
+    ] * 50
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<eos>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>")
+
+
+def script_args(**overrides):
+    """`SFTKeyScriptArguments` with overrides, for building a Formatter without parsing a recipe."""
+    from sftkey_trl.config import SFTKeyScriptArguments
+
+    return SFTKeyScriptArguments(**overrides)
