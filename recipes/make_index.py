@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from sftkey_trl.config import parse_config  # noqa: E402
-from sftkey_trl.dryrun import accelerate_num_processes, launch_option, launch_line  # noqa: E402
+from sftkey_trl.dryrun import accelerate_num_processes, launch_line, launch_option  # noqa: E402
 from sftkey_trl.memory import MEASURED_LORA_R, MEASURED_SEQ_LEN, calibration, estimate_for_model  # noqa: E402
 
 README = ROOT / "recipes" / "README.md"
@@ -75,7 +75,7 @@ def recipe_row(path: Path, root: Path = ROOT) -> dict:
 
 def render_index(root: Path = ROOT) -> str:
     lines = [
-        "| Model | Dataset | Method | GPUs | Batch per GPU x max_length | GPU memory per GPU | Recipe and launch line |",
+        "| Model | Dataset | Method | GPUs | Batch per GPU x max_length | GPU memory per GPU | Recipe and launch |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for path in recipe_paths(root):

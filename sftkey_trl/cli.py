@@ -25,9 +25,19 @@ def run_options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--dry_run", action="store_true", help="Check the recipe offline and print it resolved.")
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks.")
     options, rest = parser.parse_known_args(argv)
-    if "--config" not in rest and not any(item.startswith("--config=") for item in rest):
+    if config_path(rest) is None:
         rest = ["--config", str(Path(__file__).resolve().parents[1] / DEMO_RECIPE)] + rest
     return options, rest
+
+
+def config_path(argv: list[str]) -> str | None:
+    """The recipe path given with `--config PATH` or `--config=PATH`."""
+    for index, item in enumerate(argv):
+        if item == "--config" and index + 1 < len(argv):
+            return argv[index + 1]
+        if item.startswith("--config="):
+            return item.split("=", 1)[1]
+    return None
 
 
 @contextlib.contextmanager
@@ -91,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         if options.dry_run:
             from .dryrun import dry_run
 
-            print(dry_run(script_args, training_args, model_args, stages, rest[rest.index("--config") + 1]))
+            print(dry_run(script_args, training_args, model_args, stages, config_path(rest)))
             return 0
         from .report import print_results
         from .stages import Pipeline

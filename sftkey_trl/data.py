@@ -112,6 +112,7 @@ class PreparedData:
     answer_type: str
     data_hash: str
     report: InvalidReport
+    validation_examples: list[dict]  # for keep_best: the eval_fraction hold-out, else the evaluation examples
 
 
 def _contains_tags(triple: Triple, formatter: Formatter) -> bool:
@@ -120,15 +121,19 @@ def _contains_tags(triple: Triple, formatter: Formatter) -> bool:
     return any(tag in text for tag in (tags.thinking_open, tags.thinking_close, tags.answer_open, tags.answer_close))
 
 
-def load_splits(script_args, seed: int) -> tuple[Dataset, Dataset | None]:
-    """The training rows and the evaluation rows (separate dataset, separate split, or a held-out fraction)."""
+def load_splits(script_args, seed: int) -> tuple[Dataset, Dataset | None, Dataset | None]:
+    """Training rows, validation rows and evaluation rows.
+
+    `eval_fraction` holds out part of train as the validation split (used to pick checkpoints); the evaluation
+    split is `eval_dataset_name`/`eval_split` when given, else that hold-out.
+    """
     adapter = get_adapter(script_args.dataset_format)
     name = script_args.dataset_name or adapter.hub_id
     if not name:
         raise SFTKeyError("no dataset: set `dataset_name` to a hub id or a local .jsonl/.json/.parquet/.csv file")
     config = script_args.dataset_config or (adapter.hub_config if name == adapter.hub_id else None)
     train = load_source(name, config, script_args.dataset_split or adapter.train_split)
-    evaluation = None
+    evaluation = holdout = None
     if script_args.eval_dataset_name:
         split = script_args.eval_split or adapter.test_split or "test"
         evaluation = load_source(
@@ -136,14 +141,18 @@ def load_splits(script_args, seed: int) -> tuple[Dataset, Dataset | None]:
         )
     elif script_args.eval_split:
         evaluation = load_source(name, config, script_args.eval_split, "eval_split")
-    elif script_args.eval_fraction > 0:
+    if script_args.eval_fraction > 0:
         parts = train.train_test_split(test_size=script_args.eval_fraction, seed=seed)
-        train, evaluation = parts["train"], parts["test"]
+        train, holdout = parts["train"], parts["test"]
     if script_args.max_train_samples:
         train = train.select(range(min(script_args.max_train_samples, len(train))))
+    if evaluation is None:
+        evaluation = holdout
     if evaluation is not None and script_args.max_eval_samples:
         evaluation = evaluation.select(range(min(script_args.max_eval_samples, len(evaluation))))
-    return train, evaluation
+    if holdout is not None and script_args.max_eval_samples:
+        holdout = holdout.select(range(min(script_args.max_eval_samples, len(holdout))))
+    return train, holdout, evaluation
 
 
 def prepare_data(script_args, training_args, stages, tokenizer, formatter: Formatter, cache_dir: Path | None):
@@ -152,7 +161,7 @@ def prepare_data(script_args, training_args, stages, tokenizer, formatter: Forma
     Every invalid row is counted by reason; `on_invalid: error` stops with the report before any training,
     `skip` drops the rows and logs the counts. A `max_length` that cuts most examples is always an error.
     """
-    train_rows, eval_rows = load_splits(script_args, training_args.seed)
+    train_rows, validation_rows, eval_rows = load_splits(script_args, training_args.seed)
     report = InvalidReport()
     triples = to_triples(train_rows, script_args, report)
     if script_args.response_format == "tags":
@@ -195,7 +204,8 @@ def prepare_data(script_args, training_args, stages, tokenizer, formatter: Forma
         raise SFTKeyError("no valid training rows are left; check the dataset and its adapter (`dataset_format`)")
     answer_type = script_args.answer_type or get_adapter(script_args.dataset_format).answer_type
     eval_examples = _eval_examples(eval_rows, script_args, formatter) if eval_rows is not None else []
-    return PreparedData(tokenized, eval_examples, answer_type, data_hash, report)
+    validation = _eval_examples(validation_rows, script_args, formatter) if validation_rows is not None else None
+    return PreparedData(tokenized, eval_examples, answer_type, data_hash, report, validation or eval_examples)
 
 
 def _validate_lengths(tokenized: Dataset, max_length, stages, report: InvalidReport, num_rows: int) -> Dataset:

@@ -249,7 +249,8 @@ def check_data(script_args) -> list[str]:
     notes = []
     for key in ("dataset_name", "eval_dataset_name"):
         value = getattr(script_args, key)
-        if value and Path(value).suffix in FILE_SUFFIXES and not Path(value).expanduser().exists():
+        looks_local = value and (Path(value).suffix in FILE_SUFFIXES or value.startswith((".", "/", "~")))
+        if looks_local and not Path(value).expanduser().exists():
             raise SFTKeyError(f"`{key}`: file `{value}` does not exist; check the path (relative to {Path.cwd()})")
     own_hub_data = name == adapter.hub_id and not script_args.eval_dataset_name
     if own_hub_data and script_args.eval_split and adapter.test_split is None:
@@ -370,13 +371,18 @@ def dry_run(script_args, training_args, model_args, stages: list[Stage], recipe_
         notes.append("bitsandbytes is not installed here; the run needs it (`pip install bitsandbytes`)")
 
     output_dir = Path(training_args.output_dir)
-    stage_args = {stage.name: stage_training_args(training_args, stage, str(output_dir / stage.name)) for stage in stages}
+    stage_args = {
+        stage.name: stage_training_args(training_args, stage, str(output_dir / stage.name)) for stage in stages
+    }
     processes = [1]
     if launch.get("num_processes") and launch["num_processes"] != 1:
         processes.append(launch["num_processes"])
     check_global_batch(training_args, stage_args, processes)
-    checks.append("global_batch_size divides by per-device batch x processes" if training_args.global_batch_size else
-                  "batch settings are consistent")
+    checks.append(
+        "global_batch_size divides by per-device batch x processes"
+        if training_args.global_batch_size
+        else "batch settings are consistent"
+    )
     checks.append(f"{len(stages)} stage(s) parsed")
 
     with warnings.catch_warnings():

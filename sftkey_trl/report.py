@@ -39,3 +39,66 @@ def print_results(results: dict, output_dir: Path) -> None:
     for name, metrics in result_rows(results):
         table.add_row(name, *(_cell(metrics.get(key)) for key, _ in COLUMNS))
     Console().print(table)
+
+
+def results_markdown(results: dict) -> str:
+    """`results.md`: the metrics table plus each stage's training summary."""
+    header = "| stage | " + " | ".join(title for _, title in COLUMNS) + " |"
+    lines = ["# SFTKey results", "", header, "| --- " * (len(COLUMNS) + 1) + "|"]
+    for name, metrics in result_rows(results):
+        lines.append(f"| {name} | " + " | ".join(_cell(metrics.get(key)) for key, _ in COLUMNS) + " |")
+    lines += ["", "| stage | loss on | train loss | seconds | tokens/s | global batch | kept |", "| --- " * 7 + "|"]
+    for name, entry in results.get("stages", {}).items():
+        training = entry.get("training", {})
+        kept = training.get("keep_best", {}).get("kept", "final weights")
+        lines.append(
+            f"| {name} | {entry.get('loss_on', '-')} | {_cell(training.get('train_loss'))} | "
+            f"{_cell(training.get('train_seconds'))} | {_cell(training.get('tokens_per_second'))} | "
+            f"{_cell(training.get('global_batch_size'))} | {kept} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(results: dict, output_dir: Path) -> None:
+    """`stages.png`: accuracy, format accuracy and reasoning diagnostics per stage; `training_curves.png`: the
+    reasoning-token and key-token losses over each stage's steps."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result_rows(results)
+    metrics = ["accuracy", "format_accuracy", "reasoning_final_accuracy", "answer_reasoning_consistency"]
+    fig, ax = plt.subplots(figsize=(2 + 1.5 * max(1, len(rows)), 3.6))
+    width = 0.8 / len(metrics)
+    for k, metric in enumerate(metrics):
+        values = [m.get(metric) or 0.0 for _, m in rows]
+        ax.bar([i + (k - 1.5) * width for i in range(len(rows))], values, width, label=metric)
+    ax.set_xticks(range(len(rows)), [name for name, _ in rows])
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(output_dir / "stages.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    offset = 0
+    for name, _ in rows:
+        history = output_dir / name / "log_history.json"
+        if name == "base" or not history.exists():
+            continue
+        logs = [entry for entry in json.loads(history.read_text()) if "reasoning_loss" in entry or "key_loss" in entry]
+        for part, style in (("reasoning_loss", "-"), ("key_loss", "--")):
+            points = [(offset + e["step"], e[part]) for e in logs if part in e and "train_loss" not in e]
+            if points:
+                ax.plot(*zip(*points), style, label=f"{name}: {part}")
+        offset += max((e["step"] for e in logs), default=0)
+    ax.set_xlabel("optimizer step (stages one after another)")
+    ax.set_ylabel("mean loss per token")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(output_dir / "training_curves.png", dpi=120)
+    plt.close(fig)

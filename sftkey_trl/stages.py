@@ -18,10 +18,12 @@ from .config import Stage, stage_training_args
 from .data import PreparedData, prepare_data
 from .errors import SFTKeyError
 from .evaluate import evaluate_model
-from .files import read_json, write_json, write_jsonl
+from .files import read_json, write_json, write_jsonl, write_text
 from .formatting import Formatter
+from .keep_best import KeepBestCallback
 from .manifest import Manifest, changed_keys, config_hash, resolved_config
 from .modeling import load_model, load_tokenizer, lora_config
+from .report import plot_results, results_markdown
 from .trainer import SFTKeyTrainer
 
 logger = logging.getLogger(__name__)
@@ -111,10 +113,11 @@ class Pipeline:
                 global_batch,
                 f", resuming from {resume}" if resume else "",
             )
+        stage_dir = self.output_dir / stage.name
+        keep_best = self._keep_best_callback(stage, args, trainer, stage_dir)
         started = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - started
-        stage_dir = self.output_dir / stage.name
         trainer.save_model(str(stage_dir))
         if self.state.is_main_process:
             self.tokenizer.save_pretrained(str(stage_dir))
@@ -129,8 +132,31 @@ class Pipeline:
             "resumed_from": resume,
         }
         model = trainer.model
+        if keep_best is not None:
+            summary["keep_best"] = keep_best.finalize(stage_dir, start_from, trainer.state.global_step)
+            if summary["keep_best"]["best_step"] != trainer.state.global_step:
+                model = None  # the stage's output is an earlier snapshot: evaluate it from disk
         del trainer
         return model, summary
+
+    def _keep_best_callback(self, stage: Stage, args, trainer, stage_dir: Path) -> KeepBestCallback | None:
+        if not stage.keep_best:
+            return None
+        examples = self.data.validation_examples
+        if not examples:
+            raise SFTKeyError(
+                f"stage `{stage.name}` has keep_best but there is no validation data; set `eval_fraction` "
+                "(held out from train) or `eval_dataset_name`"
+            )
+        if self.script_args.eval_fraction <= 0:
+            logger.warning("keep_best selects on the evaluation set itself; set `eval_fraction` for an unbiased test")
+        per_step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+        steps_per_epoch = max(1, len(self.data.train) // per_step)
+        every = int(args.eval_steps) if args.eval_steps and args.eval_steps >= 1 else max(1, steps_per_epoch // 2)
+        callback = KeepBestCallback(self, examples, stage_dir, every)
+        callback.trainer = trainer
+        trainer.add_callback(callback)
+        return callback
 
     def evaluate(self, model, name: str) -> dict:
         """Generate on the evaluation split with `model`; write `<name>/predictions.jsonl`, return the metrics."""
@@ -211,7 +237,7 @@ class Pipeline:
                 results["stages"][stage.name] = {"loss_on": stage.loss_on, "training": training}
                 manifest.update(stage.name, status="trained", seconds=training["train_seconds"])
             if evaluate:
-                if model is None:  # killed during evaluation: reload the saved stage
+                if model is None:  # killed during evaluation, or keep_best kept a snapshot: load the saved stage
                     model = load_model(self.model_args, args, stage_dir, trainable=False)
                 results["stages"].setdefault(stage.name, {"loss_on": stage.loss_on})
                 results["stages"][stage.name].update(self.evaluate(model, stage.name))
@@ -223,6 +249,9 @@ class Pipeline:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             start_from = stage_dir
+        if main:
+            write_text(self.output_dir / "results.md", results_markdown(results))
+            plot_results(results, self.output_dir)
         self.state.wait_for_everyone()
         return results
 

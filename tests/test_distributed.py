@@ -63,20 +63,36 @@ def launch_env(name: str, *overrides: str) -> dict[str, str]:
 
 @pytest.fixture()
 def launched(monkeypatch):
-    """Put this process 'under' `accelerate launch --config_file accelerate_configs/<name>.yaml`; returns a setter."""
+    """Put this process 'under' `accelerate launch --config_file accelerate_configs/<name>.yaml`; returns a setter.
+
+    `ranks=False` leaves out WORLD_SIZE/RANK: real training arguments would then try to join a process group.
+    The accelerate states that real training arguments create are restored afterwards.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+
+    saved = [(state, dict(state._shared_state)) for state in (PartialState, AcceleratorState)]
+    env_before = set(os.environ)
     monkeypatch.setattr(distributed, "_initialized_state", lambda: None)  # ignore states other tests created
 
-    def enter(name: str | None, *overrides: str, **extra: str) -> dict[str, str]:
+    def enter(name: str | None, *overrides: str, ranks: bool = True, **extra: str) -> dict[str, str]:
         for key in list(os.environ):
             if key.startswith(LAUNCH_PREFIXES) or key in ("WORLD_SIZE", "RANK"):
                 monkeypatch.delenv(key)
         env = launch_env(name, *overrides) if name else {}
+        if not ranks:
+            env = {key: value for key, value in env.items() if key not in ("WORLD_SIZE", "RANK")}
         env.update(extra)
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         return env
 
-    return enter
+    yield enter
+    for key in set(os.environ) - env_before:  # e.g. FSDP_CPU_RAM_EFFICIENT_LOADING, set by transformers itself
+        if key.startswith(LAUNCH_PREFIXES):
+            os.environ.pop(key)
+    for state, shared in saved:
+        state._shared_state.clear()
+        state._shared_state.update(shared)
 
 
 def training_args(device: str = "cuda:0", **values):
@@ -218,7 +234,7 @@ def test_detect_launch_from_accelerate_environment(launched, name, engine, zero_
 def test_detect_launch_with_real_training_arguments(launched, tmp_path):
     from sftkey_trl.config import SFTKeyConfig
 
-    launched("fsdp")
+    launched("fsdp", ranks=False)
     args = SFTKeyConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
     assert detect_launch(args).engine == "fsdp"
     launched(None)
@@ -465,7 +481,8 @@ def test_multinode_launch_arguments(name):
         env = prepare_multi_gpu_env(args)
         assert env["ACCELERATE_USE_FSDP"] == "true"
     assert (args.nproc_per_node, args.nnodes, args.node_rank) == ("8", "2", 1)
-    assert (args.master_addr, args.master_port) == ("node-0", "29500")
+    # torchrun's rendezvous point on machine 0 (accelerate passes it as rdzv_endpoint with the static backend)
+    assert args.rdzv_endpoint == "node-0:29500" and args.rdzv_backend == "static"
 
 
 def test_docs_name_existing_configs():
