@@ -11,6 +11,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from .answers import answers_match, composite_score, extract_answer, gold_is_parseable, reasoning_final_value
+from .errors import SFTKeyError
 
 logger = logging.getLogger(__name__)
 
@@ -125,16 +126,48 @@ def summarise(predictions: list[dict], answer_type: str) -> dict:
     return metrics
 
 
+def generate_vllm(
+    model_path: str, adapter_path: str | None, prompts: list[str], stop_ids: list[int], max_new_tokens: int
+) -> list[tuple[str, int]]:
+    """Greedy generation with vLLM (`eval_backend: vllm`); a LoRA stage is served as an adapter on its base."""
+    try:
+        from vllm import LLM, SamplingParams
+        from vllm.lora.request import LoRARequest
+    except ImportError:
+        raise SFTKeyError("`eval_backend: vllm` needs vllm (`pip install vllm`); or set `eval_backend: hf`") from None
+    # Leave room for the training process's own model, which is still on the GPU
+    llm = LLM(model=model_path, enable_lora=adapter_path is not None, gpu_memory_utilization=0.4)
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=stop_ids)
+    lora = LoRARequest("stage", 1, adapter_path) if adapter_path else None
+    outputs = llm.generate(prompts, params, lora_request=lora)
+    return [(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outputs]
+
+
 def evaluate_model(
-    model, tokenizer, examples: list[dict], answer_type: str, script_args, formatter, max_examples: int | None = None
+    model,
+    tokenizer,
+    examples: list[dict],
+    answer_type: str,
+    script_args,
+    formatter,
+    max_examples: int | None = None,
+    vllm_source: tuple[str, str | None] | None = None,
 ) -> tuple[dict, list[dict]]:
     """Generate on the evaluation examples, sharded across processes and gathered, and score them.
 
-    Every process returns the same metrics; with N processes each generates 1/N of the examples.
+    Every process returns the same metrics; with N processes each generates 1/N of the examples. With
+    `eval_backend: vllm`, `vllm_source` = (model path, adapter path or None) is served by vLLM instead.
     """
     examples = examples[:max_examples] if max_examples else examples
     state = PartialState()
     stop_ids = stop_token_ids(tokenizer, formatter.end_of_turn)
+    if script_args.eval_backend == "vllm":
+        if state.num_processes > 1:
+            raise SFTKeyError("`eval_backend: vllm` runs in one process; evaluate with --eval_only and one process")
+        if vllm_source is None:
+            raise SFTKeyError("`eval_backend: vllm` needs a saved model; evaluate a saved stage with --eval_only")
+        texts = generate_vllm(*vllm_source, [e["prompt"] for e in examples], stop_ids, script_args.max_new_tokens)
+        return score(examples, texts, answer_type, script_args, formatter.tags)
     with state.split_between_processes(list(range(len(examples)))) as shard:
         local = generate(
             model,

@@ -3,6 +3,7 @@ every `eval_steps` steps, and make the stage's output the most accurate weights,
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
@@ -34,7 +35,7 @@ class KeepBestCallback(TrainerCallback):
             self.pipeline.tokenizer,
             self.examples,
             self.pipeline.data.answer_type,
-            self.pipeline.script_args,
+            dataclasses.replace(self.pipeline.script_args, eval_backend="hf"),  # in-process model, mid-training
             self.pipeline.formatter,
         )
         accuracy = metrics.get("accuracy", 0.0)

@@ -15,14 +15,14 @@ import torch
 from accelerate import PartialState
 
 from .config import Stage, stage_training_args
-from .data import PreparedData, prepare_data
+from .data import PreparedData, cache_root, prepare_data
 from .errors import SFTKeyError
 from .evaluate import evaluate_model
 from .files import read_json, write_json, write_jsonl, write_text
 from .formatting import Formatter
 from .keep_best import KeepBestCallback
 from .manifest import Manifest, changed_keys, config_hash, resolved_config
-from .modeling import load_model, load_tokenizer, lora_config
+from .modeling import check_quantization, load_model, load_tokenizer, lora_config, resolve_model_path
 from .report import plot_results, results_markdown
 from .trainer import SFTKeyTrainer
 
@@ -71,6 +71,7 @@ class Pipeline:
         self.stages = stages
         self.output_dir = Path(training_args.output_dir)
         self.state = PartialState()
+        check_quantization(model_args)
         self.tokenizer = load_tokenizer(model_args, training_args)
         self.formatter = Formatter(self.tokenizer, script_args, training_args.eos_token)
         self._data: PreparedData | None = None
@@ -78,7 +79,7 @@ class Pipeline:
     @property
     def data(self) -> PreparedData:
         if self._data is None:
-            cache = self.output_dir / ".cache" if self.state.is_main_process else None
+            cache = cache_root() / "tokenized" if self.state.is_main_process else None
             with self.training_args.main_process_first(desc="preparing data"):
                 self._data = prepare_data(
                     self.script_args, self.training_args, self.stages, self.tokenizer, self.formatter, cache
@@ -158,10 +159,25 @@ class Pipeline:
         trainer.add_callback(callback)
         return callback
 
-    def evaluate(self, model, name: str) -> dict:
+    def _vllm_source(self, checkpoint: str | Path | None) -> tuple[str, str | None] | None:
+        """(model path, adapter path) for `eval_backend: vllm`: a LoRA stage is served as an adapter on its base."""
+        if self.script_args.eval_backend != "vllm":
+            return None
+        base = resolve_model_path(self.model_args.model_name_or_path)
+        if checkpoint is not None and (Path(checkpoint) / "adapter_config.json").exists():
+            return base, str(checkpoint)
+        return str(checkpoint or base), None
+
+    def evaluate(self, model, name: str, checkpoint: Path | None = None) -> dict:
         """Generate on the evaluation split with `model`; write `<name>/predictions.jsonl`, return the metrics."""
         metrics, predictions = evaluate_model(
-            model, self.tokenizer, self.data.eval_examples, self.data.answer_type, self.script_args, self.formatter
+            model,
+            self.tokenizer,
+            self.data.eval_examples,
+            self.data.answer_type,
+            self.script_args,
+            self.formatter,
+            vllm_source=self._vllm_source(checkpoint),
         )
         if self.state.is_main_process:
             write_jsonl(self.output_dir / name / "predictions.jsonl", predictions)
@@ -240,7 +256,7 @@ class Pipeline:
                 if model is None:  # killed during evaluation, or keep_best kept a snapshot: load the saved stage
                     model = load_model(self.model_args, args, stage_dir, trainable=False)
                 results["stages"].setdefault(stage.name, {"loss_on": stage.loss_on})
-                results["stages"][stage.name].update(self.evaluate(model, stage.name))
+                results["stages"][stage.name].update(self.evaluate(model, stage.name, stage_dir))
             if main:
                 write_json(results_path, results)
             manifest.update(stage.name, status="done")
@@ -262,9 +278,16 @@ class Pipeline:
             raise SFTKeyError(f"`--checkpoint {checkpoint}` is not a folder; point it at a saved stage folder")
         if not self.data.eval_examples:
             raise SFTKeyError("no evaluation data: set `eval_dataset_name`, `eval_split` or `eval_fraction`")
-        model = load_model(self.model_args, self.training_args, checkpoint, trainable=False)
+        vllm = self.script_args.eval_backend == "vllm"
+        model = None if vllm else load_model(self.model_args, self.training_args, checkpoint, trainable=False)
         metrics, predictions = evaluate_model(
-            model, self.tokenizer, self.data.eval_examples, self.data.answer_type, self.script_args, self.formatter
+            model,
+            self.tokenizer,
+            self.data.eval_examples,
+            self.data.answer_type,
+            self.script_args,
+            self.formatter,
+            vllm_source=self._vllm_source(checkpoint),
         )
         if self.state.is_main_process:
             out = self.output_dir / "eval_only" / name
