@@ -111,10 +111,6 @@ class Stage:
     keep_best: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def supervises(self) -> str:
-        return self.loss_on
-
 
 STAGE_KEYS = {f.name for f in dataclasses.fields(Stage)} - {"overrides"}
 

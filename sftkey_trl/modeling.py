@@ -11,6 +11,7 @@ from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from .data import DEMO_PREFIX, cache_root
+from .distributed import detect_launch, quantized_device_map
 from .errors import SFTKeyError
 
 logger = logging.getLogger(__name__)
@@ -121,9 +122,14 @@ def load_model(model_args, training_args, checkpoint: str | Path | None = None, 
         kwargs["attn_implementation"] = model_args.attn_implementation
     if quantization is not None:
         kwargs["quantization_config"] = quantization
-        # Each process loads its own 4-bit copy on its own device (DDP); on CPU everything stays on the CPU
-        device = training_args.device
-        kwargs["device_map"] = {"": device.index if device.type == "cuda" else device.type}
+        # Each DDP rank loads its own 4-bit copy on its own device; under ZeRO-3/FSDP the engine places weights
+        kwargs["device_map"] = quantized_device_map(training_args)
+    if not trainable and detect_launch(training_args).shards_parameters:
+        # Evaluation reloads a saved stage whole on every rank: outside ZeRO-3's partitioned init
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        kwargs["device_map"] = {"": str(training_args.device)}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as error:

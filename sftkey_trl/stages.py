@@ -16,6 +16,7 @@ from accelerate import PartialState
 
 from .config import Stage, stage_training_args
 from .data import PreparedData, cache_root, prepare_data
+from .distributed import check_sharding_compatibility, detect_launch
 from .errors import SFTKeyError
 from .evaluate import evaluate_model
 from .files import read_json, write_json, write_jsonl, write_text
@@ -70,8 +71,11 @@ class Pipeline:
         self.script_args, self.training_args, self.model_args = script_args, training_args, model_args
         self.stages = stages
         self.output_dir = Path(training_args.output_dir)
+        _ = training_args.device  # set up the distributed state from the training arguments (use_cpu: gloo) first
         self.state = PartialState()
         check_quantization(model_args)
+        check_sharding_compatibility(model_args, training_args)
+        self.sharded = detect_launch(training_args).shards_parameters
         self.tokenizer = load_tokenizer(model_args, training_args)
         self.formatter = Formatter(self.tokenizer, script_args, training_args.eos_token)
         self._data: PreparedData | None = None
@@ -250,6 +254,9 @@ class Pipeline:
             if entry.get("status") != "trained":
                 manifest.update(stage.name, status="running", hash=digest, config=config, checkpoint=str(stage_dir))
                 model, training = self.train_stage(stage, args, start_from)
+                if self.sharded:  # ZeRO-3/FSDP: evaluate the saved stage, loaded whole on each rank
+                    model = None
+                    gc.collect()
                 results["stages"][stage.name] = {"loss_on": stage.loss_on, "training": training}
                 manifest.update(stage.name, status="trained", seconds=training["train_seconds"])
             if evaluate:

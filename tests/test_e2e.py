@@ -58,6 +58,31 @@ def test_qlora_two_stages_on_cpu(tmp_path):
     assert set(results["stages"]) == {"sft", "key"}
     config = json.loads((output / "sft" / "adapter_config.json").read_text())
     assert config["r"] == 16
+    # --eval_only on the saved adapter reproduces the stage's numbers
+    assert main([*args, "--eval_only", "--checkpoint", str(output / "key")]) == 0
+    reproduced = json.loads((output / "eval_only" / "key" / "metrics.json").read_text())
+    stage = results["stages"]["key"]
+    assert {k: reproduced[k] for k in reproduced} == {k: stage[k] for k in reproduced}
+
+
+@pytest.mark.e2e
+def test_keep_best_keeps_stage_1_weights_when_stage_2_breaks_the_model(tmp_path):
+    from safetensors.torch import load_file
+
+    output = tmp_path / "best"
+    stages = ("[{name: sft, loss_on: completion, num_train_epochs: 2}, "
+              "{name: key, loss_on: key, num_train_epochs: 1, learning_rate: 0.5, keep_best: true}]")  # fmt: skip
+    args = ["--config", DEMO, "--output_dir", str(output), "--max_train_samples", "160", "--eval_fraction", "0.2",
+            "--max_eval_samples", "24", "--max_new_tokens", "40", "--stages", stages]  # fmt: skip
+    assert main(args) == 0
+    results = json.loads((output / "results.json").read_text())
+    report = results["stages"]["key"]["training"]["keep_best"]
+    assert report["best_step"] == 0 and "incoming" in report["kept"]
+    assert [step for step, _ in report["history"]][0] == 0 and len(report["history"]) >= 2
+    kept, stage_1 = load_file(output / "key" / "model.safetensors"), load_file(output / "sft" / "model.safetensors")
+    assert all((kept[name] == stage_1[name]).all() for name in stage_1)
+    assert results["stages"]["key"]["accuracy"] == results["stages"]["sft"]["accuracy"]
+    assert "the incoming weights (stage did not help)" in (output / "results.md").read_text()
 
 
 def test_qlora_model_is_really_4bit(tmp_path, tiny_model_dir):
