@@ -3,6 +3,8 @@ intervals and paired differences (including the compute-matched baseline the pap
 
     python recipes/compare.py                                   # offline demo: 5 variants x 3 seeds
     python recipes/compare.py --config recipes/<...>.yaml --variants sft_tag,sftkey_tag,sft_tag_matched --seeds 5
+
+Rerunning with other `--variants` and the same output folder adds them to the existing table.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from sftkey_trl.cli import run_options, user_errors
 from sftkey_trl.compare import DEFAULT_VARIANTS, build_variants, run_variant, write_comparison
 from sftkey_trl.config import parse_config
 from sftkey_trl.errors import SFTKeyError, closest
+from sftkey_trl.files import read_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise SFTKeyError(f"unknown variant `{name}`{closest(name, variants)}; choose from {list(variants)}")
         root = Path(options.comparison_dir or Path(training_args.output_dir) / "compare")
         seeds = list(range(options.seeds))
-        per_seed: dict[str, dict[int, dict]] = {name: {} for name in names}
+        # Variants measured earlier in the same folder stay in the table, so variants can be added later
+        earlier = read_json(root / "comparison.json", {}).get("per_seed", {})
+        per_seed = {v: {int(s): r for s, r in runs.items()} for v, runs in earlier.items() if v not in names}
+        per_seed.update({name: {} for name in names})
         for seed in seeds:
             for name in names:
                 logging.info("=== variant %s, seed %d ===", name, seed)

@@ -53,6 +53,10 @@ def build_variants(stages: list[Stage]) -> dict[str, Variant]:
     norm = Stage("key_norm", "key", "completion_tokens", 0.0, second.keep_best, dict(second.overrides))
     mix = Stage("key_mix", "key", "supervised_tokens", 0.1, second.keep_best, dict(second.overrides))
     best = Stage("key_best", "key", second.loss_normalization, second.reasoning_weight, True, dict(second.overrides))
+    same_lr = {**second.overrides, "learning_rate": first.overrides.get("learning_rate", "inherit")}
+    if same_lr["learning_rate"] == "inherit":  # stage 1 uses the recipe's rate: so does this key stage
+        same_lr.pop("learning_rate")
+    paper_lr = Stage("key_stage1_lr", "key", second.loss_normalization, second.reasoning_weight, False, same_lr)
     variants = [
         Variant("sft", "plain", "plain", (sft,), "plain format, whole response, stage 1 only"),
         Variant("sft_tag", "tags", "tags", (sft,), "tags, whole response, stage 1 only"),
@@ -63,6 +67,8 @@ def build_variants(stages: list[Stage]) -> dict[str, Variant]:
         Variant("sftkey_tag_norm", "tags", "tags", (sft, norm), "sftkey_tag, loss_normalization: completion_tokens"),
         Variant("sftkey_tag_mix", "tags", "tags", (sft, mix), "sftkey_tag with reasoning_weight: 0.1"),
         Variant("sftkey_tag_best", "tags", "tags", (sft, best), "sftkey_tag keeping the best checkpoint (keep_best)"),
+        Variant("sftkey_tag_stage1_lr", "tags", "tags", (sft, paper_lr),
+                "sftkey_tag with stage 1's learning rate in stage 2 (the paper's setting)"),
     ]  # fmt: skip
     return {variant.name: variant for variant in variants}
 
@@ -96,8 +102,23 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return average, t * statistics.stdev(values) / math.sqrt(n)
 
 
-def summarise(per_seed: dict[str, dict[int, dict]], reference: str = "sftkey_tag") -> dict:
-    """Mean and 95% CI per variant and metric, and paired (same-seed) differences of `reference` vs the others."""
+def paired(per_seed: dict[str, dict[int, dict]], a: str, b: str) -> dict:
+    """Per metric: mean and 95% CI of `a - b` over the seeds both variants ran with (same seed, same data order)."""
+    result = {}
+    for metric in METRICS:
+        seeds = [s for s in per_seed[a] if s in per_seed[b]
+                 and per_seed[a][s].get(metric) is not None and per_seed[b][s].get(metric) is not None]  # fmt: skip
+        if seeds:
+            deltas = [per_seed[a][s][metric] - per_seed[b][s][metric] for s in seeds]
+            mean, half = mean_ci(deltas)
+            result[metric] = {"mean": mean, "ci95": half, "values": deltas}
+    return result
+
+
+def summarise(per_seed: dict[str, dict[int, dict]], reference: str = "sftkey_tag",
+              baseline: str = "sft_tag_matched") -> dict:  # fmt: skip
+    """Mean and 95% CI per variant and metric; paired differences of `reference` minus every other variant, and
+    of every variant minus the compute-matched `baseline` (does any form of the key stage beat it?)."""
     table = {}
     for variant, runs in per_seed.items():
         table[variant] = {}
@@ -106,20 +127,26 @@ def summarise(per_seed: dict[str, dict[int, dict]], reference: str = "sftkey_tag
             if values:
                 mean, half = mean_ci(values)
                 table[variant][metric] = {"mean": mean, "ci95": half, "values": values}
-    differences = {}
-    if reference in per_seed:
-        for other, runs in per_seed.items():
-            if other == reference:
+    others = [v for v in per_seed if v != reference]
+    differences = {v: paired(per_seed, reference, v) for v in others} if reference in per_seed else {}
+    against = [v for v in per_seed if v != baseline]
+    versus_baseline = {v: paired(per_seed, v, baseline) for v in against} if baseline in per_seed else {}
+    return {"reference": reference, "baseline": baseline, "variants": table, "differences": differences,
+            "versus_baseline": versus_baseline}  # fmt: skip
+
+
+def _difference_table(title: str, rows: dict, metrics: list[str], several_seeds: bool) -> list[str]:
+    lines = ["", title, "", "| variant | " + " | ".join(metrics) + " |", "| --- " * (len(metrics) + 1) + "|"]
+    for other, row in rows.items():
+        cells = []
+        for m in metrics:
+            if m not in row:
+                cells.append("-")
                 continue
-            differences[other] = {}
-            for metric in METRICS:
-                seeds = [s for s in runs if s in per_seed[reference] and runs[s].get(metric) is not None
-                         and per_seed[reference][s].get(metric) is not None]  # fmt: skip
-                if seeds:
-                    deltas = [per_seed[reference][s][metric] - runs[s][metric] for s in seeds]
-                    mean, half = mean_ci(deltas)
-                    differences[other][metric] = {"mean": mean, "ci95": half, "values": deltas}
-    return {"reference": reference, "variants": table, "differences": differences}
+            mean, half = row[m]["mean"], row[m]["ci95"]
+            cells.append(f"{mean:+.3f} ± {half:.3f}{' *' if abs(mean) > half and several_seeds else ''}")
+        lines.append(f"| {other} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def markdown(summary: dict, descriptions: dict[str, str], seeds: list[int]) -> str:
@@ -131,21 +158,14 @@ def markdown(summary: dict, descriptions: dict[str, str], seeds: list[int]) -> s
     for variant, row in summary["variants"].items():
         cells = [f"{row[m]['mean']:.3f} ± {row[m]['ci95']:.3f}" if m in row else "-" for m in metrics]
         lines.append(f"| {variant} | " + " | ".join(cells) + f" | {descriptions.get(variant, '')} |")
-    reference = summary["reference"]
+    several = len(seeds) > 1
     if summary["differences"]:
-        lines += ["", f"## Paired difference: {reference} minus each variant (same seed; 95% CI)", ""]
-        lines.append("| vs | " + " | ".join(metrics) + " |")
-        lines.append("| --- " * (len(metrics) + 1) + "|")
-        for other, row in summary["differences"].items():
-            cells = []
-            for m in metrics:
-                if m not in row:
-                    cells.append("-")
-                    continue
-                mean, half = row[m]["mean"], row[m]["ci95"]
-                flag = " *" if abs(mean) > half and len(seeds) > 1 else ""
-                cells.append(f"{mean:+.3f} ± {half:.3f}{flag}")
-            lines.append(f"| {other} | " + " | ".join(cells) + " |")
+        title = f"## Paired difference: {summary['reference']} minus each variant (same seed; 95% CI)"
+        lines += _difference_table(title, summary["differences"], metrics, several)
+    if summary.get("versus_baseline"):
+        title = f"## Paired difference: each variant minus {summary['baseline']}, the compute-matched baseline"
+        lines += _difference_table(title, summary["versus_baseline"], metrics, several)
+    if summary["differences"] or summary.get("versus_baseline"):
         lines += ["", "`*`: the interval excludes zero."]
     return "\n".join(lines) + "\n"
 

@@ -121,3 +121,16 @@ def test_inspect_accepts_recipe_overrides(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     key = [json.loads(line) for line in done.stdout.splitlines() if '"stage": "key"' in line][0]
     assert key["supervised_text"] == "The answer is 2.<|im_end|>"
+
+
+def test_copied_recipe_and_script_work_outside_the_repo(tmp_path):
+    """A user copies run.py and one YAML into their own project; the installed package does the rest."""
+    import shutil
+
+    shutil.copy(ROOT / "recipes/run.py", tmp_path / "run.py")
+    shutil.copy(ROOT / "recipes/demo/sftkey_tiny.yaml", tmp_path / "my_recipe.yaml")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "run.py", "--config", "my_recipe.yaml", "--inspect", "1", "--json"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert '"stage": "key"' in done.stdout
