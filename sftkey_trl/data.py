@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 FILE_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 DEMO_PREFIX = "demo:"
 MAX_CUT_FRACTION = 0.5
+ROW_INDEX = "__row_index__"
 
 
 def cache_root() -> Path:
@@ -93,9 +94,10 @@ def to_triples(dataset: Dataset, script_args, report: InvalidReport) -> list[tup
     """Map rows to triples through the recipe's adapter; rejected rows go to `report` by reason."""
     adapter = get_adapter(script_args.dataset_format)
     fields = FieldNames(script_args.question_field, script_args.reasoning_field, script_args.answer_field)
-    check_columns(adapter, list(dataset.column_names), fields)
+    check_columns(adapter, [c for c in dataset.column_names if c != ROW_INDEX], fields)
     triples = []
-    for index, row in enumerate(dataset):
+    for position, row in enumerate(dataset):
+        index = row.get(ROW_INDEX, position)
         try:
             triples.append((index, adapter.convert(row, fields)))
         except RowRejected as rejection:
@@ -142,7 +144,14 @@ def load_splits(script_args, seed: int) -> tuple[Dataset, Dataset | None, Datase
     elif script_args.eval_split:
         evaluation = load_source(name, config, script_args.eval_split, "eval_split")
     if script_args.eval_fraction > 0:
-        parts = train.train_test_split(test_size=script_args.eval_fraction, seed=seed)
+        train = train.add_column(ROW_INDEX, list(range(len(train))))  # errors keep naming the file's rows
+        try:
+            parts = train.train_test_split(test_size=script_args.eval_fraction, seed=seed)
+        except ValueError:
+            raise SFTKeyError(
+                f"`eval_fraction: {script_args.eval_fraction}` of {len(train)} training rows leaves no rows on one "
+                "side; use more data or set `eval_fraction: 0` and an `eval_dataset_name`"
+            ) from None
         train, holdout = parts["train"], parts["test"]
     if script_args.max_train_samples:
         train = train.select(range(min(script_args.max_train_samples, len(train))))

@@ -258,6 +258,8 @@ class Pipeline:
                     model = None
                     gc.collect()
                 results["stages"][stage.name] = {"loss_on": stage.loss_on, "training": training}
+                if main:
+                    write_json(results_path, results)
                 manifest.update(stage.name, status="trained", seconds=training["train_seconds"])
             if evaluate:
                 if model is None:  # killed during evaluation, or keep_best kept a snapshot: load the saved stage

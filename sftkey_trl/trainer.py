@@ -58,7 +58,7 @@ class SFTKeyTrainer(SFTTrainer):
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
         # Let Trainer gather and scale the count as it does for labels, but count the stage's normaliser tokens
         counted = [
-            {"labels": batch["labels"], "shift_labels": self._normaliser_mask(batch).long() - 1}
+            {"labels": batch["labels"], "shift_labels": torch.where(self._normaliser_mask(batch), 0, -100)}
             for batch in batch_samples
         ]
         return super()._get_num_items_in_batch(counted, device)

@@ -138,3 +138,20 @@ def test_part_losses_are_logged(tiny_model_dir, char_tokenizer, tmp_path, exampl
     trainer.compute_loss(trainer.model, dict(trainer.data_collator(examples)))
     metrics = trainer._metrics["train"]
     assert metrics["reasoning_loss"][0] > 0 and metrics["key_loss"][0] > 0
+
+
+@pytest.mark.parametrize("normalisation", ["supervised_tokens", "completion_tokens"])
+def test_gradient_accumulation_normaliser_counts_the_stage_tokens(
+    tiny_model_dir, char_tokenizer, tmp_path, examples, normalisation
+):
+    """Trainer's `num_items_in_batch` (summed over accumulated micro-batches) counts the stage's normaliser."""
+    trainer = make_trainer(tiny_model_dir, char_tokenizer, tmp_path, Stage("key", "key", normalisation))
+    batches = [trainer.data_collator(examples[:2]), trainer.data_collator(examples[2:])]
+    column = "key_mask" if normalisation == "supervised_tokens" else "completion_mask"
+    expected = sum(int(b[column][:, 1:].sum()) for b in batches)
+    assert int(trainer._get_num_items_in_batch(batches, torch.device("cpu"))) == expected
+    # and the loss over the two micro-batches, each divided by that total, is the mean over all of them
+    trainer.model.train()
+    total = sum(trainer.compute_loss(trainer.model, dict(b), num_items_in_batch=expected) for b in batches)
+    whole = trainer.compute_loss(trainer.model, dict(trainer.data_collator(examples)))
+    torch.testing.assert_close(total, whole, rtol=1e-5, atol=1e-6)

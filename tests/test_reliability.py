@@ -84,7 +84,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, previous_run, capsys
     }[case]
     before = snapshot(previous_run)
     with pytest.raises(SystemExit) as exit_:
-        main(["--output_dir", str(previous_run), *args])
+        main(["--output_dir", str(previous_run), "--eval_fraction", "0", *args])
     assert exit_.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error: ") and re.search(message, error), error
@@ -201,3 +201,13 @@ def test_same_seed_same_numbers_and_changed_config_is_refused(tmp_path, referenc
         main(["--output_dir", str(out), *SMALL[:-2], "--learning_rate", "1e-4", *SMALL[-2:]])
     error = capsys.readouterr().err
     assert "stage `sft`" in error and "training.learning_rate" in error and "--restart_from sft" in error
+
+
+def test_invalid_rows_are_named_by_their_row_in_the_file_after_a_hold_out(tmp_path, capsys):
+    rows = [{**GOOD, "answer": "" if i in (3, 17) else "2"} for i in range(20)]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    with pytest.raises(SystemExit):
+        main(["--output_dir", str(tmp_path / "out"), "--dataset_name", data, "--eval_fraction", "0.25"])
+    error = capsys.readouterr().err
+    reported = {int(i) for i in re.search(r"empty_answer x\d \(rows ([\d, ]+)\)", error).group(1).split(", ")}
+    assert reported and reported <= {3, 17}
