@@ -29,7 +29,11 @@ from sftkey_trl.trainer import SFTKeyTrainer
 
 
 class PeakMemory:
-    """Peak GPU memory (CUDA) or peak process RSS above the starting RSS (CPU), sampled every 5 ms."""
+    """Peak GPU memory (CUDA) or peak process RSS above the starting RSS (CPU), sampled every 5 ms.
+
+    On CPU the RSS figure is indicative only: the allocator keeps freed memory, so a run can reuse what an earlier
+    one grew (the benchmark warms up first and rotates the order of the trainers each round).
+    """
 
     def __enter__(self):
         self.cuda = torch.cuda.is_available()
@@ -115,8 +119,9 @@ def main():
     stage = Stage(args.stage, args.stage)
     kinds = ["trl", "sftkey", "sftkey-no-part-losses"]
     results: dict[str, list] = {kind: [] for kind in kinds}
-    for _ in range(args.repeats):
-        for kind in kinds:
+    run("trl", model_dir, tokenizer, columns, stage, 4, args.batch, tmp)  # warm-up: first-run allocations
+    for repeat in range(args.repeats):
+        for kind in kinds[repeat % len(kinds) :] + kinds[: repeat % len(kinds)]:  # rotate the order each round
             results[kind].append(run(kind, model_dir, tokenizer, columns, stage, args.steps, args.batch, tmp))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     print(f"\n{args.stage} stage, {args.steps} steps x batch {args.batch}, hidden {args.hidden_size}, {device}")

@@ -183,10 +183,11 @@ def plot(summary: dict, path: Path) -> None:
     for offset, metric in ((-width / 2, "accuracy"), (width / 2, "format_accuracy")):
         means = [summary["variants"][v].get(metric, {}).get("mean", 0) for v in variants]
         errors = [summary["variants"][v].get(metric, {}).get("ci95", 0) for v in variants]
-        ax.bar([i + offset for i in range(len(variants))], means, width, yerr=errors, capsize=4, label=metric)
+        clipped = [[min(e, m) for m, e in zip(means, errors)], [min(e, 1 - m) for m, e in zip(means, errors)]]
+        ax.bar([i + offset for i in range(len(variants))], means, width, yerr=clipped, capsize=4, label=metric)
     ax.set_xticks(range(len(variants)), variants, rotation=20, ha="right")
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("mean over seeds (95% CI)")
+    ax.set_ylabel("mean over seeds (95% CI, clipped to [0, 1])")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
