@@ -4,7 +4,9 @@ all built locally so that the demo and the tests never touch the Hugging Face Hu
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 import string
 from pathlib import Path
 
@@ -54,7 +56,7 @@ def write_arithmetic_dataset(
                 continue
             seen.add(example["question"])
             rows.append(example)
-        tmp = directory / f".{split}.jsonl.tmp"
+        tmp = directory / f".{split}.jsonl.tmp-{os.getpid()}"  # several ranks may build it at once
         tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
         tmp.replace(directory / f"{split}.jsonl")
     return directory
@@ -111,8 +113,11 @@ def build_tiny_model(directory: str | Path, hidden_size: int = 192, num_layers: 
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    tmp = directory.with_name(directory.name + ".tmp")
+    tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")  # several ranks may build it at once
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.replace(directory)
+    try:
+        tmp.replace(directory)
+    except OSError:  # another process finished first: its copy is identical (same seed)
+        shutil.rmtree(tmp, ignore_errors=True)
     return directory

@@ -227,6 +227,7 @@ class Pipeline:
         self.state.wait_for_everyone()
         manifest = Manifest(self.output_dir, write=main)
         plan = self._plan(manifest)  # every check before anything is written
+        self.state.wait_for_everyone()  # no rank writes before every rank has read the manifest and checked
         results_path = self.output_dir / "results.json"
         results = read_json(results_path, None) or {"stages": {}}
         results.update(answer_type=self.data.answer_type, invalid_rows=self.data.report.counts)

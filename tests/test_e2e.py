@@ -71,7 +71,7 @@ def test_keep_best_keeps_stage_1_weights_when_stage_2_breaks_the_model(tmp_path)
 
     output = tmp_path / "best"
     stages = ("[{name: sft, loss_on: completion, num_train_epochs: 2}, "
-              "{name: key, loss_on: key, num_train_epochs: 1, learning_rate: 0.5, keep_best: true}]")  # fmt: skip
+              "{name: key, loss_on: key, num_train_epochs: 1, learning_rate: 1000.0, keep_best: true}]")  # fmt: skip
     args = ["--config", DEMO, "--output_dir", str(output), "--max_train_samples", "160", "--eval_fraction", "0.2",
             "--max_eval_samples", "24", "--max_new_tokens", "40", "--stages", stages]  # fmt: skip
     assert main(args) == 0
