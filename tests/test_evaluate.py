@@ -57,3 +57,14 @@ def test_batched_generation_equals_one_at_a_time(tiny_model_dir, char_tokenizer)
     batched = generate(model, char_tokenizer, prompts, stop, batch_size=4, max_new_tokens=12, show_progress=False)
     single = [generate(model, char_tokenizer, [p], stop, 1, 12, show_progress=False)[0] for p in prompts]
     assert batched == single
+
+
+def test_vllm_backend_without_vllm_is_a_clear_error(monkeypatch):
+    import sys
+
+    from sftkey_trl.errors import SFTKeyError
+    from sftkey_trl.evaluate import generate_vllm
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if vllm were not installed
+    with pytest.raises(SFTKeyError, match=r"needs vllm \(`pip install vllm`\); or set `eval_backend: hf`"):
+        generate_vllm("model", None, ["prompt"], [0], 8)
