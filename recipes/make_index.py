@@ -19,7 +19,13 @@ if str(ROOT) not in sys.path:
 
 from sftkey_trl.config import parse_config  # noqa: E402
 from sftkey_trl.dryrun import accelerate_num_processes, launch_line, launch_option  # noqa: E402
-from sftkey_trl.memory import MEASURED_LORA_R, MEASURED_SEQ_LEN, calibration, estimate_for_model  # noqa: E402
+from sftkey_trl.memory import (  # noqa: E402
+    MEASURED_LORA_R,
+    MEASURED_SEQ_LEN,
+    calibration,
+    estimate_for_recipe,
+    training_method,
+)
 
 README = ROOT / "recipes" / "README.md"
 BLOCKS = {
@@ -47,18 +53,9 @@ def gpu_count(path: Path, root: Path = ROOT) -> int:
 def recipe_row(path: Path, root: Path = ROOT) -> dict:
     """What the index shows for one recipe."""
     _, training_args, model_args, _ = parse_config(["--config", str(path)])
-    method = "qlora" if model_args.load_in_4bit else "lora" if model_args.use_peft else "full"
+    method = training_method(model_args)
     gpus = gpu_count(path, root)
-    estimate = estimate_for_model(
-        model_args.model_name_or_path,
-        method,
-        model_args.lora_r,
-        training_args.max_length,
-        training_args.per_device_train_batch_size,
-        bool(training_args.activation_checkpointing),
-        gpus,
-        nested_quant=bool(model_args.use_bnb_nested_quant),
-    )
+    estimate = estimate_for_recipe(model_args, training_args, gpus)
     relative = path.relative_to(root / "recipes")
     return {
         "path": str(path.relative_to(root)),

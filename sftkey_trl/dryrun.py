@@ -320,21 +320,10 @@ def _accumulation(args, processes: int) -> int:
 
 
 def _memory(model_args, training_args, processes: int) -> dict[str, Any] | None:
-    from .memory import estimate_for_model
+    from .memory import estimate_for_recipe, training_method
 
-    method = "qlora" if model_args.load_in_4bit else "lora" if model_args.use_peft else "full"
-    if training_args.max_length is None:
-        return None
-    estimate = estimate_for_model(
-        model_args.model_name_or_path,
-        method,
-        model_args.lora_r,
-        training_args.max_length,
-        training_args.per_device_train_batch_size,
-        bool(training_args.activation_checkpointing),
-        processes,
-        nested_quant=bool(model_args.use_bnb_nested_quant),
-    )
+    method = training_method(model_args)
+    estimate = estimate_for_recipe(model_args, training_args, processes)
     if estimate is None:
         return None
     return {

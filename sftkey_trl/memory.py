@@ -178,3 +178,24 @@ def calibration() -> list[tuple[str, str, int, float, float]]:
         estimate = estimate_for_model(model, method, MEASURED_LORA_R, MEASURED_SEQ_LEN, batch, True)
         rows.append((model, method, batch, measured, estimate))
     return rows
+
+
+def training_method(model_args) -> str:
+    """`qlora`, `lora` or `full`, from a recipe's model arguments."""
+    return "qlora" if model_args.load_in_4bit else "lora" if model_args.use_peft else "full"
+
+
+def estimate_for_recipe(model_args, training_args, num_gpus: int) -> float | None:
+    """`estimate_for_model` with every setting read from a parsed recipe (None: unknown model or no max_length)."""
+    if training_args.max_length is None:
+        return None
+    return estimate_for_model(
+        model_args.model_name_or_path,
+        training_method(model_args),
+        model_args.lora_r,
+        training_args.max_length,
+        training_args.per_device_train_batch_size,
+        bool(training_args.activation_checkpointing),
+        num_gpus,
+        nested_quant=bool(model_args.use_bnb_nested_quant),
+    )

@@ -172,8 +172,9 @@ class Pipeline:
             return base, str(checkpoint)
         return str(checkpoint or base), None
 
-    def evaluate(self, model, name: str, checkpoint: Path | None = None) -> dict:
-        """Generate on the evaluation split with `model`; write `<name>/predictions.jsonl`, return the metrics."""
+    def evaluate(self, model, name: str | Path, checkpoint: Path | None = None) -> dict:
+        """Generate on the evaluation split with `model`; write `<output_dir>/<name>/predictions.jsonl` and return
+        the metrics. With `eval_backend: vllm`, `checkpoint` (the saved stage) is served instead of `model`."""
         metrics, predictions = evaluate_model(
             model,
             self.tokenizer,
@@ -290,17 +291,7 @@ class Pipeline:
             raise SFTKeyError("no evaluation data: set `eval_dataset_name`, `eval_split` or `eval_fraction`")
         vllm = self.script_args.eval_backend == "vllm"
         model = None if vllm else load_model(self.model_args, self.training_args, checkpoint, trainable=False)
-        metrics, predictions = evaluate_model(
-            model,
-            self.tokenizer,
-            self.data.eval_examples,
-            self.data.answer_type,
-            self.script_args,
-            self.formatter,
-            vllm_source=self._vllm_source(checkpoint),
-        )
+        metrics = self.evaluate(model, Path("eval_only") / name, checkpoint)
         if self.state.is_main_process:
-            out = self.output_dir / "eval_only" / name
-            write_jsonl(out / "predictions.jsonl", predictions)
-            write_json(out / "metrics.json", metrics)
+            write_json(self.output_dir / "eval_only" / name / "metrics.json", metrics)
         return {"stages": {name: metrics}}
