@@ -153,8 +153,11 @@ class Pipeline:
                 f"stage `{stage.name}` has keep_best but there is no validation data; set `eval_fraction` "
                 "(held out from train) or `eval_dataset_name`"
             )
-        if self.script_args.eval_fraction <= 0:
-            logger.warning("keep_best selects on the evaluation set itself; set `eval_fraction` for an unbiased test")
+        if [e["index"] for e in examples] == [e["index"] for e in self.data.eval_examples]:
+            logger.warning(
+                "keep_best selects on the evaluation set itself, so the reported accuracy is optimistic; give a "
+                "separate `eval_dataset_name`/`eval_split` and an `eval_fraction` hold-out for an unbiased test"
+            )
         per_step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
         steps_per_epoch = max(1, len(self.data.train) // per_step)
         every = int(args.eval_steps) if args.eval_steps and args.eval_steps >= 1 else max(1, steps_per_epoch // 2)
