@@ -59,3 +59,6 @@ def script_args(**overrides):
     from sftkey_trl.config import SFTKeyScriptArguments
 
     return SFTKeyScriptArguments(**overrides)
+
+
+from launching import launched  # noqa: E402, F401  (the simulated-launch fixture of the distributed tests)
