@@ -1,4 +1,4 @@
-"""Evaluation generation throughput: the batched, length-sorted, left-padded path of `sftkey_trl.evaluate.generate`
+"""Evaluation generation throughput: the batched, length-sorted, left-padded path of `generation.generate`
 against one-example-at-a-time `model.generate`, same model, same prompts, same process. Prints the ratio.
 
     python benchmarks/bench_generate.py [--prompts 64] [--batch 32] [--max_new_tokens 64] [--hidden_size 256]
@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from sftkey_trl.config import SFTKeyScriptArguments
-from sftkey_trl.demo import build_tiny_model, build_tiny_tokenizer, make_arithmetic_example
-from sftkey_trl.evaluate import generate, stop_token_ids
-from sftkey_trl.formatting import Formatter
+from sftkey_trl.data.formatting import Formatter
+from sftkey_trl.data.synthetic import build_tiny_model, build_tiny_tokenizer, make_arithmetic_example
+from sftkey_trl.evaluation.generation import generate, stop_token_ids
+from sftkey_trl.recipe.config import SFTKeyScriptArguments
 
 
 def one_at_a_time(model, tokenizer, prompts, stop_ids, max_new_tokens) -> int:
@@ -60,7 +60,7 @@ def main():
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"{args.prompts} prompts, up to {args.max_new_tokens} new tokens, batch {args.batch}, {where}")
     batched_rate, single_rate = batched_tokens / batched_seconds, single_tokens / single_seconds
-    print(f"batched (sftkey_trl.evaluate.generate): {batched_rate:10,.0f} generated tokens/s")
+    print(f"batched (sftkey_trl.evaluation.generation.generate): {batched_rate:10,.0f} generated tokens/s")
     print(f"one at a time (model.generate):         {single_rate:10,.0f} generated tokens/s")
     print(f"ratio: {batched_rate / single_rate:.2f}x")
 

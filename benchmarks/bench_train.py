@@ -20,12 +20,12 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from sftkey_trl.adapters import Triple
-from sftkey_trl.config import SFTKeyConfig, SFTKeyScriptArguments, Stage
-from sftkey_trl.demo import build_tiny_model, build_tiny_tokenizer, make_arithmetic_example
-from sftkey_trl.formatting import Formatter
-from sftkey_trl.masks import tokenize_rendered
-from sftkey_trl.trainer import SFTKeyTrainer
+from sftkey_trl.data.adapters import Triple
+from sftkey_trl.data.formatting import Formatter
+from sftkey_trl.data.masks import tokenize_rendered
+from sftkey_trl.data.synthetic import build_tiny_model, build_tiny_tokenizer, make_arithmetic_example
+from sftkey_trl.recipe.config import SFTKeyConfig, SFTKeyScriptArguments, Stage
+from sftkey_trl.train.trainer import SFTKeyTrainer
 
 
 class PeakMemory:

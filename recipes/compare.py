@@ -14,11 +14,11 @@ import logging
 import sys
 from pathlib import Path
 
-from sftkey_trl.cli import run_options, user_errors
-from sftkey_trl.compare import DEFAULT_VARIANTS, build_variants, run_variant, write_comparison
-from sftkey_trl.config import parse_config
 from sftkey_trl.errors import SFTKeyError, closest
 from sftkey_trl.files import read_json
+from sftkey_trl.recipe.config import parse_config
+from sftkey_trl.run.cli import run_options, user_errors
+from sftkey_trl.run.compare import DEFAULT_VARIANTS, build_variants, run_variant, write_comparison
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from sftkey_trl.config import parse_config  # noqa: E402
-from sftkey_trl.dryrun import accelerate_num_processes, launch_line, launch_option  # noqa: E402
-from sftkey_trl.memory import (  # noqa: E402
+from sftkey_trl.recipe.config import parse_config  # noqa: E402
+from sftkey_trl.recipe.dryrun import accelerate_num_processes, launch_line, launch_option  # noqa: E402
+from sftkey_trl.train.memory import (  # noqa: E402
     MEASURED_LORA_R,
     MEASURED_SEQ_LEN,
     calibration,

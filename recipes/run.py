@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from sftkey_trl.cli import main
+from sftkey_trl.run.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

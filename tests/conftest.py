@@ -22,14 +22,14 @@ def sftkey_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(sftkey_cache) -> Path:
-    from sftkey_trl.demo import build_tiny_model
+    from sftkey_trl.models.tiny import build_tiny_model
 
     return build_tiny_model(sftkey_cache / "tiny-llama", hidden_size=64, num_layers=2)
 
 
 @pytest.fixture()
 def char_tokenizer():
-    from sftkey_trl.demo import build_tiny_tokenizer
+    from sftkey_trl.models.tiny import build_tiny_tokenizer
 
     return build_tiny_tokenizer()
 
@@ -56,7 +56,7 @@ def bpe_tokenizer():
 
 def script_args(**overrides):
     """`SFTKeyScriptArguments` with overrides, for building a Formatter without parsing a recipe."""
-    from sftkey_trl.config import SFTKeyScriptArguments
+    from sftkey_trl.recipe.config import SFTKeyScriptArguments
 
     return SFTKeyScriptArguments(**overrides)
 

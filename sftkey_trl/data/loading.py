@@ -1,0 +1,260 @@
+"""Load a dataset (hub id, local file or the offline demo), map it to triples through an adapter, validate it and
+tokenise it once into the columns every stage trains from."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datasets import Dataset, load_dataset, load_from_disk
+
+from ..errors import SFTKeyError
+from .adapters import FieldNames, RowRejected, Triple, check_columns, get_adapter
+from .formatting import Formatter
+from .masks import tokenize_rendered
+
+logger = logging.getLogger(__name__)
+
+FILE_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+DEMO_PREFIX = "demo:"
+MAX_CUT_FRACTION = 0.5
+ROW_INDEX = "__row_index__"
+
+
+def cache_root() -> Path:
+    """Where locally built demo data and models live (`SFTKEY_CACHE`, default `~/.cache/sftkey_trl`)."""
+    return Path(os.environ.get("SFTKEY_CACHE", Path.home() / ".cache" / "sftkey_trl"))
+
+
+@dataclass
+class InvalidReport:
+    """Invalid rows counted by reason, with the first offending row indices of each reason."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    first_rows: dict[str, list[int]] = field(default_factory=dict)
+
+    def add(self, reason: str, index: int) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        rows = self.first_rows.setdefault(reason, [])
+        if len(rows) < 5:
+            rows.append(index)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def describe(self) -> str:
+        return "; ".join(
+            f"{reason} x{count} (rows {', '.join(map(str, self.first_rows[reason]))})"
+            for reason, count in sorted(self.counts.items(), key=lambda item: -item[1])
+        )
+
+
+def load_source(name: str, config: str | None, split: str, what: str = "dataset_name") -> Dataset:
+    """Load one split from the demo, a local file/folder, or the hub, with one-line errors for each failure."""
+    if name.startswith(DEMO_PREFIX):
+        from .synthetic import write_arithmetic_dataset
+
+        if name != "demo:arithmetic":
+            raise SFTKeyError(f"`{what}: {name}` is not a known demo dataset; use `demo:arithmetic`")
+        directory = cache_root() / "demo-arithmetic-v2"  # bump when the generator changes
+        if not (directory / "test.jsonl").exists():
+            write_arithmetic_dataset(directory)
+        if split not in ("train", "test"):
+            raise SFTKeyError(f"the demo dataset has splits train and test, not `{split}`")
+        return load_dataset("json", data_files=str(directory / f"{split}.jsonl"), split="train")
+    path = Path(name).expanduser()
+    if path.suffix in FILE_LOADERS or path.exists() or name.startswith((".", "/", "~")):
+        if not path.exists():
+            raise SFTKeyError(f"`{what}`: file `{name}` does not exist; check the path (relative to {Path.cwd()})")
+        if path.is_dir():
+            return load_dataset(str(path), config, split=split)
+        if path.suffix not in FILE_LOADERS:
+            raise SFTKeyError(f"`{what}`: `{name}` is not a .jsonl, .json, .parquet or .csv file")
+        try:
+            return load_dataset(FILE_LOADERS[path.suffix], data_files=str(path), split="train")
+        except Exception as error:  # datasets raises many types for malformed files
+            raise SFTKeyError(f"`{what}`: could not read `{name}`: {str(error).splitlines()[0]}") from error
+    try:
+        return load_dataset(name, config, split=split)
+    except Exception as error:  # network, auth, missing split: all are user-fixable
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise SFTKeyError(
+            f"`{what}: {name}` could not be loaded from the Hugging Face Hub ({detail}); check the id, split and "
+            "network, or download it and point `{what}` at a local .jsonl/.parquet copy".replace("{what}", what)
+        ) from error
+
+
+def to_triples(dataset: Dataset, script_args, report: InvalidReport) -> list[tuple[int, Triple]]:
+    """Map rows to triples through the recipe's adapter; rejected rows go to `report` by reason."""
+    adapter = get_adapter(script_args.dataset_format)
+    fields = FieldNames(script_args.question_field, script_args.reasoning_field, script_args.answer_field)
+    check_columns(adapter, [c for c in dataset.column_names if c != ROW_INDEX], fields)
+    triples = []
+    for position, row in enumerate(dataset):
+        index = row.get(ROW_INDEX, position)
+        try:
+            triples.append((index, adapter.convert(row, fields)))
+        except RowRejected as rejection:
+            report.add(rejection.reason, index)
+    return triples
+
+
+@dataclass
+class PreparedData:
+    """Everything the stages and the evaluation need, built once per run."""
+
+    train: Dataset  # input_ids, completion_mask, key_mask, index
+    eval_examples: list[dict]  # index, question, prompt, gold, reasoning
+    answer_type: str
+    data_hash: str
+    report: InvalidReport
+    validation_examples: list[dict]  # for keep_best: the eval_fraction hold-out, else the evaluation examples
+
+
+def _contains_tags(triple: Triple, formatter: Formatter) -> bool:
+    tags = formatter.tags
+    text = triple.reasoning + triple.answer
+    return any(tag in text for tag in (tags.thinking_open, tags.thinking_close, tags.answer_open, tags.answer_close))
+
+
+def load_splits(script_args, seed: int) -> tuple[Dataset, Dataset | None, Dataset | None]:
+    """Training rows, validation rows and evaluation rows.
+
+    `eval_fraction` holds out part of train as the validation split (used to pick checkpoints); the evaluation
+    split is `eval_dataset_name`/`eval_split` when given, else that hold-out.
+    """
+    adapter = get_adapter(script_args.dataset_format)
+    name = script_args.dataset_name or adapter.hub_id
+    if not name:
+        raise SFTKeyError("no dataset: set `dataset_name` to a hub id or a local .jsonl/.json/.parquet/.csv file")
+    config = script_args.dataset_config or (adapter.hub_config if name == adapter.hub_id else None)
+    train = load_source(name, config, script_args.dataset_split or adapter.train_split)
+    evaluation = holdout = None
+    if script_args.eval_dataset_name:
+        split = script_args.eval_split or adapter.test_split or "test"
+        evaluation = load_source(
+            script_args.eval_dataset_name, script_args.eval_dataset_config, split, "eval_dataset_name"
+        )
+    elif script_args.eval_split:
+        evaluation = load_source(name, config, script_args.eval_split, "eval_split")
+    if script_args.eval_fraction > 0:
+        train = train.add_column(ROW_INDEX, list(range(len(train))))  # errors keep naming the file's rows
+        try:
+            parts = train.train_test_split(test_size=script_args.eval_fraction, seed=seed)
+        except ValueError:
+            raise SFTKeyError(
+                f"`eval_fraction: {script_args.eval_fraction}` of {len(train)} training rows leaves no rows on one "
+                "side; use more data or set `eval_fraction: 0` and an `eval_dataset_name`"
+            ) from None
+        train, holdout = parts["train"], parts["test"]
+    if script_args.max_train_samples:
+        train = train.select(range(min(script_args.max_train_samples, len(train))))
+    if evaluation is None:
+        evaluation = holdout
+    if evaluation is not None and script_args.max_eval_samples:
+        evaluation = evaluation.select(range(min(script_args.max_eval_samples, len(evaluation))))
+    if holdout is not None and script_args.max_eval_samples:
+        holdout = holdout.select(range(min(script_args.max_eval_samples, len(holdout))))
+    return train, holdout, evaluation
+
+
+def prepare_data(script_args, training_args, stages, tokenizer, formatter: Formatter, cache_dir: Path | None):
+    """Validate and tokenise the training data once (cached under `cache_dir`) and build the evaluation prompts.
+
+    Every invalid row is counted by reason; `on_invalid: error` stops with the report before any training,
+    `skip` drops the rows and logs the counts. A `max_length` that cuts most examples is always an error.
+    """
+    train_rows, validation_rows, eval_rows = load_splits(script_args, training_args.seed)
+    report = InvalidReport()
+    triples = to_triples(train_rows, script_args, report)
+    if script_args.response_format == "tags":
+        kept = []
+        for index, triple in triples:
+            if _contains_tags(triple, formatter):
+                report.add("contains_tags", index)
+            else:
+                kept.append((index, triple))
+        triples = kept
+    rendered = [formatter.render(triple) for _, triple in triples]
+    digest = hashlib.sha256()
+    for key in ("max_length",):
+        digest.update(f"{key}={getattr(training_args, key)}".encode())
+    digest.update(str(len(tokenizer)).encode() + str(tokenizer.name_or_path).encode())
+    for item in rendered:
+        digest.update(json.dumps([item.text, item.prompt_end, item.key_start, item.completion_end]).encode())
+    data_hash = digest.hexdigest()[:16]
+    cached = cache_dir / f"tokenized-{data_hash}" if cache_dir else None
+    if cached is not None and cached.exists():
+        tokenized = load_from_disk(str(cached))
+    else:
+        columns = tokenize_rendered(tokenizer, rendered)
+        columns["index"] = [index for index, _ in triples]
+        tokenized = Dataset.from_dict(columns)
+    num_tokenized = len(tokenized)
+    tokenized = _validate_lengths(tokenized, training_args.max_length, stages, report, len(train_rows))
+    if report.total:
+        message = f"{report.total} of {len(train_rows)} training rows are invalid: {report.describe()}"
+        if script_args.on_invalid == "error":
+            raise SFTKeyError(message + "; fix the data or set `on_invalid: skip` to drop them")
+        logger.warning("%s; skipped (on_invalid: skip)", message)
+    if cached is not None and not cached.exists():  # only valid data is cached; temp name then rename
+        tmp = cached.with_name(cached.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = tokenized if len(tokenized) == num_tokenized else Dataset.from_dict(columns)
+        full.save_to_disk(str(tmp))
+        os.replace(tmp, cached)
+    if len(tokenized) == 0:
+        raise SFTKeyError("no valid training rows are left; check the dataset and its adapter (`dataset_format`)")
+    answer_type = script_args.answer_type or get_adapter(script_args.dataset_format).answer_type
+    eval_examples = _eval_examples(eval_rows, script_args, formatter) if eval_rows is not None else []
+    validation = _eval_examples(validation_rows, script_args, formatter) if validation_rows is not None else None
+    return PreparedData(tokenized, eval_examples, answer_type, data_hash, report, validation or eval_examples)
+
+
+def _validate_lengths(tokenized: Dataset, max_length, stages, report: InvalidReport, num_rows: int) -> Dataset:
+    """Drop (and report) examples whose key is cut by `max_length` or that leave a stage with nothing to train."""
+    lengths = [len(ids) for ids in tokenized["input_ids"]]
+    indices = tokenized["index"]
+    keep = []
+    cut = 0
+    stage_columns = {stage.loss_on for stage in stages}
+    masks = {column: tokenized[f"{column}_mask"] for column in stage_columns}
+    for position, (length, index) in enumerate(zip(lengths, indices)):
+        if max_length is not None and length > max_length:
+            report.add("key_truncated", index)
+            cut += 1
+            continue
+        empty = [column for column in stage_columns if not any(masks[column][position])]
+        if empty:
+            report.add(f"no_{empty[0]}_tokens", index)
+            continue
+        keep.append(position)
+    if lengths and cut / len(lengths) > MAX_CUT_FRACTION:
+        raise SFTKeyError(
+            f"`max_length: {max_length}` cuts the answer off {cut} of {len(lengths)} examples "
+            f"({cut / len(lengths):.0%}; the longest has {max(lengths)} tokens); raise `max_length`"
+        )
+    return tokenized.select(keep) if len(keep) < len(tokenized) else tokenized
+
+
+def _eval_examples(rows: Dataset, script_args, formatter: Formatter) -> list[dict]:
+    report = InvalidReport()
+    examples = [
+        {
+            "index": index,
+            "question": triple.question,
+            "prompt": formatter.prompt(triple.question),
+            "gold": triple.answer,
+            "reasoning": triple.reasoning,
+        }
+        for index, triple in to_triples(rows, script_args, report)
+    ]
+    if report.total:
+        logger.warning("evaluation set: %d rows skipped: %s", report.total, report.describe())
+    return examples

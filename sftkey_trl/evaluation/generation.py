@@ -1,0 +1,185 @@
+"""Generation-based evaluation: batched greedy generation, answer extraction and scoring, sharded across ranks."""
+
+from __future__ import annotations
+
+import logging
+from statistics import mean
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from ..errors import SFTKeyError
+from .answers import answers_match, composite_score, extract_answer, gold_is_parseable, reasoning_final_value
+
+logger = logging.getLogger(__name__)
+
+
+def stop_token_ids(tokenizer, end_of_turn: str) -> list[int]:
+    """Token ids that end a generation: the end-of-turn token used in training, and the tokenizer's EOS."""
+    ids = {tokenizer.convert_tokens_to_ids(end_of_turn), tokenizer.eos_token_id}
+    return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    stop_ids: list[int],
+    batch_size: int = 32,
+    max_new_tokens: int = 512,
+    show_progress: bool = True,
+) -> list[tuple[str, int]]:
+    """Greedy generation with the KV cache: prompts are length-sorted (longest first, so memory errors show
+    at once) and left-padded. Returns (text, number of generated tokens) per prompt, in the input order."""
+    if not prompts:
+        return []
+    was_training, padding_side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    results: list[tuple[str, int]] = [("", 0)] * len(prompts)
+    batches = range(0, len(order), batch_size)
+    try:
+        for start in tqdm(batches, desc="generating", disable=not show_progress, leave=False):
+            chunk = order[start : start + batch_size]
+            encoded = tokenizer(
+                [prompts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(device)
+            output = model.generate(
+                **encoded,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stop_ids,
+                pad_token_id=tokenizer.pad_token_id,
+                use_cache=True,
+            )
+            for row, index in zip(output[:, encoded["input_ids"].shape[1] :].tolist(), chunk):
+                stop = next((k for k, token in enumerate(row) if token in stop_ids), len(row))
+                results[index] = (tokenizer.decode(row[:stop], skip_special_tokens=True), stop + (stop < len(row)))
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return results
+
+
+def score(
+    examples: list[dict], generations: list[tuple[str, int]], answer_type: str, script_args, tags
+) -> tuple[dict, list[dict]]:
+    """Score generations against gold answers; return (metrics, one prediction record per example)."""
+    predictions = []
+    for example, (text, length) in zip(examples, generations):
+        extraction = extract_answer(text, script_args.response_format, tags, script_args.answer_template)
+        correct = answers_match(extraction.answer, example["gold"], answer_type)
+        final = reasoning_final_value(extraction.reasoning)
+        predictions.append(
+            {
+                "index": example["index"],
+                "prompt": example["prompt"],
+                "generation": text,
+                "extracted_answer": extraction.answer,
+                "extraction_method": extraction.method,
+                "gold": example["gold"],
+                "correct": correct,
+                "format_ok": extraction.format_ok,
+                "gold_parseable": gold_is_parseable(example["gold"], answer_type),
+                "generated_tokens": length,
+                "reasoning_final": final,
+                "reasoning_final_correct": answers_match(final, example["gold"], answer_type),
+                "consistent": final is not None and answers_match(extraction.answer, final, answer_type),
+                "reasoning_length": len(extraction.reasoning or ""),
+            }
+        )
+    return summarise(predictions, answer_type), predictions
+
+
+def summarise(predictions: list[dict], answer_type: str) -> dict:
+    """Aggregate prediction records into the metrics written to results.json."""
+    n = len(predictions)
+    if n == 0:
+        return {"num_examples": 0}
+
+    def rate(key: str, subset=None) -> float:
+        rows = predictions if subset is None else subset
+        return sum(bool(p[key]) for p in rows) / len(rows) if rows else 0.0
+
+    accuracy, format_accuracy = rate("correct"), rate("format_ok")
+    well_formatted = [p for p in predictions if p["format_ok"]]
+    metrics = {
+        "num_examples": n,
+        "accuracy": accuracy,
+        "format_accuracy": format_accuracy,
+        "composite": composite_score(accuracy, format_accuracy),
+        "accuracy_given_format": rate("correct", well_formatted),
+        "strict_accuracy": sum(p["correct"] and p["format_ok"] for p in predictions) / n,
+        "last_number_fallback_rate": sum(p["extraction_method"] == "last_number" for p in predictions) / n,
+        "unparseable_gold": sum(not p["gold_parseable"] for p in predictions),
+        "mean_generated_tokens": mean(p["generated_tokens"] for p in predictions),
+        "mean_reasoning_length": mean(p["reasoning_length"] for p in predictions),
+    }
+    if answer_type in ("numeric", "math"):
+        metrics["reasoning_final_accuracy"] = rate("reasoning_final_correct")
+        metrics["answer_reasoning_consistency"] = rate("consistent")
+    return metrics
+
+
+def generate_vllm(
+    model_path: str, adapter_path: str | None, prompts: list[str], stop_ids: list[int], max_new_tokens: int
+) -> list[tuple[str, int]]:
+    """Greedy generation with vLLM (`eval_backend: vllm`); a LoRA stage is served as an adapter on its base."""
+    try:
+        from vllm import LLM, SamplingParams
+        from vllm.lora.request import LoRARequest
+    except ImportError:
+        raise SFTKeyError("`eval_backend: vllm` needs vllm (`pip install vllm`); or set `eval_backend: hf`") from None
+    # Leave room for the training process's own model, which is still on the GPU
+    llm = LLM(model=model_path, enable_lora=adapter_path is not None, gpu_memory_utilization=0.4)
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=stop_ids)
+    lora = LoRARequest("stage", 1, adapter_path) if adapter_path else None
+    outputs = llm.generate(prompts, params, lora_request=lora)
+    return [(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outputs]
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    examples: list[dict],
+    answer_type: str,
+    script_args,
+    formatter,
+    max_examples: int | None = None,
+    vllm_source: tuple[str, str | None] | None = None,
+) -> tuple[dict, list[dict]]:
+    """Generate on the evaluation examples, sharded across processes and gathered, and score them.
+
+    Every process returns the same metrics; with N processes each generates 1/N of the examples. With
+    `eval_backend: vllm`, `vllm_source` = (model path, adapter path or None) is served by vLLM instead.
+    """
+    examples = examples[:max_examples] if max_examples else examples
+    state = PartialState()
+    stop_ids = stop_token_ids(tokenizer, formatter.end_of_turn)
+    if script_args.eval_backend == "vllm":
+        if state.num_processes > 1:
+            raise SFTKeyError("`eval_backend: vllm` runs in one process; evaluate with --eval_only and one process")
+        if vllm_source is None:
+            raise SFTKeyError("`eval_backend: vllm` needs a saved model; evaluate a saved stage with --eval_only")
+        texts = generate_vllm(*vllm_source, [e["prompt"] for e in examples], stop_ids, script_args.max_new_tokens)
+        return score(examples, texts, answer_type, script_args, formatter.tags)
+    with state.split_between_processes(list(range(len(examples)))) as shard:
+        local = generate(
+            model,
+            tokenizer,
+            [examples[i]["prompt"] for i in shard],
+            stop_ids,
+            script_args.eval_batch_size,
+            script_args.max_new_tokens,
+            state.is_main_process,
+        )
+        pairs = list(zip(shard, local))
+    if state.num_processes > 1:
+        pairs = gather_object(pairs)
+    generations = [text for _, text in sorted(dict(pairs).items())]
+    return score(examples, generations, answer_type, script_args, formatter.tags)

@@ -1,0 +1,116 @@
+"""Command-line entry point behind `recipes/run.py`: flags that are not recipe keys, and one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+from ..errors import SFTKeyError
+from ..recipe.config import DEMO_RECIPE, parse_config
+
+logger = logging.getLogger("sftkey_trl")
+
+
+def run_options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Split the flags of `run.py` itself from the recipe keys (which go to `parse_config`)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--inspect", type=int, default=None, help="Show what each stage trains on; train nothing.")
+    parser.add_argument("--json", action="store_true", help="With --inspect: one JSON object per line.")
+    parser.add_argument("--eval_only", action="store_true", help="Evaluate a checkpoint (or the base model).")
+    parser.add_argument("--checkpoint", default=None, help="With --eval_only: a saved stage folder.")
+    parser.add_argument("--dry_run", action="store_true", help="Check the recipe offline and print it resolved.")
+    parser.add_argument("--debug", action="store_true", help="Show full tracebacks.")
+    options, rest = parser.parse_known_args(argv)
+    if config_path(rest) is None:
+        rest = ["--config", str(Path(__file__).resolve().parents[2] / DEMO_RECIPE)] + rest
+    return options, rest
+
+
+def config_path(argv: list[str]) -> str | None:
+    """The recipe path given with `--config PATH` or `--config=PATH`."""
+    for index, item in enumerate(argv):
+        if item == "--config" and index + 1 < len(argv):
+            return argv[index + 1]
+        if item.startswith("--config="):
+            return item.split("=", 1)[1]
+    return None
+
+
+@contextlib.contextmanager
+def user_errors(debug: bool):
+    """Print an `SFTKeyError` as one line and exit with status 2 (full traceback with `--debug`)."""
+    try:
+        yield
+    except SFTKeyError as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def inspect(script_args, training_args, model_args, stages, count: int, as_json: bool) -> None:
+    """Print, for the first `count` training examples, the rendered text and what each stage supervises."""
+    from rich.console import Console
+    from rich.text import Text
+
+    from ..data.formatting import Formatter
+    from ..data.loading import prepare_data
+    from ..data.masks import supervised_text
+    from ..train.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(model_args, training_args)
+    formatter = Formatter(tokenizer, script_args, training_args.eos_token)
+    script_args.max_train_samples = min(count, script_args.max_train_samples or count)
+    script_args.eval_dataset_name = script_args.eval_split = None
+    script_args.eval_fraction = 0.0
+    data = prepare_data(script_args, training_args, stages, tokenizer, formatter, cache_dir=None)
+    console = Console(highlight=False)
+    for row in data.train.select(range(min(count, len(data.train)))):
+        text = tokenizer.decode(row["input_ids"], skip_special_tokens=False)
+        for stage in stages:
+            mask = row[f"{stage.loss_on}_mask"]
+            if as_json:
+                record = {
+                    "index": row["index"],
+                    "stage": stage.name,
+                    "text": text,
+                    "supervised_text": supervised_text(tokenizer, row["input_ids"], mask),
+                }
+                print(json.dumps(record, ensure_ascii=False))
+                continue
+            rendered = Text()
+            for token, bit in zip(row["input_ids"], mask):
+                rendered.append(tokenizer.decode([token]), style="bold black on green" if bit else "dim")
+            console.rule(f"example {row['index']} - stage `{stage.name}` (loss on {stage.loss_on}: highlighted)")
+            console.print(rendered)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags and the recipe, then inspect, dry-run, evaluate or train."""
+    options, rest = run_options(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with user_errors(options.debug):
+        script_args, training_args, model_args, stages = parse_config(rest)
+        if options.inspect is not None:
+            inspect(script_args, training_args, model_args, stages, options.inspect, options.json)
+            return 0
+        if options.dry_run:
+            from ..recipe.dryrun import dry_run
+
+            print(dry_run(script_args, training_args, model_args, stages, config_path(rest)))
+            return 0
+        from .pipeline import Pipeline
+        from .report import print_results
+
+        pipeline = Pipeline(script_args, training_args, model_args, stages)
+        if options.eval_only:
+            results = pipeline.evaluate_only(options.checkpoint)
+        else:
+            results = pipeline.run()
+        if pipeline.state.is_main_process:
+            print_results(results, Path(training_args.output_dir))
+    return 0

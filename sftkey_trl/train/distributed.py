@@ -1,0 +1,361 @@
+"""What the launch shards, and which quantised setups work with it: checks to run before the model is loaded.
+
+`accelerate launch --config_file accelerate_configs/<x>.yaml` tells each process how it was launched through
+environment variables (`ACCELERATE_USE_DEEPSPEED`, `ACCELERATE_DEEPSPEED_ZERO_STAGE`, `ACCELERATE_USE_FSDP`,
+`FSDP_VERSION`, `FSDP_USE_ORIG_PARAMS`, ...); transformers turns them into `training_args.deepspeed_plugin`.
+A recipe can also name the engine itself (`deepspeed: ds.json` or `fsdp: ...` in the training arguments).
+`detect_launch` reads all of these without starting anything (no process group, no CUDA), so it is safe to call
+before the model is loaded and in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import SFTKeyError
+
+logger = logging.getLogger(__name__)
+
+FLOAT_STORAGE = ("bfloat16", "float32", "float16")
+TRUE = ("1", "true", "yes", "on", "y", "t")
+
+SOURCES = {
+    "peft_deepspeed": "https://huggingface.co/docs/peft/accelerate/deepspeed"
+    "#use-peft-qlora-and-deepspeed-with-zero3-for-finetuning-large-models-on-multiple-gpus",
+    "peft_fsdp": "https://huggingface.co/docs/peft/accelerate/fsdp"
+    "#use-peft-qlora-and-fsdp-for-finetuning-large-models-on-multiple-gpus",
+    "bnb_fsdp": "https://huggingface.co/docs/bitsandbytes/main/fsdp_qlora",
+}
+
+
+def _env_flag(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name)
+    return default if value is None else value.strip().lower() in TRUE
+
+
+def _as_bool(value, default: bool | None = None) -> bool | None:
+    if value is None or value == "auto":
+        return default
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() in TRUE
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How this process was launched, as far as model loading cares.
+
+    engine: "single" (one process), "ddp" (several processes, each with the whole model), "deepspeed" or "fsdp".
+    """
+
+    engine: str = "single"
+    zero_stage: int | None = None
+    offload_param: bool = False
+    zero3_save_16bit_model: bool | None = None
+    fsdp_version: int | None = None
+    fsdp_use_orig_params: bool | None = None
+    fsdp_cpu_ram_efficient_loading: bool | None = None
+
+    @property
+    def shards_parameters(self) -> bool:
+        """True when the engine splits the weights themselves across processes (ZeRO-3, FSDP)."""
+        return self.engine == "fsdp" or (self.engine == "deepspeed" and self.zero_stage == 3)
+
+    @property
+    def name(self) -> str:
+        if self.engine == "deepspeed":
+            return f"DeepSpeed ZeRO-{self.zero_stage}"
+        if self.engine == "fsdp":
+            return f"FSDP{self.fsdp_version or ''}"
+        return {"single": "a single process", "ddp": "DDP"}[self.engine]
+
+
+def _initialized_state():
+    """The `AcceleratorState` (or `PartialState`) if this process already created one, else None; creates nothing."""
+    try:
+        from accelerate.state import AcceleratorState, PartialState, is_initialized
+    except ImportError:  # pragma: no cover - accelerate is a dependency
+        return None
+    if is_initialized():
+        return AcceleratorState()
+    if PartialState._shared_state:
+        return PartialState()
+    return None
+
+
+def _distributed_type(state) -> str:
+    kind = getattr(state, "distributed_type", None)
+    return str(getattr(kind, "value", kind) or "")
+
+
+def _deepspeed_json(config) -> dict:
+    """A DeepSpeed config given as a dict, a JSON string or a JSON file path ({} when unreadable)."""
+    if isinstance(config, dict):
+        return config
+    if isinstance(config, str) and config and config != "none":
+        try:
+            if config.lstrip().startswith("{"):
+                return json.loads(config)
+            return json.loads(Path(config).read_text())
+        except (OSError, ValueError):
+            return {}
+    return {}
+
+
+def _deepspeed_launch(training_args) -> Launch | None:
+    plugin = getattr(training_args, "deepspeed_plugin", None)
+    config = getattr(training_args, "deepspeed", None)
+    if plugin is None and not config and not _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        state = _initialized_state()
+        if _distributed_type(state) != "DEEPSPEED":
+            return None
+        plugin = getattr(state, "deepspeed_plugin", None)
+    if plugin is not None:
+        offload = str(getattr(plugin, "offload_param_device", None) or "none").lower()
+        return Launch(
+            engine="deepspeed",
+            zero_stage=int(getattr(plugin, "zero_stage", 2) or 0),
+            offload_param=offload not in ("none", "auto"),
+            zero3_save_16bit_model=_as_bool(getattr(plugin, "zero3_save_16bit_model", None)),
+        )
+    # A DeepSpeed JSON (recipe `deepspeed:` or accelerate's `deepspeed_config_file`), or accelerate's env variables
+    data = _deepspeed_json(config) or _deepspeed_json(os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"))
+    if data:
+        zero = data.get("zero_optimization", {}) or {}
+        offload = str((zero.get("offload_param") or {}).get("device", "none")).lower()
+        gather = zero.get(
+            "stage3_gather_16bit_weights_on_model_save", zero.get("stage3_gather_fp16_weights_on_model_save")
+        )
+        return Launch(
+            engine="deepspeed",
+            zero_stage=int(zero.get("stage", 0) or 0),
+            offload_param=offload not in ("none", "auto"),
+            zero3_save_16bit_model=False if gather is None else _as_bool(gather),  # DeepSpeed's default: false
+        )
+    return Launch(
+        engine="deepspeed",
+        zero_stage=int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")),
+        offload_param=os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none").lower() not in ("none", ""),
+        zero3_save_16bit_model=_env_flag("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"),
+    )
+
+
+def _fsdp_launch(training_args) -> Launch | None:
+    # Training arguments first: the Trainer builds its FSDP plugin from `fsdp_plugin_args` and fills gaps from env
+    plugin_args = getattr(training_args, "fsdp_plugin_args", None) or {}
+    fsdp_config = getattr(training_args, "fsdp_config", None) or {}
+    if not isinstance(fsdp_config, dict):
+        fsdp_config = {}
+    fsdp_config = {key.removeprefix("fsdp_"): value for key, value in fsdp_config.items()}
+    from_args = bool(getattr(training_args, "fsdp", None)) or bool(plugin_args)
+    state = None
+    if not from_args and not _env_flag("ACCELERATE_USE_FSDP"):
+        state = _initialized_state()
+        if _distributed_type(state) != "FSDP":
+            return None
+    fsdp_plugin = getattr(state, "fsdp_plugin", None)
+
+    def setting(key: str, env: str, default):
+        for source in (plugin_args, fsdp_config):
+            if source.get(key) is not None:
+                return source[key]
+        if fsdp_plugin is not None and getattr(fsdp_plugin, key, None) is not None:
+            return getattr(fsdp_plugin, key)
+        return os.environ.get(env, default)
+
+    # transformers defaults `fsdp_config["version"]` to 2; accelerate's launcher and plugin default to 1
+    version = plugin_args.get("fsdp_version", fsdp_config.get("version", 2 if from_args else None))
+    if version is None:
+        version = getattr(fsdp_plugin, "fsdp_version", None) or os.environ.get("FSDP_VERSION", "1")
+    version = int(version)
+    use_orig_params = _as_bool(setting("use_orig_params", "FSDP_USE_ORIG_PARAMS", "false")) if version == 1 else None
+    return Launch(
+        engine="fsdp",
+        fsdp_version=version,
+        fsdp_use_orig_params=use_orig_params,
+        fsdp_cpu_ram_efficient_loading=_as_bool(
+            setting("cpu_ram_efficient_loading", "FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
+        ),
+    )
+
+
+def detect_launch(training_args) -> Launch:
+    """Which engine this process runs under: DeepSpeed and its ZeRO stage, FSDP and its settings, DDP or one process.
+
+    Reads `training_args.deepspeed_plugin` / `.deepspeed` / `.fsdp` / `.fsdp_plugin_args`, the variables that
+    `accelerate launch` sets, and an `AcceleratorState` / `PartialState` only if one already exists.
+    """
+    launch = _deepspeed_launch(training_args) or _fsdp_launch(training_args)
+    if launch is not None:
+        return launch
+    return Launch(engine="ddp" if world_size() > 1 else "single")
+
+
+def world_size() -> int:
+    """Number of processes in the job (1 outside `accelerate launch` / `torchrun`)."""
+    state = _initialized_state()
+    if state is not None:
+        return int(state.num_processes)
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def is_main_process() -> bool:
+    """True on the process of global rank 0 (the one that should log, save and write reports)."""
+    state = _initialized_state()
+    if state is not None:
+        return bool(state.is_main_process)
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def quantized_device_map(training_args) -> dict | None:
+    """The `device_map` to load a 4-bit/8-bit model with under this launch.
+
+    - one process or DDP / ZeRO-1 / ZeRO-2: `{"": <this process's device>}`: each rank loads its own quantised copy
+      on its own GPU (`{"": "cpu"}` without a GPU);
+    - DeepSpeed ZeRO-3 or FSDP: None: the engine places and shards the weights (transformers refuses a `device_map`
+      under ZeRO-3; bitsandbytes then loads onto the current device and the engine shards from there).
+    """
+    if detect_launch(training_args).shards_parameters:
+        return None
+    device = training_args.device
+    if device.type == "cuda":
+        if device.index is None:
+            import torch
+
+            return {"": torch.cuda.current_device()}
+        return {"": device.index}
+    if device.type == "cpu":
+        return {"": "cpu"}
+    return {"": str(device)}
+
+
+def _storage_name(value) -> str | None:
+    if value is None:
+        return None
+    return str(value).removeprefix("torch.")
+
+
+def _fix_quant_storage(model_args, training_args, launch: Launch) -> list[str]:
+    """Make `bnb_4bit_quant_storage` a float dtype equal to the dtype the model is loaded in (see the rules below)."""
+    storage = _storage_name(getattr(model_args, "bnb_4bit_quant_storage", None))
+    dtype = getattr(model_args, "dtype", None)
+    fp16 = bool(getattr(training_args, "fp16", False))
+    if dtype == "float16" or storage == "float16":
+        raise SFTKeyError(
+            f"QLoRA under {launch.name} with float16 weights is not supported (float16 training needs float32 4-bit "
+            "storage); set `dtype: bfloat16` (or `dtype: float32` on GPUs without bf16) and leave "
+            "`bnb_4bit_quant_storage` unset"
+        )
+    if storage in FLOAT_STORAGE:
+        target = storage  # an explicit float storage decides; the model dtype follows it
+    elif dtype in FLOAT_STORAGE:
+        target = dtype
+    else:  # dtype unset or "auto"
+        target = "float32" if fp16 else "bfloat16"
+    if fp16 and target != "float32":
+        raise SFTKeyError(
+            f"QLoRA under {launch.name} with `fp16: true` needs float32 4-bit storage, but the storage would be "
+            f"{target}; use `bf16: true` instead of fp16, or set `dtype: float32`"
+        )
+    fixes = []
+    if storage != target:
+        model_args.bnb_4bit_quant_storage = target
+        fixes.append(f"bnb_4bit_quant_storage: {storage or 'uint8'} -> {target}")
+    if dtype != target:
+        model_args.dtype = target
+        fixes.append(f"dtype: {dtype} -> {target}")
+    return fixes
+
+
+def check_sharding_compatibility(model_args, training_args) -> list[str]:
+    """Refuse quantised + sharding combinations that do not work; apply the safe fixes for the ones that do.
+
+    Call it once per process before the model is loaded (it may change `model_args`). Returns the fixes applied
+    (also logged on the main process); raises `SFTKeyError` (one line: problem and a working alternative) otherwise.
+
+    Rules (peft 0.21 / bitsandbytes 0.50 / accelerate 1.15 / transformers 5.24):
+
+    1. Not quantised (full fine-tuning, LoRA): nothing to check here.
+    2. Quantised under one process, DDP, ZeRO-1 or ZeRO-2: supported as is. The weights are not sharded, each rank
+       loads its own quantised copy on its own device (`quantized_device_map`). peft's table marks QLoRA + ZeRO-1/2
+       compatible: SOURCES["peft_deepspeed"].
+    3. 8-bit (`load_in_8bit`) under ZeRO-3 or FSDP: refused. bitsandbytes' int8 weights are integer tensors that
+       FSDP cannot shard ("FSDP only supports sharding float data types", SOURCES["bnb_fsdp"]; peft lists 8-bit with
+       FSDP as having known issues, SOURCES["peft_fsdp"] caveats) and that ZeRO-3 fails on ("Only Tensors of
+       floating point and complex dtype can require gradients",
+       https://github.com/huggingface/transformers/pull/32943); there is no 8-bit storage-dtype option. Alternative:
+       `load_in_4bit` (rule 4), or 8-bit with deepspeed_zero2.yaml / multi_gpu.yaml.
+    4. 4-bit under ZeRO-3 or FSDP: supported when `bnb_4bit_quant_storage` is a float dtype equal to the dtype the
+       model is loaded in (`dtype`), bfloat16 in peft's recipes (SOURCES["peft_deepspeed"], SOURCES["peft_fsdp"],
+       SOURCES["bnb_fsdp"]). The default uint8 storage fails with dtype/flattening errors, or under FSDP2 is left
+       unsharded / silently trains on corrupted weights (https://github.com/huggingface/accelerate/issues/3983).
+       Applied automatically and logged: an explicit float storage wins and `dtype` follows it; otherwise the
+       storage follows a float `dtype` (bfloat16/float32), and with `dtype` unset/auto both become bfloat16
+       (float32 with `fp16: true`: peft: "with float16 [mixed precision] ... should be set to float32").
+       Refused: float16 weights/storage, and `fp16: true` with bfloat16 storage (alternative: bf16 or float32).
+    5. 4-bit under FSDP with `optim: paged_adamw_8bit`: refused, peft's FSDP caveat "When using FSDP+QLoRA,
+       paged_adamw_8bit currently results in an error when saving a checkpoint" (SOURCES["peft_fsdp"]).
+       Alternative: `optim: adamw_torch` (the adapter's optimizer state is small).
+    6. 4-bit under FSDP1 with `fsdp_use_orig_params: true` or `fsdp_cpu_ram_efficient_loading: false`: warned, not
+       refused: peft's QLoRA + FSDP recipe sets `use_orig_params: false` (needed for its memory savings) and
+       `cpu_ram_efficient_loading: true` (SOURCES["peft_fsdp"]); accelerate_configs/fsdp.yaml does both. Under FSDP2
+       (no `use_orig_params`) a note says that peft documents the FSDP1 path.
+    7. 4-bit under ZeRO-3 with parameter offload: warned: "DeepSpeed Stage 3 and qlora when used with CPU
+       offloading leads to more GPU memory usage" (SOURCES["peft_deepspeed"] caveats).
+    8. Any model under ZeRO-3 without `zero3_save_16bit_model` (`stage3_gather_16bit_weights_on_model_save`):
+       refused: `Trainer.save_model` then writes only DeepSpeed shards (needing zero_to_fp32.py), so the next stage
+       and evaluation cannot reload the model with `from_pretrained`. Alternative:
+       accelerate_configs/deepspeed_zero3.yaml.
+    """
+    launch = detect_launch(training_args)
+    if launch.engine == "deepspeed" and launch.zero_stage == 3 and launch.zero3_save_16bit_model is False:
+        raise SFTKeyError(
+            "DeepSpeed ZeRO-3 without `zero3_save_16bit_model: true` saves only DeepSpeed shards that the next stage "
+            "cannot load; set it (`stage3_gather_16bit_weights_on_model_save: true` in a DeepSpeed JSON) or launch "
+            "with accelerate_configs/deepspeed_zero3.yaml"
+        )
+    load_in_4bit = bool(getattr(model_args, "load_in_4bit", False))
+    load_in_8bit = bool(getattr(model_args, "load_in_8bit", False))
+    if not (load_in_4bit or load_in_8bit) or not launch.shards_parameters:
+        return []
+    if load_in_8bit:
+        raise SFTKeyError(
+            f"`load_in_8bit` cannot be sharded by {launch.name} (bitsandbytes int8 weights are not float tensors); "
+            "use `load_in_4bit: true` (QLoRA works with ZeRO-3 and FSDP), or keep 8-bit and launch with "
+            "accelerate_configs/deepspeed_zero2.yaml or multi_gpu.yaml"
+        )
+    fixes = _fix_quant_storage(model_args, training_args, launch)
+    main = is_main_process()
+    if launch.engine == "fsdp":
+        optim = getattr(training_args, "optim", None)
+        optim = str(getattr(optim, "value", optim) or "").lower()
+        if optim == "paged_adamw_8bit":
+            raise SFTKeyError(
+                "`optim: paged_adamw_8bit` with QLoRA under FSDP fails when a checkpoint is saved (peft caveat); use "
+                "`optim: adamw_torch` (or `paged_adamw_32bit`)"
+            )
+        if main and launch.fsdp_version == 1 and launch.fsdp_use_orig_params:
+            logger.warning(
+                "QLoRA under FSDP1 with `fsdp_use_orig_params: true`: peft's recipe sets it to false for its memory "
+                "savings (accelerate_configs/fsdp.yaml does)"
+            )
+        if main and launch.fsdp_version == 1 and launch.fsdp_cpu_ram_efficient_loading is False:
+            logger.warning(
+                "QLoRA under FSDP1 with `fsdp_cpu_ram_efficient_loading: false`: peft's recipe sets it to true "
+                "(accelerate_configs/fsdp.yaml does)"
+            )
+        if main and launch.fsdp_version == 2:
+            logger.info("QLoRA under FSDP2: peft documents QLoRA with FSDP1 (accelerate_configs/fsdp.yaml)")
+    if main and launch.engine == "deepspeed" and launch.offload_param:
+        logger.warning("QLoRA under ZeRO-3 with parameter offload uses more GPU memory than without (peft caveat)")
+    if main and fixes:
+        logger.warning(
+            "QLoRA under %s needs the 4-bit storage dtype to equal the model dtype; set %s",
+            launch.name,
+            ", ".join(fixes),
+        )
+    return fixes

@@ -1,0 +1,139 @@
+"""Tokenizer and model loading for LoRA, QLoRA (4-bit nf4) and full fine-tuning, with stage chaining."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from ..data.loading import DEMO_PREFIX, cache_root
+from ..errors import SFTKeyError
+from .distributed import detect_launch, quantized_device_map
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": "auto"}
+
+
+def resolve_model_path(name: str) -> str:
+    """`demo:tiny-llama` is built locally by the project's own code; anything else is a hub id or a folder."""
+    if name.startswith(DEMO_PREFIX):
+        from ..models.tiny import build_tiny_model
+
+        if name != "demo:tiny-llama":
+            raise SFTKeyError(f"`model_name_or_path: {name}` is not a known demo model; use `demo:tiny-llama`")
+        return str(build_tiny_model(cache_root() / "tiny-llama"))
+    return name
+
+
+def _hub_error(name: str, error: Exception) -> SFTKeyError:
+    detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return SFTKeyError(
+        f"model `{name}` could not be loaded ({detail}); if the Hugging Face Hub is unreachable, download the model "
+        "and set `model_name_or_path` to the local folder"
+    )
+
+
+def load_tokenizer(model_args, training_args):
+    """Load the model's fast tokenizer (offsets are needed for the masks) and make sure it can pad."""
+    name = resolve_model_path(model_args.model_name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+        )
+    except (OSError, ValueError) as error:
+        raise _hub_error(model_args.model_name_or_path, error) from error
+    if not tokenizer.is_fast:
+        raise SFTKeyError(f"`{name}` has no fast tokenizer; SFTKey masks need offsets (a `tokenizer.json`)")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_quantization(model_args) -> None:
+    """QLoRA needs bitsandbytes and a LoRA adapter; refuse early with the fix."""
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise SFTKeyError("`load_in_4bit` needs bitsandbytes: `pip install bitsandbytes` (or set load_in_4bit false)")
+    if not model_args.use_peft:
+        raise SFTKeyError("a quantised model cannot be fully fine-tuned; set `use_peft: true` (QLoRA)")
+
+
+def quantization_config(model_args) -> BitsAndBytesConfig | None:
+    """nf4 + double quantisation with bf16 compute by default (the QLoRA paper's recipe)."""
+    if model_args.load_in_4bit:
+        compute = DTYPES.get(model_args.dtype or "bfloat16", torch.bfloat16)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
+            bnb_4bit_compute_dtype=torch.bfloat16 if compute in (torch.float32, "auto") else compute,
+            bnb_4bit_quant_storage=model_args.bnb_4bit_quant_storage,
+        )
+    if model_args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def lora_config(model_args) -> LoraConfig | None:
+    """LoRA on every linear layer but the LM head by default (`all-linear` excludes `lm_head`)."""
+    if not model_args.use_peft:
+        return None
+    targets = model_args.lora_target_modules or "all-linear"
+    if isinstance(targets, list) and "lm_head" in targets:
+        raise SFTKeyError("`lora_target_modules` must not contain `lm_head` (TRL's fused LM head reads its weight)")
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=targets,
+        use_rslora=model_args.use_rslora,
+        use_dora=model_args.use_dora,
+        modules_to_save=model_args.lora_modules_to_save,
+        bias="none",
+    )
+
+
+def load_model(model_args, training_args, checkpoint: str | Path | None = None, trainable: bool = True):
+    """Load the model a stage starts from.
+
+    - `checkpoint` None: the base model (plus nothing: TRL adds the LoRA adapter from `lora_config`).
+    - LoRA/QLoRA with a checkpoint: the base model (re-quantised to 4-bit for QLoRA) with the saved adapter
+      loaded trainable, so the same adapter keeps training.
+    - Full fine-tuning with a checkpoint: the saved weights.
+    """
+    check_quantization(model_args)
+    name = resolve_model_path(model_args.model_name_or_path)
+    is_adapter = checkpoint is not None and (Path(checkpoint) / "adapter_config.json").exists()
+    source = str(checkpoint) if checkpoint is not None and not is_adapter else name
+    quantization = quantization_config(model_args)
+    kwargs = {
+        "revision": model_args.model_revision if source == name else "main",
+        "dtype": DTYPES.get(model_args.dtype or "auto", "auto"),
+        "trust_remote_code": training_args.trust_remote_code,
+    }
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        # Each DDP rank loads its own 4-bit copy on its own device; under ZeRO-3/FSDP the engine places weights
+        kwargs["device_map"] = quantized_device_map(training_args)
+    if not trainable and detect_launch(training_args).shards_parameters:
+        # Evaluation reloads a saved stage whole on every rank: outside ZeRO-3's partitioned init
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        kwargs["device_map"] = {"": str(training_args.device)}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as error:
+        raise _hub_error(source, error) from error
+    if is_adapter:
+        model = PeftModel.from_pretrained(model, str(checkpoint), is_trainable=trainable)
+    return model

@@ -1,0 +1,109 @@
+"""`SFTKeyTrainer`: TRL's `SFTTrainer` with per-token loss weights on top of its fused LM head.
+
+The loss is `sum(weight * nll) / normaliser` where the per-token negative log-likelihoods come from TRL's fused
+LM head (`model(..., fused_lm_head=True)`): only labelled positions are projected through the LM head, in tiles,
+so no `(batch, seq, vocab)` logits are ever built. The normaliser is the stage's `loss_normalization`:
+
+- `supervised_tokens`: the number of tokens with a non-zero weight (a plain mean; the paper's literal reading);
+- `completion_tokens`: the number of response tokens, so a key token weighs in stage 2 what it weighed in stage 1.
+
+Under gradient accumulation and data parallelism the normaliser is summed over all micro-batches and ranks, the
+same way `transformers.Trainer` counts `num_items_in_batch`.
+"""
+
+from __future__ import annotations
+
+import torch
+from trl import SFTTrainer
+
+from ..recipe.config import Stage
+from .collator import SFTKeyCollator
+
+MASK_COLUMNS = ["input_ids", "completion_mask", "key_mask"]
+
+
+class SFTKeyTrainer(SFTTrainer):
+    """SFTTrainer for one SFTKey stage. Takes the tokenised dataset (`input_ids`, `completion_mask`, `key_mask`)."""
+
+    def __init__(self, *args, stage: Stage, log_part_losses: bool = True, **kwargs):
+        training_args = kwargs["args"]
+        self.stage = stage
+        padding_free = training_args.padding_free
+        training_args.padding_free = False  # TRL refuses a custom collator with padding_free; ours does it
+        training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        self.scores_completion = log_part_losses or stage.loss_on == "completion"
+        kwargs.setdefault(
+            "data_collator",
+            SFTKeyCollator(
+                pad_token_id=kwargs["processing_class"].pad_token_id,
+                loss_on=stage.loss_on,
+                reasoning_weight=stage.reasoning_weight,
+                score_completion=self.scores_completion,
+                padding_free=padding_free,
+                pad_to_multiple_of=training_args.pad_to_multiple_of,
+            ),
+        )
+        super().__init__(*args, **kwargs)
+        training_args.padding_free = padding_free
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = list(MASK_COLUMNS)
+
+    def _normaliser_mask(self, batch: dict) -> torch.Tensor:
+        if self.stage.loss_normalization == "completion_tokens":
+            return batch["completion_mask"][..., 1:]
+        return batch["loss_weights"][..., 1:] > 0
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        # Let Trainer gather and scale the count as it does for labels, but count the stage's normaliser tokens
+        counted = [
+            {"labels": batch["labels"], "shift_labels": torch.where(self._normaliser_mask(batch), 0, -100)}
+            for batch in batch_samples
+        ]
+        return super()._get_num_items_in_batch(counted, device)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        normaliser = self._normaliser_mask(inputs).sum() if num_items_in_batch is None else num_items_in_batch
+        weights = inputs.pop("loss_weights")[:, 1:]
+        completion = inputs.pop("completion_mask")[:, 1:]
+        key = inputs.pop("key_mask")[:, 1:]
+        outputs = model(**inputs, use_cache=False, fused_lm_head=True)
+        nll = -outputs.log_probs  # zero wherever the label is -100
+        loss = (nll * weights).sum() / torch.as_tensor(normaliser, device=nll.device).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        self._log_token_metrics(mode, inputs, outputs, nll.detach(), completion & ~key, key)
+        return (loss, outputs) if return_outputs else loss
+
+    def _log_token_metrics(self, mode, inputs, outputs, nll, reasoning, key) -> None:
+        """TRL's entropy / token accuracy / token count, plus the mean loss on reasoning and on key tokens."""
+        sums = torch.stack(
+            [
+                outputs.label_mask.sum(),
+                outputs.entropy.detach().sum(),
+                outputs.is_top1.sum(),
+                (nll * reasoning).sum(),
+                reasoning.sum(),
+                (nll * key).sum(),
+                key.sum(),
+            ]
+        ).float()
+        valid, entropy, correct, reasoning_nll, reasoning_count, key_nll, key_count = (
+            self.accelerator.gather_for_metrics(sums[None]).sum(0).tolist()
+        )
+        metrics = self._metrics[mode]
+        metrics["entropy"].append(entropy / valid if valid else 0.0)
+        metrics["mean_token_accuracy"].append(correct / valid if valid else 0.0)
+        if reasoning_count and self.scores_completion:
+            metrics["reasoning_loss"].append(reasoning_nll / reasoning_count)
+        if key_count:
+            metrics["key_loss"].append(key_nll / key_count)
+        if mode == "train":
+            if "attention_mask" in inputs:
+                local_tokens = inputs["attention_mask"].sum()
+            else:
+                local_tokens = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+            self._total_train_tokens += int(self.accelerator.gather_for_metrics(local_tokens[None]).sum())
+        metrics["num_tokens"] = [self._total_train_tokens]

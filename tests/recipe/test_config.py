@@ -1,0 +1,76 @@
+"""Recipe parsing: every YAML under recipes/ parses, and bad keys/values are one-line errors naming the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from sftkey_trl.errors import SFTKeyError
+from sftkey_trl.recipe.config import parse_config
+
+RECIPES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").rglob("*.yaml"))
+
+
+def test_there_are_recipes():
+    assert "recipes/demo/sftkey_tiny.yaml" in RECIPES
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_parses(recipe):
+    script_args, training_args, model_args, stages = parse_config(["--config", str(ROOT / recipe)])
+    assert stages and model_args.model_name_or_path and training_args.output_dir
+
+
+def test_cli_overrides_recipe_values():
+    _, training_args, _, stages = parse_config(
+        [
+            "--config",
+            str(ROOT / "recipes/demo/sftkey_tiny.yaml"),
+            "--learning_rate",
+            "1e-4",
+            "--stages",
+            "[{name: only, loss_on: key, num_train_epochs: 2}]",
+        ]
+    )
+    assert training_args.learning_rate == 1e-4
+    assert [(s.name, s.loss_on, s.overrides) for s in stages] == [("only", "key", {"num_train_epochs": 2})]
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("learnig_rate: 1.0e-4\n", "unknown recipe key `learnig_rate` .*did you mean `learning_rate`"),
+        ("stages: []\n", "`stages` must be a non-empty list"),
+        ("stages: [{name: a, loss_on: answer}]\n", "`loss_on: answer` is not valid"),
+        ("stages: [{name: a}, {name: a}]\n", "stage name `a` repeats"),
+        ("stages: [{name: a, num_train_epoch: 1}]\n", "unknown key `num_train_epoch`.*num_train_epochs"),
+        ("stages: [{name: a, loss_on: key, reasoning_weight: 2}]\n", "between 0 and 1"),
+        ("response_format: tag\n", "`response_format: tag` is not valid.*did you mean `tags`"),
+        ("learning_rate: fast\n", "`learning_rate` must be a number"),
+        ("answer_template: 'Answer:'\n", "must contain `{answer}`"),
+        ("key: [unclosed\n", "not valid YAML at line"),
+        ("- a list\n", "must be a YAML mapping"),
+    ],
+)
+def test_bad_recipes_are_one_line_errors(tmp_path, text, message):
+    with pytest.raises(SFTKeyError, match=message) as error:
+        parse_config(["--config", write(tmp_path, text)])
+    assert "\n" not in str(error.value)
+
+
+def test_unknown_cli_option_suggests_the_closest():
+    with pytest.raises(SFTKeyError, match="--learning_rat` .*learning_rate"):
+        parse_config(["--learning_rat", "1"])
+
+
+def test_missing_recipe_file():
+    with pytest.raises(SFTKeyError, match="does not exist"):
+        parse_config(["--config", "recipes/nope.yaml"])

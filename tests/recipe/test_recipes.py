@@ -1,0 +1,290 @@
+"""Recipes: every recipe parses and passes the offline dry run, its header launches existing files, the README
+index lists every recipe, and the memory estimates stay close to the measured figures."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shlex
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from sftkey_trl.errors import SFTKeyError
+from sftkey_trl.recipe.config import parse_config
+from sftkey_trl.recipe.dryrun import check_quantization, dry_run, hardware_line, launch_line, launch_option
+from sftkey_trl.train.memory import MEASURED, MODEL_SHAPES, calibration, estimate_for_model, estimate_memory_gib
+
+RECIPES_DIR = ROOT / "recipes"
+RECIPES = sorted(
+    str(path.relative_to(ROOT))
+    for path in RECIPES_DIR.rglob("*.yaml")
+    if "demo" not in path.relative_to(RECIPES_DIR).parts
+)
+MODELS = ["qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b", "qwen3-8b-base", "smollm3-3b-base"]
+REQUIRED = (
+    [f"recipes/{model}/gsm8k/sftkey_qlora_24gb.yaml" for model in MODELS]
+    + [f"recipes/{model}/gsm8k/sftkey_qlora_16gb.yaml" for model in MODELS]
+    + [
+        "recipes/qwen2.5-7b/openr1_math/sftkey_qlora_24gb.yaml",
+        "recipes/qwen2.5-3b/openbookqa/sftkey_qlora_24gb.yaml",
+        "recipes/qwen2.5-3b/cot_collection/sftkey_qlora_24gb.yaml",
+        "recipes/qwen2.5-7b/gsm8k/sftkey_full_8gpu.yaml",
+        "recipes/qwen3-8b-base/gsm8k/sftkey_full_8gpu.yaml",
+    ]
+)
+
+
+def parse(recipe: str):
+    return parse_config(["--config", str(ROOT / recipe)])
+
+
+def test_required_recipes_exist():
+    assert sorted(REQUIRED) == RECIPES
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_passes_dry_run(recipe):
+    report = dry_run(*parse(recipe), str(ROOT / recipe))
+    assert report.startswith("# sftkey dry run: every offline check passed")
+    resolved = yaml.safe_load(report)
+    assert [stage["name"] for stage in resolved["stages"]] == ["sft", "key"]
+    assert resolved["memory"]["estimated_peak_gib_per_gpu"] > 0
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_header_launches_existing_files(recipe):
+    lines = (ROOT / recipe).read_text().splitlines()
+    assert lines[0].startswith("# Hardware: ") and hardware_line(ROOT / recipe)
+    assert lines[1].startswith("# Launch: accelerate launch --config_file accelerate_configs/")
+    assert not lines[2].startswith("#"), "the header is exactly two comment lines"
+    tokens = shlex.split(launch_line(ROOT / recipe))
+    assert tokens[:2] == ["accelerate", "launch"] and "recipes/run.py" in tokens
+    config_file = launch_option(tokens, "--config_file")
+    assert (ROOT / config_file).is_file(), f"{recipe}: accelerate config {config_file} does not exist"
+    assert launch_option(tokens, "--config") == recipe
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_conventions(recipe):
+    script_args, training_args, model_args, stages = parse(recipe)
+    _, model, dataset, file_name = Path(recipe).parts
+    variant = Path(file_name).stem
+    launch = launch_line(ROOT / recipe)
+    assert training_args.output_dir == f"outputs/{model}/{dataset}/{variant}"
+    assert script_args.dataset_format == dataset
+    assert script_args.response_format == "tags"
+    assert [stage.loss_on for stage in stages] == ["completion", "key"]
+    assert script_args.eval_split or script_args.eval_fraction > 0
+    assert model_args.model_name_or_path in MODEL_SHAPES
+    assert model_args.dtype == "bfloat16" and training_args.activation_checkpointing
+    # base models: one ChatML template for training and generation, closed by <|im_end|>
+    assert script_args.chat_template.rstrip().endswith("{%- endif %}") and "<|im_end|>" in script_args.chat_template
+    assert training_args.eos_token == "<|im_end|>"
+    assert training_args.report_to in ("none", ["none"], [])
+    if "qlora" in variant:
+        assert model_args.load_in_4bit and model_args.use_peft and model_args.use_bnb_nested_quant
+        assert model_args.bnb_4bit_quant_type == "nf4" and not model_args.lora_target_modules
+        assert 1e-4 <= training_args.learning_rate <= 2e-4
+        assert "accelerate_configs/single_gpu.yaml" in launch
+    else:  # the paper's full fine-tuning
+        assert not model_args.use_peft and not model_args.load_in_4bit
+        assert training_args.learning_rate == 5e-6 and training_args.weight_decay == 0.1
+        assert training_args.global_batch_size == 256
+        assert "accelerate_configs/deepspeed_zero3.yaml" in launch
+        sft = stages[0].overrides
+        assert sft["warmup_steps"] == pytest.approx(0.5 / sft["num_train_epochs"], abs=1e-3)
+
+
+def test_small_card_recipes_accumulate_to_the_same_global_batch():
+    for model in MODELS:
+        big = parse(f"recipes/{model}/gsm8k/sftkey_qlora_24gb.yaml")[1]
+        small = parse(f"recipes/{model}/gsm8k/sftkey_qlora_16gb.yaml")[1]
+        assert small.per_device_train_batch_size < big.per_device_train_batch_size
+        assert small.global_batch_size == big.global_batch_size
+        assert small.max_length <= big.max_length
+
+
+# --------------------------------------------------------------------------------------------------
+# README index
+
+
+def load_make_index():
+    spec = importlib.util.spec_from_file_location("make_index", RECIPES_DIR / "make_index.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_lists_every_recipe_and_only_existing_ones():
+    text = (RECIPES_DIR / "README.md").read_text()
+    listed = set(re.findall(r"recipes/[a-z0-9][\w.\-]*/[\w.\-/]+\.yaml", text))
+    assert set(RECIPES) <= listed
+    missing = [path for path in listed if not (ROOT / path).is_file()]
+    assert not missing, f"README lists recipes that do not exist: {missing}"
+
+
+def test_readme_index_is_up_to_date():
+    make_index = load_make_index()
+    text = (RECIPES_DIR / "README.md").read_text()
+    assert make_index.render_readme(text) == text, "run: python recipes/make_index.py"
+    assert "(estimated)" in text
+
+
+# --------------------------------------------------------------------------------------------------
+# memory estimates
+
+
+@pytest.mark.parametrize("model, method, batch, measured, estimate", calibration())
+def test_memory_estimate_close_to_measured(model, method, batch, measured, estimate):
+    assert abs(estimate - measured) / measured <= 0.35
+
+
+def test_memory_estimate_positional_signature():
+    """`estimate_memory_gib(params_b, method, lora_r, seq_len, batch, hidden, layers, checkpointing, gpus)`."""
+    for (model, method, batch), measured in MEASURED.items():
+        shape = MODEL_SHAPES[model]
+        estimate = estimate_memory_gib(
+            shape.params_b, method, 16, 2048, batch, shape.hidden_size, shape.num_layers, True, 1
+        )
+        assert abs(estimate - measured) / measured <= 0.35
+
+
+def test_memory_estimate_moves_the_right_way():
+    def estimate(method="qlora", batch=4, checkpointing=True, gpus=1):
+        return estimate_for_model("Qwen/Qwen2.5-7B", method, 16, 1024, batch, checkpointing, gpus)
+
+    assert estimate("qlora") < estimate("lora")
+    assert estimate(checkpointing=True) < estimate(checkpointing=False)
+    assert estimate(batch=2) < estimate(batch=8)
+    assert estimate("full", gpus=8) < estimate("full", gpus=4)
+    assert estimate_for_model("unknown/model", "qlora", 16, 1024, 4, True) is None
+    with pytest.raises(ValueError):
+        estimate_memory_gib(1.5, "qat", 16, 1024, 4, 1536, 28, True, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# dry run rejections (temporary recipe trees: <tmp>/recipes/x.yaml and <tmp>/accelerate_configs/)
+
+BODY = """\
+model_name_or_path: Qwen/Qwen2.5-1.5B
+dataset_format: gsm8k
+eval_split: test
+output_dir: {tmp}/outputs
+activation_checkpointing: false
+"""
+
+
+def write_recipe(tmp_path: Path, body: str = "", header: str | None = None, name: str = "x.yaml") -> str:
+    (tmp_path / "accelerate_configs").mkdir(exist_ok=True)
+    (tmp_path / "accelerate_configs" / "single_gpu.yaml").write_text("num_processes: 1\n")
+    (tmp_path / "accelerate_configs" / "two_gpus.yaml").write_text("num_processes: 2\n")
+    (tmp_path / "recipes").mkdir(exist_ok=True)
+    if header is None:
+        header = (
+            "# Hardware: anything\n"
+            "# Launch: accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/run.py "
+            f"--config recipes/{name}\n"
+        )
+    path = tmp_path / "recipes" / name
+    path.write_text(header + BODY.format(tmp=tmp_path) + body)
+    return str(path)
+
+
+def run_dry(path: str) -> str:
+    return dry_run(*parse_config(["--config", path]), path)
+
+
+def test_dry_run_accepts_the_minimal_recipe(tmp_path):
+    report = run_dry(write_recipe(tmp_path))
+    assert "every offline check passed" in report
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("load_in_4bit: true\nuse_peft: false\n", r"`load_in_4bit: true` needs `use_peft: true`"),
+        ("use_peft: true\nlora_target_modules: [q_proj, lm_head]\n", r"must not contain `lm_head`"),
+        ("per_device_train_batch_size: 4\nglobal_batch_size: 10\n", r"`global_batch_size: 10` is not a multiple"),
+        ("dataset_format: openr1_math\neval_split: test\n", r"has only a `train` split.*eval_fraction"),
+        ("response_format: plain\nanswer_template: '{answer}'\n", r"`answer_template` needs words"),
+        ("answer_open: <A>\nanswer_close: </A>\nthinking_open: <A\n", r"`thinking_open: <A` is the same as or part"),
+        ("dataset_name: missing/file.jsonl\n", r"file `missing/file.jsonl` does not exist"),
+        (
+            "chat_template: \"{% for m in messages %}{{ m['content'] }}{% endfor %}\"\neos_token: <|im_end|>\n",
+            r"does not close the assistant turn",
+        ),
+    ],
+)
+def test_dry_run_rejects(tmp_path, body, message):
+    with pytest.raises(SFTKeyError, match=message):
+        run_dry(write_recipe(tmp_path, body))
+
+
+def test_dry_run_rejects_both_quantisations():
+    args = SimpleNamespace(load_in_4bit=True, load_in_8bit=True, use_peft=True, lora_target_modules=None)
+    with pytest.raises(SFTKeyError, match="both true"):
+        check_quantization(args)
+
+
+def test_dry_run_checks_global_batch_against_the_accelerate_process_count(tmp_path):
+    header = (
+        "# Hardware: two GPUs\n"
+        "# Launch: accelerate launch --config_file accelerate_configs/two_gpus.yaml recipes/run.py "
+        "--config recipes/x.yaml\n"
+    )
+    path = write_recipe(tmp_path, "per_device_train_batch_size: 4\nglobal_batch_size: 12\n", header)
+    with pytest.raises(SFTKeyError, match=r"4 x 2 processes = 8"):
+        run_dry(path)
+
+
+@pytest.mark.parametrize(
+    "launch, message",
+    [
+        (
+            "accelerate launch --config_file accelerate_configs/missing.yaml recipes/run.py --config recipes/x.yaml",
+            r"`--config_file accelerate_configs/missing.yaml`, which does not exist",
+        ),
+        (
+            "accelerate launch --config_file=accelerate_configs/single_gpu.yaml recipes/run.py "
+            "--config=recipes/y.yaml",
+            r"`--config recipes/y.yaml`, which does not exist",
+        ),
+        ("python recipes/run.py --config recipes/x.yaml", r"must start with `accelerate launch`"),
+        ("accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/run.py", r"has no `--config"),
+    ],
+)
+def test_dry_run_rejects_a_bad_launch_line(tmp_path, launch, message):
+    path = write_recipe(tmp_path, header=f"# Hardware: anything\n# Launch: {launch}\n")
+    with pytest.raises(SFTKeyError, match=message):
+        run_dry(path)
+
+
+def test_dry_run_rejects_a_launch_line_naming_another_recipe(tmp_path):
+    write_recipe(tmp_path, name="other.yaml")
+    header = (
+        "# Hardware: anything\n"
+        "# Launch: accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/run.py "
+        "--config recipes/other.yaml\n"
+    )
+    with pytest.raises(SFTKeyError, match="another recipe"):
+        run_dry(write_recipe(tmp_path, header=header))
+
+
+def test_dry_run_requires_the_header(tmp_path):
+    no_hardware = write_recipe(tmp_path, header="# Launch: accelerate launch recipes/run.py --config recipes/x.yaml\n")
+    with pytest.raises(SFTKeyError, match=r"no `# Hardware: ...` header"):
+        run_dry(no_hardware)
+    no_launch = write_recipe(tmp_path, header="# Hardware: anything\n")
+    assert launch_line(no_launch) is None
+    with pytest.raises(SFTKeyError, match=r"no `# Launch: ...` header"):
+        run_dry(no_launch)
+
+
+def test_launch_line_reads_the_header():
+    recipe = ROOT / "recipes/demo/sftkey_tiny.yaml"
+    assert launch_line(recipe) == "accelerate launch recipes/run.py --config recipes/demo/sftkey_tiny.yaml"
+    assert "passed" in dry_run(*parse_config(["--config", str(recipe)]), str(recipe))

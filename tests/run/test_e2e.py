@@ -1,0 +1,136 @@
+"""End-to-end runs of recipes/run.py: the offline demo under `accelerate launch`, QLoRA on CPU, `--inspect`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from sftkey_trl.run.cli import main
+
+DEMO = str(ROOT / "recipes/demo/sftkey_tiny.yaml")
+SMALL = [
+    "--max_train_samples", "64", "--max_eval_samples", "8", "--max_new_tokens", "48",
+    "--stages", "[{name: sft, loss_on: completion, num_train_epochs: 1}, {name: key, loss_on: key}]",
+]  # fmt: skip
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "recipes/run.py"), *args], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+
+
+@pytest.mark.e2e
+def test_demo_end_to_end(tmp_path):
+    """The README's main command: both stages train and are evaluated, accuracy clearly above zero."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = ["accelerate", "launch", "--num_processes", "1", "--cpu", str(ROOT / "recipes/run.py"),
+               "--output_dir", str(tmp_path / "demo")]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "demo/results.json").read_text())
+    assert list(results["stages"]) == ["sft", "key"]
+    assert results["stages"]["sft"]["accuracy"] >= 0.1
+    for name in ("sft", "key"):
+        assert (tmp_path / "demo" / name / "model.safetensors").exists()
+        assert results["stages"][name]["num_examples"] == 200
+
+
+@pytest.mark.e2e
+def test_qlora_two_stages_on_cpu(tmp_path):
+    """Real 4-bit nf4 base + LoRA: stage 2 reloads the 4-bit base with the stage-1 adapter and keeps training it."""
+    from safetensors.torch import load_file
+
+    output = tmp_path / "qlora"
+    args = ["--config", DEMO, "--output_dir", str(output), "--load_in_4bit", "true", "--use_peft", "true",
+            "--use_bnb_nested_quant", "true", "--learning_rate", "1e-3", *SMALL]  # fmt: skip
+    assert main(args) == 0
+    adapters = [load_file(output / stage / "adapter_model.safetensors") for stage in ("sft", "key")]
+    assert adapters[0].keys() == adapters[1].keys() and not any("lm_head" in k for k in adapters[0])
+    assert any((adapters[0][k] != adapters[1][k]).any() for k in adapters[0])  # stage 2 trained the same adapter
+    results = json.loads((output / "results.json").read_text())
+    assert set(results["stages"]) == {"sft", "key"}
+    config = json.loads((output / "sft" / "adapter_config.json").read_text())
+    assert config["r"] == 16
+    # --eval_only on the saved adapter reproduces the stage's numbers
+    assert main([*args, "--eval_only", "--checkpoint", str(output / "key")]) == 0
+    reproduced = json.loads((output / "eval_only" / "key" / "metrics.json").read_text())
+    stage = results["stages"]["key"]
+    assert {k: reproduced[k] for k in reproduced} == {k: stage[k] for k in reproduced}
+
+
+@pytest.mark.e2e
+def test_keep_best_keeps_stage_1_weights_when_stage_2_breaks_the_model(tmp_path):
+    from safetensors.torch import load_file
+
+    output = tmp_path / "best"
+    stages = ("[{name: sft, loss_on: completion, num_train_epochs: 2}, "
+              "{name: key, loss_on: key, num_train_epochs: 1, learning_rate: 1000.0, keep_best: true}]")  # fmt: skip
+    args = ["--config", DEMO, "--output_dir", str(output), "--max_train_samples", "160", "--eval_fraction", "0.2",
+            "--max_eval_samples", "24", "--max_new_tokens", "40", "--stages", stages]  # fmt: skip
+    assert main(args) == 0
+    results = json.loads((output / "results.json").read_text())
+    report = results["stages"]["key"]["training"]["keep_best"]
+    assert report["best_step"] == 0 and "incoming" in report["kept"]
+    assert [step for step, _ in report["history"]][0] == 0 and len(report["history"]) >= 2
+    kept, stage_1 = load_file(output / "key" / "model.safetensors"), load_file(output / "sft" / "model.safetensors")
+    assert all((kept[name] == stage_1[name]).all() for name in stage_1)
+    assert results["stages"]["key"]["accuracy"] == results["stages"]["sft"]["accuracy"]
+    assert "the incoming weights (stage did not help)" in (output / "results.md").read_text()
+
+
+def test_qlora_model_is_really_4bit(tmp_path, tiny_model_dir):
+    import bitsandbytes as bnb
+    from trl import ModelConfig
+
+    from sftkey_trl.recipe.config import SFTKeyConfig
+    from sftkey_trl.train.modeling import load_model
+
+    model_args = ModelConfig(model_name_or_path=str(tiny_model_dir), load_in_4bit=True, use_peft=True,
+                             use_bnb_nested_quant=True)  # fmt: skip
+    model = load_model(model_args, SFTKeyConfig(output_dir=str(tmp_path), use_cpu=True))
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and layers[0].weight.quant_type == "nf4"
+    assert model.config.quantization_config.bnb_4bit_use_double_quant
+
+
+def test_inspect_json_shows_supervised_text_per_stage():
+    done = run_cli("--inspect", "2", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [(r["index"], r["stage"]) for r in records] == [(0, "sft"), (0, "key"), (1, "sft"), (1, "key")]
+    sft, key = records[0], records[1]
+    assert sft["supervised_text"].startswith("<Thinking>") and sft["supervised_text"].endswith("<|im_end|>")
+    assert key["supervised_text"].startswith("\n<Answer>") and key["supervised_text"].endswith("</Answer><|im_end|>")
+    assert sft["text"].endswith(sft["supervised_text"] + "\n") and sft["supervised_text"].endswith(
+        key["supervised_text"]
+    )
+
+
+def test_inspect_accepts_recipe_overrides(tmp_path):
+    data = tmp_path / "my.jsonl"
+    data.write_text(json.dumps({"q": "Start at 1, add 1.", "r": "1 + 1 = 2", "a": "2"}) + "\n")
+    done = run_cli("--inspect", "1", "--json", "--dataset_name", str(data), "--question_field", "q",
+                   "--reasoning_field", "r", "--answer_field", "a", "--response_format", "plain")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    key = [json.loads(line) for line in done.stdout.splitlines() if '"stage": "key"' in line][0]
+    assert key["supervised_text"] == "The answer is 2.<|im_end|>"
+
+
+def test_copied_recipe_and_script_work_outside_the_repo(tmp_path):
+    """A user copies run.py and one YAML into their own project; the installed package does the rest."""
+    import shutil
+
+    shutil.copy(ROOT / "recipes/run.py", tmp_path / "run.py")
+    shutil.copy(ROOT / "recipes/demo/sftkey_tiny.yaml", tmp_path / "my_recipe.yaml")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "run.py", "--config", "my_recipe.yaml", "--inspect", "1", "--json"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert '"stage": "key"' in done.stdout
