@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from sftkey_trl.data.formatting import Formatter
 from sftkey_trl.data.synthetic import build_tiny_model, build_tiny_tokenizer, make_arithmetic_example
 from sftkey_trl.evaluation.generation import generate, stop_token_ids
-from sftkey_trl.recipe.config import SFTKeyScriptArguments
+from sftkey_trl.recipe.schema import SFTKeyScriptArguments
 
 
 def one_at_a_time(model, tokenizer, prompts, stop_ids, max_new_tokens) -> int:

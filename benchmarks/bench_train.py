@@ -24,7 +24,8 @@ from sftkey_trl.data.adapters import Triple
 from sftkey_trl.data.formatting import Formatter
 from sftkey_trl.data.masks import tokenize_rendered
 from sftkey_trl.data.synthetic import build_tiny_model, build_tiny_tokenizer, make_arithmetic_example
-from sftkey_trl.recipe.config import SFTKeyConfig, SFTKeyScriptArguments, Stage
+from sftkey_trl.recipe.schema import SFTKeyConfig, SFTKeyScriptArguments
+from sftkey_trl.train.objectives import Stage
 from sftkey_trl.train.trainer import SFTKeyTrainer
 
 
@@ -87,8 +88,9 @@ def run(kind: str, model_dir, tokenizer, columns, stage: Stage, steps: int, batc
                   dataloader_num_workers=0, seed=0)  # fmt: skip
     timer = Timer()
     if kind == "trl":
-        mask = columns[f"{stage.loss_on}_mask"]
-        labels = [[t if m else -100 for t, m in zip(ids, ms)] for ids, ms in zip(columns["input_ids"], mask)]
+        weights = [stage.loss_weights(torch.tensor(c), torch.tensor(k)).tolist()
+                   for c, k in zip(columns["completion_mask"], columns["key_mask"])]  # fmt: skip
+        labels = [[t if w > 0 else -100 for t, w in zip(ids, ws)] for ids, ws in zip(columns["input_ids"], weights)]
         data = Dataset.from_dict({"input_ids": columns["input_ids"], "labels": labels})
         trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=data, processing_class=tokenizer,
                              callbacks=[timer])  # fmt: skip
@@ -116,7 +118,7 @@ def main():
     model_dir = build_tiny_model(Path(tmp) / "model", hidden_size=args.hidden_size, num_layers=4)
     tokenizer = build_tiny_tokenizer()
     columns = tokenised(tokenizer, args.steps * args.batch)
-    stage = Stage(args.stage, args.stage)
+    stage = Stage(name=args.stage, loss_on=args.stage)
     kinds = ["trl", "sftkey", "sftkey-no-part-losses"]
     results: dict[str, list] = {kind: [] for kind in kinds}
     run("trl", model_dir, tokenizer, columns, stage, 4, args.batch, tmp)  # warm-up: first-run allocations

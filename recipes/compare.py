@@ -16,8 +16,7 @@ from pathlib import Path
 
 from sftkey_trl.errors import SFTKeyError, closest
 from sftkey_trl.files import read_json
-from sftkey_trl.recipe.config import parse_config
-from sftkey_trl.run.cli import run_options, user_errors
+from sftkey_trl.run.cli import load_checked_recipe, run_options, user_errors
 from sftkey_trl.run.compare import DEFAULT_VARIANTS, build_variants, run_variant, write_comparison
 
 
@@ -30,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     run, rest = run_options(rest)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with user_errors(run.debug):
-        script_args, training_args, model_args, stages = parse_config(rest)
+        script_args, training_args, model_args, stages, _ = load_checked_recipe(rest)
         variants = build_variants(stages)
         names = [name.strip() for name in options.variants.split(",") if name.strip()]
         for name in names:

@@ -3,13 +3,12 @@
     python recipes/make_index.py           # rewrite the generated parts of recipes/README.md
     python recipes/make_index.py --check   # exit 1 when the README is out of date (a test runs this check)
 
-Every figure in the memory column is an ESTIMATE from `sftkey_trl/memory.py`, not a measurement.
+Every figure in the memory column is an ESTIMATE from `sftkey_trl/train/memory.py`, not a measurement.
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
@@ -17,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from sftkey_trl.recipe.config import parse_config  # noqa: E402
-from sftkey_trl.recipe.dryrun import accelerate_num_processes, launch_line, launch_option  # noqa: E402
+from sftkey_trl.recipe.dryrun import LAUNCH_PREFIX, header_value, launch_processes  # noqa: E402
+from sftkey_trl.recipe.parsing import parse_config  # noqa: E402
 from sftkey_trl.train.memory import (  # noqa: E402
     MEASURED_LORA_R,
     MEASURED_SEQ_LEN,
@@ -41,20 +40,16 @@ def recipe_paths(root: Path = ROOT) -> list[Path]:
     return sorted(path for path in recipes.rglob("*.yaml") if "demo" not in path.relative_to(recipes).parts)
 
 
-def gpu_count(path: Path, root: Path = ROOT) -> int:
+def gpu_count(path: Path) -> int:
     """The process count of the accelerate config named on the recipe's launch line (1 when it names none)."""
-    line = launch_line(path) or ""
-    config_file = launch_option(shlex.split(line), "--config_file")
-    if config_file and (root / config_file).is_file():
-        return accelerate_num_processes(root / config_file) or 1
-    return 1
+    return launch_processes(path)[-1]
 
 
 def recipe_row(path: Path, root: Path = ROOT) -> dict:
     """What the index shows for one recipe."""
     _, training_args, model_args, _ = parse_config(["--config", str(path)])
     method = training_method(model_args)
-    gpus = gpu_count(path, root)
+    gpus = gpu_count(path)
     estimate = estimate_for_recipe(model_args, training_args, gpus)
     relative = path.relative_to(root / "recipes")
     return {
@@ -66,7 +61,7 @@ def recipe_row(path: Path, root: Path = ROOT) -> dict:
         "gpus": gpus,
         "batch": f"{training_args.per_device_train_batch_size} x {training_args.max_length}",
         "memory": "n/a" if estimate is None else f"~{estimate:.1f} GiB (estimated)",
-        "launch": launch_line(path) or "",
+        "launch": header_value(path, LAUNCH_PREFIX) or "",
     }
 
 

@@ -1,7 +1,10 @@
-"""Atomic file writes: a temporary name, then a rename, so a kill never leaves a half-written file behind."""
+"""Atomic file writes (a temporary name, then a rename, so a kill never leaves a half-written file behind) and
+the plain JSON/YAML-friendly form of configuration values."""
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 import os
 from pathlib import Path
@@ -36,3 +39,18 @@ def read_json(path: str | Path, default: Any = None) -> Any:
     if not path.exists():
         return default
     return json.loads(path.read_text())
+
+
+def plain(value: Any) -> Any:
+    """A JSON/YAML-friendly copy of a configuration value (dataclasses and dicts become dicts, enums their value)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return plain(value.value)
+    if isinstance(value, dict):
+        return {str(key): plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)

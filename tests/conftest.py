@@ -56,7 +56,7 @@ def bpe_tokenizer():
 
 def script_args(**overrides):
     """`SFTKeyScriptArguments` with overrides, for building a Formatter without parsing a recipe."""
-    from sftkey_trl.recipe.config import SFTKeyScriptArguments
+    from sftkey_trl.recipe.schema import SFTKeyScriptArguments
 
     return SFTKeyScriptArguments(**overrides)
 

@@ -11,6 +11,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from datasets import Dataset, load_dataset, load_from_disk
 
 from ..errors import SFTKeyError
@@ -55,6 +56,21 @@ class InvalidReport:
         )
 
 
+def local_path(name: str, what: str = "dataset_name") -> Path | None:
+    """The local file or folder that `name` names (None for a hub id or a demo name); a one-line error when it
+    does not exist or is not a .jsonl/.json/.parquet/.csv file."""
+    path = Path(name).expanduser()
+    if name.startswith(DEMO_PREFIX) or not (
+        path.suffix in FILE_LOADERS or path.exists() or name.startswith((".", "/", "~"))
+    ):
+        return None
+    if not path.exists():
+        raise SFTKeyError(f"`{what}`: file `{name}` does not exist; check the path (relative to {Path.cwd()})")
+    if path.is_file() and path.suffix not in FILE_LOADERS:
+        raise SFTKeyError(f"`{what}`: `{name}` is not a .jsonl, .json, .parquet or .csv file")
+    return path
+
+
 def load_source(name: str, config: str | None, split: str, what: str = "dataset_name") -> Dataset:
     """Load one split from the demo, a local file/folder, or the hub, with one-line errors for each failure."""
     if name.startswith(DEMO_PREFIX):
@@ -68,14 +84,10 @@ def load_source(name: str, config: str | None, split: str, what: str = "dataset_
         if split not in ("train", "test"):
             raise SFTKeyError(f"the demo dataset has splits train and test, not `{split}`")
         return load_dataset("json", data_files=str(directory / f"{split}.jsonl"), split="train")
-    path = Path(name).expanduser()
-    if path.suffix in FILE_LOADERS or path.exists() or name.startswith((".", "/", "~")):
-        if not path.exists():
-            raise SFTKeyError(f"`{what}`: file `{name}` does not exist; check the path (relative to {Path.cwd()})")
+    path = local_path(name, what)
+    if path is not None:
         if path.is_dir():
             return load_dataset(str(path), config, split=split)
-        if path.suffix not in FILE_LOADERS:
-            raise SFTKeyError(f"`{what}`: `{name}` is not a .jsonl, .json, .parquet or .csv file")
         try:
             return load_dataset(FILE_LOADERS[path.suffix], data_files=str(path), split="train")
         except Exception as error:  # datasets raises many types for malformed files
@@ -223,16 +235,16 @@ def _validate_lengths(tokenized: Dataset, max_length, stages, report: InvalidRep
     indices = tokenized["index"]
     keep = []
     cut = 0
-    stage_columns = {stage.loss_on for stage in stages}
-    masks = {column: tokenized[f"{column}_mask"] for column in stage_columns}
+    completion, key = tokenized["completion_mask"], tokenized["key_mask"]
     for position, (length, index) in enumerate(zip(lengths, indices)):
         if max_length is not None and length > max_length:
             report.add("key_truncated", index)
             cut += 1
             continue
-        empty = [column for column in stage_columns if not any(masks[column][position])]
+        masks = torch.tensor(completion[position]), torch.tensor(key[position])
+        empty = [stage for stage in stages if not stage.loss_weights(*masks).any()]
         if empty:
-            report.add(f"no_{empty[0]}_tokens", index)
+            report.add(f"no_{empty[0].loss_on}_tokens", index)
             continue
         keep.append(position)
     if lengths and cut / len(lengths) > MAX_CUT_FRACTION:

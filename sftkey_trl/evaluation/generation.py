@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from statistics import mean
 
 import torch
 from accelerate import PartialState
@@ -11,7 +10,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from ..errors import SFTKeyError
-from .answers import answers_match, composite_score, extract_answer, gold_is_parseable, reasoning_final_value
+from .metrics import score
 
 logger = logging.getLogger(__name__)
 
@@ -66,66 +65,6 @@ def generate(
     return results
 
 
-def score(
-    examples: list[dict], generations: list[tuple[str, int]], answer_type: str, script_args, tags
-) -> tuple[dict, list[dict]]:
-    """Score generations against gold answers; return (metrics, one prediction record per example)."""
-    predictions = []
-    for example, (text, length) in zip(examples, generations):
-        extraction = extract_answer(text, script_args.response_format, tags, script_args.answer_template)
-        correct = answers_match(extraction.answer, example["gold"], answer_type)
-        final = reasoning_final_value(extraction.reasoning)
-        predictions.append(
-            {
-                "index": example["index"],
-                "prompt": example["prompt"],
-                "generation": text,
-                "extracted_answer": extraction.answer,
-                "extraction_method": extraction.method,
-                "gold": example["gold"],
-                "correct": correct,
-                "format_ok": extraction.format_ok,
-                "gold_parseable": gold_is_parseable(example["gold"], answer_type),
-                "generated_tokens": length,
-                "reasoning_final": final,
-                "reasoning_final_correct": answers_match(final, example["gold"], answer_type),
-                "consistent": final is not None and answers_match(extraction.answer, final, answer_type),
-                "reasoning_length": len(extraction.reasoning or ""),
-            }
-        )
-    return summarise(predictions, answer_type), predictions
-
-
-def summarise(predictions: list[dict], answer_type: str) -> dict:
-    """Aggregate prediction records into the metrics written to results.json."""
-    n = len(predictions)
-    if n == 0:
-        return {"num_examples": 0}
-
-    def rate(key: str, subset=None) -> float:
-        rows = predictions if subset is None else subset
-        return sum(bool(p[key]) for p in rows) / len(rows) if rows else 0.0
-
-    accuracy, format_accuracy = rate("correct"), rate("format_ok")
-    well_formatted = [p for p in predictions if p["format_ok"]]
-    metrics = {
-        "num_examples": n,
-        "accuracy": accuracy,
-        "format_accuracy": format_accuracy,
-        "composite": composite_score(accuracy, format_accuracy),
-        "accuracy_given_format": rate("correct", well_formatted),
-        "strict_accuracy": sum(p["correct"] and p["format_ok"] for p in predictions) / n,
-        "last_number_fallback_rate": sum(p["extraction_method"] == "last_number" for p in predictions) / n,
-        "unparseable_gold": sum(not p["gold_parseable"] for p in predictions),
-        "mean_generated_tokens": mean(p["generated_tokens"] for p in predictions),
-        "mean_reasoning_length": mean(p["reasoning_length"] for p in predictions),
-    }
-    if answer_type in ("numeric", "math"):
-        metrics["reasoning_final_accuracy"] = rate("reasoning_final_correct")
-        metrics["answer_reasoning_consistency"] = rate("consistent")
-    return metrics
-
-
 def generate_vllm(
     model_path: str, adapter_path: str | None, prompts: list[str], stop_ids: list[int], max_new_tokens: int
 ) -> list[tuple[str, int]]:
@@ -150,7 +89,6 @@ def evaluate_model(
     answer_type: str,
     script_args,
     formatter,
-    max_examples: int | None = None,
     vllm_source: tuple[str, str | None] | None = None,
 ) -> tuple[dict, list[dict]]:
     """Generate on the evaluation examples, sharded across processes and gathered, and score them.
@@ -158,12 +96,9 @@ def evaluate_model(
     Every process returns the same metrics; with N processes each generates 1/N of the examples. With
     `eval_backend: vllm`, `vllm_source` = (model path, adapter path or None) is served by vLLM instead.
     """
-    examples = examples[:max_examples] if max_examples else examples
     state = PartialState()
     stop_ids = stop_token_ids(tokenizer, formatter.end_of_turn)
     if script_args.eval_backend == "vllm":
-        if state.num_processes > 1:
-            raise SFTKeyError("`eval_backend: vllm` runs in one process; evaluate with --eval_only and one process")
         if vllm_source is None:
             raise SFTKeyError("`eval_backend: vllm` needs a saved model; evaluate a saved stage with --eval_only")
         texts = generate_vllm(*vllm_source, [e["prompt"] for e in examples], stop_ids, script_args.max_new_tokens)

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from ..errors import SFTKeyError
-from ..recipe.config import DEMO_RECIPE, parse_config
+from ..recipe.parsing import flag_value, parse_config
+from ..recipe.schema import DEMO_RECIPE
 
 logger = logging.getLogger("sftkey_trl")
 
@@ -25,19 +26,9 @@ def run_options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--dry_run", action="store_true", help="Check the recipe offline and print it resolved.")
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks.")
     options, rest = parser.parse_known_args(argv)
-    if config_path(rest) is None:
+    if flag_value(rest, "--config") is None:
         rest = ["--config", str(Path(__file__).resolve().parents[2] / DEMO_RECIPE)] + rest
     return options, rest
-
-
-def config_path(argv: list[str]) -> str | None:
-    """The recipe path given with `--config PATH` or `--config=PATH`."""
-    for index, item in enumerate(argv):
-        if item == "--config" and index + 1 < len(argv):
-            return argv[index + 1]
-        if item.startswith("--config="):
-            return item.split("=", 1)[1]
-    return None
 
 
 @contextlib.contextmanager
@@ -54,6 +45,7 @@ def user_errors(debug: bool):
 
 def inspect(script_args, training_args, model_args, stages, count: int, as_json: bool) -> None:
     """Print, for the first `count` training examples, the rendered text and what each stage supervises."""
+    import torch
     from rich.console import Console
     from rich.text import Text
 
@@ -72,37 +64,58 @@ def inspect(script_args, training_args, model_args, stages, count: int, as_json:
     for row in data.train.select(range(min(count, len(data.train)))):
         text = tokenizer.decode(row["input_ids"], skip_special_tokens=False)
         for stage in stages:
-            mask = row[f"{stage.loss_on}_mask"]
+            weights = stage.loss_weights(torch.tensor(row["completion_mask"]), torch.tensor(row["key_mask"]))
+            mask = (weights > 0).int().tolist()
             if as_json:
                 record = {
                     "index": row["index"],
                     "stage": stage.name,
                     "text": text,
                     "supervised_text": supervised_text(tokenizer, row["input_ids"], mask),
+                    "weights": sorted({round(float(w), 4) for w in weights if w > 0}),
                 }
                 print(json.dumps(record, ensure_ascii=False))
                 continue
             rendered = Text()
-            for token, bit in zip(row["input_ids"], mask):
-                rendered.append(tokenizer.decode([token]), style="bold black on green" if bit else "dim")
-            console.rule(f"example {row['index']} - stage `{stage.name}` (loss on {stage.loss_on}: highlighted)")
+            for token, weight in zip(row["input_ids"], weights.tolist()):
+                style = "bold black on green" if weight >= 1 else "black on yellow" if weight > 0 else "dim"
+                rendered.append(tokenizer.decode([token]), style=style)
+            console.rule(f"example {row['index']} - stage `{stage.name}`: {stage.objective.description} (highlighted)")
             console.print(rendered)
 
 
+def load_checked_recipe(rest: list[str], dry_run: bool = False):
+    """Parse the recipe and run every check on it (`recipe/checks.py`) before anything is loaded.
+
+    Returns (script_args, training_args, model_args, stages, notes). A real run checks the batch arithmetic for
+    its own process count; `--dry_run` for one process and the count the recipe's `# Launch:` line names.
+    """
+    from ..recipe.checks import check_recipe
+    from ..recipe.dryrun import launch_processes
+    from ..train.distributed import world_size
+
+    script_args, training_args, model_args, stages = parse_config(rest)
+    processes = launch_processes(flag_value(rest, "--config")) if dry_run else [world_size()]
+    notes = check_recipe(script_args, training_args, model_args, stages, processes)
+    return script_args, training_args, model_args, stages, notes
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse flags and the recipe, then inspect, dry-run, evaluate or train."""
+    """Parse flags and the recipe, check it, then inspect, dry-run, evaluate or train."""
     options, rest = run_options(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with user_errors(options.debug):
-        script_args, training_args, model_args, stages = parse_config(rest)
-        if options.inspect is not None:
-            inspect(script_args, training_args, model_args, stages, options.inspect, options.json)
-            return 0
+        script_args, training_args, model_args, stages, notes = load_checked_recipe(rest, options.dry_run)
         if options.dry_run:
             from ..recipe.dryrun import dry_run
 
-            print(dry_run(script_args, training_args, model_args, stages, config_path(rest)))
+            print(dry_run(script_args, training_args, model_args, stages, flag_value(rest, "--config"), notes))
             return 0
+        if options.inspect is not None:
+            inspect(script_args, training_args, model_args, stages, options.inspect, options.json)
+            return 0
+        for note in notes:
+            logger.warning("note: %s", note)
         from .pipeline import Pipeline
         from .report import print_results
 

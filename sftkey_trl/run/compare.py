@@ -4,6 +4,7 @@ intervals and paired differences. Used by `recipes/compare.py`."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import statistics
@@ -11,12 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SFTKeyError
+from ..evaluation.metrics import REPORTED
 from ..files import write_json, write_text
-from ..recipe.config import Stage
+from ..train.objectives import Stage
 
 logger = logging.getLogger(__name__)
 
-METRICS = ["accuracy", "format_accuracy", "composite", "reasoning_final_accuracy", "answer_reasoning_consistency"]
+METRICS = [metric.name for metric in REPORTED]
 # Two-sided 95% Student-t critical values by degrees of freedom (beyond 30 the normal value is close enough)
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
          12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}  # fmt: skip
@@ -45,18 +47,18 @@ def build_variants(stages: list[Stage]) -> dict[str, Variant]:
         raise SFTKeyError("compare.py needs a recipe with a `loss_on: completion` stage and a `loss_on: key` stage")
     epochs_1 = float(first.overrides.get("num_train_epochs", 3))
     epochs_2 = float(second.overrides.get("num_train_epochs", 3))
-    sft = Stage("sft", "completion", overrides=dict(first.overrides))
-    key = Stage("key", "key", second.loss_normalization, second.reasoning_weight, second.keep_best,
-                dict(second.overrides))  # fmt: skip
-    matched = Stage("sft", "completion", overrides={**first.overrides, "num_train_epochs": epochs_1 + epochs_2})
-    key_from_base = Stage("key", "key", overrides={**first.overrides, "num_train_epochs": epochs_2})
-    norm = Stage("key_norm", "key", "completion_tokens", 0.0, second.keep_best, dict(second.overrides))
-    mix = Stage("key_mix", "key", "supervised_tokens", 0.1, second.keep_best, dict(second.overrides))
-    best = Stage("key_best", "key", second.loss_normalization, second.reasoning_weight, True, dict(second.overrides))
+    sft = Stage(name="sft", loss_on="completion", overrides=dict(first.overrides))
+    key = dataclasses.replace(second, name="key", overrides=dict(second.overrides))
+    matched = Stage(name="sft", loss_on="completion",
+                    overrides={**first.overrides, "num_train_epochs": epochs_1 + epochs_2})  # fmt: skip
+    key_from_base = Stage(name="key", loss_on="key", overrides={**first.overrides, "num_train_epochs": epochs_2})
+    norm = dataclasses.replace(key, name="key_norm", loss_normalization="completion_tokens", reasoning_weight=0.0)
+    mix = dataclasses.replace(key, name="key_mix", loss_normalization="supervised_tokens", reasoning_weight=0.1)
+    best = dataclasses.replace(key, name="key_best", keep_best=True)
     same_lr = {**second.overrides, "learning_rate": first.overrides.get("learning_rate", "inherit")}
     if same_lr["learning_rate"] == "inherit":  # stage 1 uses the recipe's rate: so does this key stage
         same_lr.pop("learning_rate")
-    paper_lr = Stage("key_stage1_lr", "key", second.loss_normalization, second.reasoning_weight, False, same_lr)
+    paper_lr = dataclasses.replace(key, name="key_stage1_lr", keep_best=False, overrides=same_lr)
     variants = [
         Variant("sft", "plain", "plain", (sft,), "plain format, whole response, stage 1 only"),
         Variant("sft_tag", "tags", "tags", (sft,), "tags, whole response, stage 1 only"),
@@ -115,7 +117,7 @@ def paired(per_seed: dict[str, dict[int, dict]], a: str, b: str) -> dict:
     return result
 
 
-def summarise(per_seed: dict[str, dict[int, dict]], reference: str = "sftkey_tag",
+def summarise_variants(per_seed: dict[str, dict[int, dict]], reference: str = "sftkey_tag",
               baseline: str = "sft_tag_matched") -> dict:  # fmt: skip
     """Mean and 95% CI per variant and metric; paired differences of `reference` minus every other variant, and
     of every variant minus the compute-matched `baseline` (does any form of the key stage beat it?)."""
@@ -196,7 +198,7 @@ def plot(summary: dict, path: Path) -> None:
 
 def write_comparison(root: Path, per_seed: dict, variants: dict[str, Variant], seeds: list[int]) -> dict:
     """Write comparison.json, comparison.md and comparison.png under `root`; return the summary."""
-    summary = summarise(per_seed)
+    summary = summarise_variants(per_seed)
     summary["seeds"] = seeds
     summary["per_seed"] = {v: {str(s): r for s, r in runs.items()} for v, runs in per_seed.items()}
     write_json(root / "comparison.json", summary)

@@ -1,11 +1,13 @@
-"""Stage chaining: each stage trains from the previous stage's weights, saves to `<output_dir>/<stage>/` and is
-evaluated. `manifest.json` makes reruns safe: finished stages are skipped, a killed stage resumes from its last
-complete checkpoint, and a changed configuration for a finished stage is refused unless asked for."""
+"""Run a checked recipe: prepare the data once, then train, save and evaluate each stage in order.
+
+Each stage starts from the previous stage's weights and saves to `<output_dir>/<stage>/`; `plan.py` decides what a
+rerun skips, resumes or refuses. Call `recipe.checks.check_recipe` first (`run/cli.py` does).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
-import json
 import logging
 import shutil
 import time
@@ -19,49 +21,16 @@ from ..data.loading import PreparedData, cache_root, prepare_data
 from ..errors import SFTKeyError
 from ..evaluation.generation import evaluate_model
 from ..files import read_json, write_json, write_jsonl, write_text
-from ..recipe.config import Stage, stage_training_args
-from ..train.distributed import check_sharding_compatibility, detect_launch
+from ..train.distributed import detect_launch
 from ..train.keep_best import KeepBestCallback
-from ..train.modeling import check_quantization, load_model, load_tokenizer, lora_config, resolve_model_path
+from ..train.modeling import load_model, load_tokenizer, lora_config, resolve_model_path
+from ..train.objectives import Stage
+from ..train.steps import global_batch, stage_training_args
 from ..train.trainer import SFTKeyTrainer
-from .manifest import Manifest, changed_keys, config_hash, resolved_config
+from .plan import Manifest, PlannedStage, last_complete_checkpoint, plan_stages
 from .report import plot_results, results_markdown
 
 logger = logging.getLogger(__name__)
-
-
-def apply_global_batch_size(args, world_size: int) -> None:
-    """Derive gradient accumulation from `global_batch_size`, so the GPU count does not change the optimisation."""
-    if not args.global_batch_size:
-        return
-    per_step = args.per_device_train_batch_size * world_size
-    if args.global_batch_size % per_step:
-        raise SFTKeyError(
-            f"`global_batch_size: {args.global_batch_size}` is not a multiple of per_device_train_batch_size x "
-            f"processes = {per_step}; change one of them"
-        )
-    args.gradient_accumulation_steps = args.global_batch_size // per_step
-
-
-def last_complete_checkpoint(directory: Path) -> str | None:
-    """The newest `checkpoint-N` whose `trainer_state.json` (written last by Trainer) is readable.
-
-    A kill during a checkpoint save leaves a folder without it; such a folder is never resumed from.
-    """
-    if not directory.is_dir():
-        return None
-    candidates = sorted(
-        (p for p in directory.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-        key=lambda p: int(p.name.split("-")[-1]),
-        reverse=True,
-    )
-    for candidate in candidates:
-        try:
-            json.loads((candidate / "trainer_state.json").read_text())
-            return str(candidate)
-        except (OSError, ValueError):
-            continue
-    return None
 
 
 class Pipeline:
@@ -73,8 +42,6 @@ class Pipeline:
         self.output_dir = Path(training_args.output_dir)
         _ = training_args.device  # set up the distributed state from the training arguments (use_cpu: gloo) first
         self.state = PartialState()
-        check_quantization(model_args)
-        check_sharding_compatibility(model_args, training_args)
         self.sharded = detect_launch(training_args).shards_parameters
         self.tokenizer = load_tokenizer(model_args, training_args)
         self.formatter = Formatter(self.tokenizer, script_args, training_args.eos_token)
@@ -91,13 +58,86 @@ class Pipeline:
         return self._data
 
     def stage_args(self, stage: Stage):
-        args = stage_training_args(self.training_args, stage, str(self.output_dir / stage.name / "checkpoints"))
-        apply_global_batch_size(args, args.world_size)
-        return args
+        """The stage's training arguments; its Trainer checkpoints go to `<output_dir>/<stage>/checkpoints`."""
+        return stage_training_args(
+            self.training_args, stage, str(self.output_dir / stage.name / "checkpoints"), self.state.num_processes
+        )
+
+    def run(self) -> dict:
+        """Train and evaluate every stage that is not already done; return the contents of `results.json`."""
+        main = self.state.is_main_process
+        if self.training_args.overwrite_output_dir and main and self.output_dir.exists():
+            for stage in self.stages:
+                shutil.rmtree(self.output_dir / stage.name, ignore_errors=True)
+            for name in ("manifest.json", "results.json"):
+                (self.output_dir / name).unlink(missing_ok=True)
+        self.state.wait_for_everyone()
+        manifest = Manifest(self.output_dir, write=main)
+        plan = plan_stages(self.stages, self.stage_args, self.script_args, self.model_args, self.data.data_hash,
+                           manifest, self.training_args.restart_from)  # fmt: skip
+        self.state.wait_for_everyone()  # no rank writes before every rank has read the manifest and checked
+        results_path = self.output_dir / "results.json"
+        results = read_json(results_path, None) or {"stages": {}}
+        results.update(answer_type=self.data.answer_type, invalid_rows=self.data.report.counts)
+        evaluate = self.script_args.eval_after_stages and bool(self.data.eval_examples)
+        if self.script_args.eval_base and evaluate and "base" not in results:
+            base = load_model(self.model_args, self.training_args)
+            results["base"] = self.evaluate(base, "base")
+            del base
+        start_from: Path | None = None
+        for planned in plan:
+            self.run_stage(planned, manifest, results, start_from, evaluate)
+            start_from = self.output_dir / planned.stage.name
+        if main:
+            write_text(self.output_dir / "results.md", results_markdown(results))
+            plot_results(results, self.output_dir)
+        self.state.wait_for_everyone()
+        return results
+
+    def run_stage(self, planned: PlannedStage, manifest: Manifest, results: dict, start_from, evaluate: bool):
+        """Train (or resume, or skip) one stage, then evaluate it; the manifest and results.json follow each step."""
+        stage, args, main = planned.stage, planned.args, self.state.is_main_process
+        stage_dir = self.output_dir / stage.name
+        entry = manifest.stage(stage.name) or {}
+        if planned.restarting:
+            if main:
+                shutil.rmtree(stage_dir, ignore_errors=True)
+            manifest.forget(stage.name)
+            results["stages"].pop(stage.name, None)
+            entry = {}
+            self.state.wait_for_everyone()
+        if entry.get("status") == "done":
+            logger.info("stage %s is done with the same configuration: skipped", stage.name)
+            return
+        model = None
+        if entry.get("status") != "trained":
+            manifest.update(stage.name, status="running", hash=planned.digest, config=planned.config,
+                            checkpoint=str(stage_dir))  # fmt: skip
+            model, training = self.train_stage(stage, args, start_from)
+            if self.sharded:  # ZeRO-3/FSDP: evaluate the saved stage, loaded whole on each rank
+                model = None
+                gc.collect()
+            results["stages"][stage.name] = {"loss_on": stage.loss_on, "training": training}
+            if main:
+                write_json(self.output_dir / "results.json", results)
+            manifest.update(stage.name, status="trained", seconds=training["train_seconds"])
+        if evaluate:
+            if model is None:  # killed during evaluation, or keep_best kept a snapshot: load the saved stage
+                model = load_model(self.model_args, args, stage_dir, trainable=False)
+            results["stages"].setdefault(stage.name, {"loss_on": stage.loss_on})
+            results["stages"][stage.name].update(self.evaluate(model, stage.name, stage_dir))
+        if main:
+            write_json(self.output_dir / "results.json", results)
+        manifest.update(stage.name, status="done")
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def train_stage(self, stage: Stage, args, start_from: Path | None):
         """Train one stage from `start_from` (None: the base model), resuming from its last complete checkpoint,
-        and save it to `<output_dir>/<stage>/`. Returns (trained model, training summary)."""
+        and save it to `<output_dir>/<stage>/`. Returns (trained model or None when an earlier snapshot was kept,
+        training summary)."""
         model = load_model(self.model_args, args, start_from)
         trainer = SFTKeyTrainer(
             model=model,
@@ -108,18 +148,13 @@ class Pipeline:
             stage=stage,
             log_part_losses=self.training_args.log_part_losses,
         )
-        global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        batch = global_batch(args, args.world_size)
         resume = last_complete_checkpoint(Path(args.output_dir))
         if self.state.is_main_process:
-            logger.info(
-                "stage %s: loss on %s, global batch %d%s",
-                stage.name,
-                stage.loss_on,
-                global_batch,
-                f", resuming from {resume}" if resume else "",
-            )
+            resuming = f", resuming from {resume}" if resume else ""
+            logger.info("stage %s: loss on %s, global batch %d%s", stage.name, stage.loss_on, batch, resuming)
         stage_dir = self.output_dir / stage.name
-        keep_best = self._keep_best_callback(stage, args, trainer, stage_dir)
+        keep_best = self.keep_best_callback(stage, args, trainer, stage_dir) if stage.keep_best else None
         started = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - started
@@ -130,7 +165,7 @@ class Pipeline:
         summary = {
             "train_loss": output.training_loss,
             "train_seconds": seconds,
-            "global_batch_size": global_batch,
+            "global_batch_size": batch,
             "world_size": args.world_size,
             "train_tokens": trainer._total_train_tokens,
             "tokens_per_second": trainer._total_train_tokens / seconds if seconds else 0.0,
@@ -144,25 +179,25 @@ class Pipeline:
         del trainer
         return model, summary
 
-    def _keep_best_callback(self, stage: Stage, args, trainer, stage_dir: Path) -> KeepBestCallback | None:
-        if not stage.keep_best:
-            return None
+    def keep_best_callback(self, stage: Stage, args, trainer, stage_dir: Path) -> KeepBestCallback:
+        """Evaluate on the validation split every `eval_steps` (default: twice an epoch) and keep the best."""
         examples = self.data.validation_examples
-        if not examples:
-            raise SFTKeyError(
-                f"stage `{stage.name}` has keep_best but there is no validation data; set `eval_fraction` "
-                "(held out from train) or `eval_dataset_name`"
-            )
         if [e["index"] for e in examples] == [e["index"] for e in self.data.eval_examples]:
             logger.warning(
                 "keep_best selects on the evaluation set itself, so the reported accuracy is optimistic; give a "
                 "separate `eval_dataset_name`/`eval_split` and an `eval_fraction` hold-out for an unbiased test"
             )
-        per_step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
-        steps_per_epoch = max(1, len(self.data.train) // per_step)
+        steps_per_epoch = max(1, len(self.data.train) // global_batch(args, args.world_size))
         every = int(args.eval_steps) if args.eval_steps and args.eval_steps >= 1 else max(1, steps_per_epoch // 2)
-        callback = KeepBestCallback(self, examples, stage_dir, every)
-        callback.trainer = trainer
+        in_process = dataclasses.replace(self.script_args, eval_backend="hf")  # the model being trained
+
+        def evaluate(model) -> dict:
+            metrics, _ = evaluate_model(
+                model, self.tokenizer, examples, self.data.answer_type, in_process, self.formatter
+            )
+            return metrics
+
+        callback = KeepBestCallback(evaluate, "accuracy", stage_dir, every, trainer, self.state.is_main_process)
         trainer.add_callback(callback)
         return callback
 
@@ -190,100 +225,6 @@ class Pipeline:
         if self.state.is_main_process:
             write_jsonl(self.output_dir / name / "predictions.jsonl", predictions)
         return metrics
-
-    def _plan(self, manifest: Manifest) -> list[tuple]:
-        """Resolve each stage's arguments and hash; refuse a changed finished stage unless restarting it."""
-        plan, previous = [], self.data.data_hash
-        names = [stage.name for stage in self.stages]
-        restart = self.training_args.restart_from
-        if restart is not None and restart not in names:
-            raise SFTKeyError(f"`restart_from: {restart}` is not a stage of this recipe; stages are {names}")
-        restarting = False
-        for stage in self.stages:
-            args = self.stage_args(stage)
-            config = resolved_config(self.script_args, args, self.model_args, stage, self.data.data_hash, previous)
-            digest = config_hash(config)
-            restarting = restarting or stage.name == restart
-            entry = manifest.stage(stage.name)
-            if not entry and not restarting and (self.output_dir / stage.name).exists():
-                raise SFTKeyError(
-                    f"{self.output_dir / stage.name} exists but the manifest does not know it (another run's "
-                    "output?); pass --overwrite_output_dir true or use another output_dir"
-                )
-            if entry and entry.get("hash") != digest and not restarting:
-                changed = ", ".join(changed_keys(entry.get("config", {}), config)[:8]) or "the previous stage"
-                raise SFTKeyError(
-                    f"stage `{stage.name}` in {self.output_dir} was run with another config (changed: {changed}); "
-                    f"pass --restart_from {stage.name} or --overwrite_output_dir true, or use another output_dir"
-                )
-            plan.append((stage, args, digest, config, restarting))
-            previous = digest
-        return plan
-
-    def run(self) -> dict:
-        """Train and evaluate every stage that is not already done; return the contents of `results.json`."""
-        main = self.state.is_main_process
-        if self.training_args.overwrite_output_dir and main and self.output_dir.exists():
-            for stage in self.stages:
-                shutil.rmtree(self.output_dir / stage.name, ignore_errors=True)
-            for name in ("manifest.json", "results.json"):
-                (self.output_dir / name).unlink(missing_ok=True)
-        self.state.wait_for_everyone()
-        manifest = Manifest(self.output_dir, write=main)
-        plan = self._plan(manifest)  # every check before anything is written
-        self.state.wait_for_everyone()  # no rank writes before every rank has read the manifest and checked
-        results_path = self.output_dir / "results.json"
-        results = read_json(results_path, None) or {"stages": {}}
-        results.update(answer_type=self.data.answer_type, invalid_rows=self.data.report.counts)
-        evaluate = self.script_args.eval_after_stages and bool(self.data.eval_examples)
-        if self.script_args.eval_base and evaluate and "base" not in results:
-            base = load_model(self.model_args, self.training_args)
-            results["base"] = self.evaluate(base, "base")
-            del base
-        start_from: Path | None = None
-        for stage, args, digest, config, restarting in plan:
-            stage_dir = self.output_dir / stage.name
-            entry = manifest.stage(stage.name) or {}
-            if restarting:
-                if main:
-                    shutil.rmtree(stage_dir, ignore_errors=True)
-                manifest.forget(stage.name)
-                results["stages"].pop(stage.name, None)
-                entry = {}
-                self.state.wait_for_everyone()
-            if entry.get("status") == "done":
-                logger.info("stage %s is done with the same configuration: skipped", stage.name)
-                start_from = stage_dir
-                continue
-            model = None
-            if entry.get("status") != "trained":
-                manifest.update(stage.name, status="running", hash=digest, config=config, checkpoint=str(stage_dir))
-                model, training = self.train_stage(stage, args, start_from)
-                if self.sharded:  # ZeRO-3/FSDP: evaluate the saved stage, loaded whole on each rank
-                    model = None
-                    gc.collect()
-                results["stages"][stage.name] = {"loss_on": stage.loss_on, "training": training}
-                if main:
-                    write_json(results_path, results)
-                manifest.update(stage.name, status="trained", seconds=training["train_seconds"])
-            if evaluate:
-                if model is None:  # killed during evaluation, or keep_best kept a snapshot: load the saved stage
-                    model = load_model(self.model_args, args, stage_dir, trainable=False)
-                results["stages"].setdefault(stage.name, {"loss_on": stage.loss_on})
-                results["stages"][stage.name].update(self.evaluate(model, stage.name, stage_dir))
-            if main:
-                write_json(results_path, results)
-            manifest.update(stage.name, status="done")
-            del model
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            start_from = stage_dir
-        if main:
-            write_text(self.output_dir / "results.md", results_markdown(results))
-            plot_results(results, self.output_dir)
-        self.state.wait_for_everyone()
-        return results
 
     def evaluate_only(self, checkpoint: str | None) -> dict:
         """Evaluate a saved stage folder (adapter or full weights), or the base model, without training."""

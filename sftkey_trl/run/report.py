@@ -7,15 +7,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-COLUMNS = [
-    ("accuracy", "accuracy"),
-    ("format_accuracy", "format"),
-    ("composite", "0.7acc+0.3fmt"),
-    ("reasoning_final_accuracy", "reasoning final"),
-    ("answer_reasoning_consistency", "consistency"),
-    ("mean_generated_tokens", "gen tokens"),
-    ("num_examples", "n"),
-]
+from ..evaluation.metrics import REPORTED
+
+COLUMNS = [(metric.name, metric.label) for metric in REPORTED] + [("num_examples", "n")]
 
 
 def result_rows(results: dict) -> list[tuple[str, dict]]:

@@ -8,23 +8,23 @@ from typing import Any
 import torch
 from trl.trainer.utils import pad
 
+from .objectives import Stage
+
 
 @dataclass
 class SFTKeyCollator:
     """Collate tokenised examples (`input_ids`, `completion_mask`, `key_mask`) for one stage.
 
-    - `loss_on="completion"`: every response token has weight 1 (stage 1, ordinary completion-only SFT).
-    - `loss_on="key"`: key tokens have weight 1 and reasoning tokens `reasoning_weight` (0 = the paper's stage 2).
-    `labels` holds the token id wherever the fused LM head must score the token (weight > 0, or every response
-    token when `score_completion` is set so that reasoning and key losses can be logged separately) and -100
-    elsewhere. With `padding_free`, the batch is one flattened row with `position_ids` and the sequence
-    boundaries (`cu_seq_lens_*`) that flash-attention kernels read; otherwise rows are right-padded with an
-    attention mask. `pad_to_multiple_of` applies to both.
+    `loss_weights` are the stage objective's per-token weights (`train/objectives.py`). `labels` holds the token
+    id wherever the fused LM head must score the token (weight > 0, or every response token when
+    `score_completion` is set so that reasoning and key losses can be logged separately) and -100 elsewhere.
+    With `padding_free`, the batch is one flattened row with `position_ids` and the sequence boundaries
+    (`cu_seq_lens_*`) that flash-attention kernels read; otherwise rows are right-padded with an attention mask.
+    `pad_to_multiple_of` applies to both.
     """
 
     pad_token_id: int
-    loss_on: str = "completion"
-    reasoning_weight: float = 0.0
+    stage: Stage
     score_completion: bool = True
     padding_free: bool = False
     pad_to_multiple_of: int | None = None
@@ -52,18 +52,12 @@ class SFTKeyCollator:
             batch["max_length_q"] = batch["max_length_k"] = int(cu_seq_lens.diff().max())
         else:
             batch["attention_mask"] = self._pad([torch.ones_like(ids) for ids in input_ids], 0)
-        batch["loss_weights"] = self.loss_weights(batch["completion_mask"], batch["key_mask"])
+        batch["loss_weights"] = self.stage.loss_weights(batch["completion_mask"], batch["key_mask"])
         scored = batch["loss_weights"] > 0
         if self.score_completion:
             scored |= batch["completion_mask"]
         batch["labels"] = batch["input_ids"].masked_fill(~scored, -100)
         return batch
-
-    def loss_weights(self, completion: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        """Per-token loss weights of this stage (float32, same shape as the masks)."""
-        if self.loss_on == "completion":
-            return completion.float()
-        return key.float() + self.reasoning_weight * (completion & ~key).float()
 
     def _pad(self, tensors: list[torch.Tensor], value) -> torch.Tensor:
         return pad(tensors, padding_value=value, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)

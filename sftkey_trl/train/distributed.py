@@ -276,40 +276,10 @@ def check_sharding_compatibility(model_args, training_args) -> list[str]:
 
     Call it once per process before the model is loaded (it may change `model_args`). Returns the fixes applied
     (also logged on the main process); raises `SFTKeyError` (one line: problem and a working alternative) otherwise.
-
-    Rules (peft 0.21 / bitsandbytes 0.50 / accelerate 1.15 / transformers 5.24):
-
-    1. Not quantised (full fine-tuning, LoRA): nothing to check here.
-    2. Quantised under one process, DDP, ZeRO-1 or ZeRO-2: supported as is. The weights are not sharded, each rank
-       loads its own quantised copy on its own device (`quantized_device_map`). peft's table marks QLoRA + ZeRO-1/2
-       compatible: SOURCES["peft_deepspeed"].
-    3. 8-bit (`load_in_8bit`) under ZeRO-3 or FSDP: refused. bitsandbytes' int8 weights are integer tensors that
-       FSDP cannot shard ("FSDP only supports sharding float data types", SOURCES["bnb_fsdp"]; peft lists 8-bit with
-       FSDP as having known issues, SOURCES["peft_fsdp"] caveats) and that ZeRO-3 fails on ("Only Tensors of
-       floating point and complex dtype can require gradients",
-       https://github.com/huggingface/transformers/pull/32943); there is no 8-bit storage-dtype option. Alternative:
-       `load_in_4bit` (rule 4), or 8-bit with deepspeed_zero2.yaml / multi_gpu.yaml.
-    4. 4-bit under ZeRO-3 or FSDP: supported when `bnb_4bit_quant_storage` is a float dtype equal to the dtype the
-       model is loaded in (`dtype`), bfloat16 in peft's recipes (SOURCES["peft_deepspeed"], SOURCES["peft_fsdp"],
-       SOURCES["bnb_fsdp"]). The default uint8 storage fails with dtype/flattening errors, or under FSDP2 is left
-       unsharded / silently trains on corrupted weights (https://github.com/huggingface/accelerate/issues/3983).
-       Applied automatically and logged: an explicit float storage wins and `dtype` follows it; otherwise the
-       storage follows a float `dtype` (bfloat16/float32), and with `dtype` unset/auto both become bfloat16
-       (float32 with `fp16: true`: peft: "with float16 [mixed precision] ... should be set to float32").
-       Refused: float16 weights/storage, and `fp16: true` with bfloat16 storage (alternative: bf16 or float32).
-    5. 4-bit under FSDP with `optim: paged_adamw_8bit`: refused, peft's FSDP caveat "When using FSDP+QLoRA,
-       paged_adamw_8bit currently results in an error when saving a checkpoint" (SOURCES["peft_fsdp"]).
-       Alternative: `optim: adamw_torch` (the adapter's optimizer state is small).
-    6. 4-bit under FSDP1 with `fsdp_use_orig_params: true` or `fsdp_cpu_ram_efficient_loading: false`: warned, not
-       refused: peft's QLoRA + FSDP recipe sets `use_orig_params: false` (needed for its memory savings) and
-       `cpu_ram_efficient_loading: true` (SOURCES["peft_fsdp"]); accelerate_configs/fsdp.yaml does both. Under FSDP2
-       (no `use_orig_params`) a note says that peft documents the FSDP1 path.
-    7. 4-bit under ZeRO-3 with parameter offload: warned: "DeepSpeed Stage 3 and qlora when used with CPU
-       offloading leads to more GPU memory usage" (SOURCES["peft_deepspeed"] caveats).
-    8. Any model under ZeRO-3 without `zero3_save_16bit_model` (`stage3_gather_16bit_weights_on_model_save`):
-       refused: `Trainer.save_model` then writes only DeepSpeed shards (needing zero_to_fp32.py), so the next stage
-       and evaluation cannot reload the model with `from_pretrained`. Alternative:
-       accelerate_configs/deepspeed_zero3.yaml.
+    The rules and their sources (peft, bitsandbytes, accelerate, transformers) are in docs/distributed.md:
+    ZeRO-3 must gather 16-bit weights on save; 8-bit cannot be sharded by ZeRO-3/FSDP; 4-bit under ZeRO-3/FSDP
+    needs a float storage dtype equal to the model dtype (set automatically; float16 refused); QLoRA + FSDP +
+    `paged_adamw_8bit` is refused; FSDP1 settings and ZeRO-3 offload that cost memory are warned about.
     """
     launch = detect_launch(training_args)
     if launch.engine == "deepspeed" and launch.zero_stage == 3 and launch.zero3_save_16bit_model is False:

@@ -20,7 +20,7 @@ No GPU is needed: the figure is a sum of the usual terms, calibrated against thr
                 (batch, seq, vocab) logits are never materialised (measured: loss on 24 tokens or on 60% of
                 2048 gives the same peak).
 
-Not counted either: generation during evaluation (its KV cache is `kv_cache_gib`) and DeepSpeed/NCCL buffers.
+Not counted either: generation during evaluation (its KV cache) and DeepSpeed/NCCL buffers.
 """
 
 from __future__ import annotations
@@ -161,14 +161,6 @@ def estimate_for_model(
         tied_embeddings=shape.tied_embeddings,
         nested_quant=nested_quant,
     )
-
-
-def kv_cache_gib(model: str, batch: int, tokens: int) -> float | None:
-    """bf16 KV cache of `batch` generations of `tokens` tokens (prompt + new tokens), in GiB; None if unknown."""
-    shape = MODEL_SHAPES.get(model)
-    if shape is None:
-        return None
-    return 2 * shape.num_layers * shape.kv_dim * BF16 * batch * tokens / GIB
 
 
 def calibration() -> list[tuple[str, str, int, float, float]]:

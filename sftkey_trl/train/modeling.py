@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 
@@ -54,16 +53,6 @@ def load_tokenizer(model_args, training_args):
     return tokenizer
 
 
-def check_quantization(model_args) -> None:
-    """QLoRA needs bitsandbytes and a LoRA adapter; refuse early with the fix."""
-    if not (model_args.load_in_4bit or model_args.load_in_8bit):
-        return
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise SFTKeyError("`load_in_4bit` needs bitsandbytes: `pip install bitsandbytes` (or set load_in_4bit false)")
-    if not model_args.use_peft:
-        raise SFTKeyError("a quantised model cannot be fully fine-tuned; set `use_peft: true` (QLoRA)")
-
-
 def quantization_config(model_args) -> BitsAndBytesConfig | None:
     """nf4 + double quantisation with bf16 compute by default (the QLoRA paper's recipe)."""
     if model_args.load_in_4bit:
@@ -84,15 +73,12 @@ def lora_config(model_args) -> LoraConfig | None:
     """LoRA on every linear layer but the LM head by default (`all-linear` excludes `lm_head`)."""
     if not model_args.use_peft:
         return None
-    targets = model_args.lora_target_modules or "all-linear"
-    if isinstance(targets, list) and "lm_head" in targets:
-        raise SFTKeyError("`lora_target_modules` must not contain `lm_head` (TRL's fused LM head reads its weight)")
     return LoraConfig(
         task_type="CAUSAL_LM",
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
-        target_modules=targets,
+        target_modules=model_args.lora_target_modules or "all-linear",
         use_rslora=model_args.use_rslora,
         use_dora=model_args.use_dora,
         modules_to_save=model_args.lora_modules_to_save,
@@ -108,7 +94,6 @@ def load_model(model_args, training_args, checkpoint: str | Path | None = None, 
       loaded trainable, so the same adapter keeps training.
     - Full fine-tuning with a checkpoint: the saved weights.
     """
-    check_quantization(model_args)
     name = resolve_model_path(model_args.model_name_or_path)
     is_adapter = checkpoint is not None and (Path(checkpoint) / "adapter_config.json").exists()
     source = str(checkpoint) if checkpoint is not None and not is_adapter else name

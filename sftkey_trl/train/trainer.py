@@ -2,13 +2,9 @@
 
 The loss is `sum(weight * nll) / normaliser` where the per-token negative log-likelihoods come from TRL's fused
 LM head (`model(..., fused_lm_head=True)`): only labelled positions are projected through the LM head, in tiles,
-so no `(batch, seq, vocab)` logits are ever built. The normaliser is the stage's `loss_normalization`:
-
-- `supervised_tokens`: the number of tokens with a non-zero weight (a plain mean; the paper's literal reading);
-- `completion_tokens`: the number of response tokens, so a key token weighs in stage 2 what it weighed in stage 1.
-
-Under gradient accumulation and data parallelism the normaliser is summed over all micro-batches and ranks, the
-same way `transformers.Trainer` counts `num_items_in_batch`.
+so no `(batch, seq, vocab)` logits are ever built. The weights and the normaliser are the stage objective's
+(`train/objectives.py`). Under gradient accumulation and data parallelism the normaliser is summed over all
+micro-batches and ranks, the same way `transformers.Trainer` counts `num_items_in_batch`.
 """
 
 from __future__ import annotations
@@ -16,8 +12,8 @@ from __future__ import annotations
 import torch
 from trl import SFTTrainer
 
-from ..recipe.config import Stage
 from .collator import SFTKeyCollator
+from .objectives import Stage
 
 MASK_COLUMNS = ["input_ids", "completion_mask", "key_mask"]
 
@@ -36,8 +32,7 @@ class SFTKeyTrainer(SFTTrainer):
             "data_collator",
             SFTKeyCollator(
                 pad_token_id=kwargs["processing_class"].pad_token_id,
-                loss_on=stage.loss_on,
-                reasoning_weight=stage.reasoning_weight,
+                stage=stage,
                 score_completion=self.scores_completion,
                 padding_free=padding_free,
                 pad_to_multiple_of=training_args.pad_to_multiple_of,
@@ -51,9 +46,7 @@ class SFTKeyTrainer(SFTTrainer):
             self._signature_columns = list(MASK_COLUMNS)
 
     def _normaliser_mask(self, batch: dict) -> torch.Tensor:
-        if self.stage.loss_normalization == "completion_tokens":
-            return batch["completion_mask"][..., 1:]
-        return batch["loss_weights"][..., 1:] > 0
+        return self.stage.normaliser_mask(batch["completion_mask"][..., 1:], batch["loss_weights"][..., 1:])
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
         # Let Trainer gather and scale the count as it does for labels, but count the stage's normaliser tokens

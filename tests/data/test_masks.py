@@ -11,7 +11,7 @@ from sftkey_trl.data.formatting import Formatter
 from sftkey_trl.data.loading import InvalidReport, _validate_lengths
 from sftkey_trl.data.masks import supervised_text, tokenize_rendered
 from sftkey_trl.errors import SFTKeyError
-from sftkey_trl.recipe.config import Stage
+from sftkey_trl.train.objectives import Stage
 
 TRIPLE = Triple("Start at 48, halve it, add it back.", "48 / 2 = 24\n48 + 24 = 72", "72")
 
@@ -98,7 +98,7 @@ def _lengths_dataset(lengths):
 
 
 def test_key_at_max_length_boundary():
-    stages = [Stage("sft", "completion"), Stage("key", "key")]
+    stages = [Stage(name="sft", loss_on="completion"), Stage(name="key", loss_on="key")]
     report = InvalidReport()
     kept = _validate_lengths(_lengths_dataset([10, 11, 9]), 10, stages, report, 3)
     assert kept["index"] == [0, 2]  # exactly max_length is kept, one token over is reported
@@ -106,7 +106,7 @@ def test_key_at_max_length_boundary():
 
 
 def test_max_length_cutting_most_examples_is_an_error():
-    stages = [Stage("sft", "completion")]
+    stages = [Stage(name="sft", loss_on="completion")]
     with pytest.raises(SFTKeyError, match="raise `max_length`"):
         _validate_lengths(_lengths_dataset([20, 20, 5]), 10, stages, InvalidReport(), 3)
 
@@ -115,5 +115,5 @@ def test_example_without_key_tokens_is_reported():
     data = _lengths_dataset([6, 6])
     data = data.map(lambda row: {"key_mask": [0] * 6} if row["index"] == 1 else {})
     report = InvalidReport()
-    kept = _validate_lengths(data, None, [Stage("key", "key")], report, 2)
+    kept = _validate_lengths(data, None, [Stage(name="key", loss_on="key")], report, 2)
     assert kept["index"] == [0] and report.counts == {"no_key_tokens": 1}

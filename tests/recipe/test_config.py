@@ -8,7 +8,8 @@ import pytest
 from conftest import ROOT
 
 from sftkey_trl.errors import SFTKeyError
-from sftkey_trl.recipe.config import parse_config
+from sftkey_trl.recipe.parsing import parse_config
+from sftkey_trl.run.cli import load_checked_recipe
 
 RECIPES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").rglob("*.yaml"))
 
@@ -61,8 +62,9 @@ def write(tmp_path: Path, text: str) -> str:
     ],
 )
 def test_bad_recipes_are_one_line_errors(tmp_path, text, message):
+    """Parsing and checking, as every entry point does before anything is loaded."""
     with pytest.raises(SFTKeyError, match=message) as error:
-        parse_config(["--config", write(tmp_path, text)])
+        load_checked_recipe(["--config", write(tmp_path, text)])
     assert "\n" not in str(error.value)
 
 

@@ -8,8 +8,8 @@ import sys
 import pytest
 from conftest import ROOT
 
-from sftkey_trl.recipe.config import Stage
-from sftkey_trl.run.compare import build_variants, markdown, mean_ci, summarise
+from sftkey_trl.run.compare import build_variants, markdown, mean_ci, summarise_variants
+from sftkey_trl.train.objectives import Stage
 
 
 def test_mean_ci_on_known_values():
@@ -24,7 +24,7 @@ def test_paired_differences_use_the_same_seed():
         "sftkey_tag": {0: {"accuracy": 0.60}, 1: {"accuracy": 0.70}, 2: {"accuracy": 0.80}},
         "sft_tag": {0: {"accuracy": 0.50}, 1: {"accuracy": 0.60}, 2: {"accuracy": 0.70}},
     }
-    summary = summarise(per_seed)
+    summary = summarise_variants(per_seed)
     difference = summary["differences"]["sft_tag"]["accuracy"]
     # Unpaired, the means differ by 0.1 with a wide interval; paired, every seed differs by exactly 0.1
     assert difference["mean"] == pytest.approx(0.1) and difference["ci95"] == pytest.approx(0.0, abs=1e-12)
@@ -34,8 +34,8 @@ def test_paired_differences_use_the_same_seed():
 
 
 def test_variants_follow_the_recipe_stages():
-    stages = [Stage("sft", "completion", overrides={"num_train_epochs": 3, "learning_rate": 1e-3}),
-              Stage("key", "key", overrides={"num_train_epochs": 1, "learning_rate": 1e-4})]  # fmt: skip
+    stages = [Stage(name="sft", loss_on="completion", overrides={"num_train_epochs": 3, "learning_rate": 1e-3}),
+              Stage(name="key", loss_on="key", overrides={"num_train_epochs": 1, "learning_rate": 1e-4})]  # fmt: skip
     variants = build_variants(stages)
     matched = variants["sft_tag_matched"].stages[0]
     assert matched.loss_on == "completion" and matched.overrides["num_train_epochs"] == 4

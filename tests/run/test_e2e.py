@@ -30,7 +30,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_demo_end_to_end(tmp_path):
     """The README's main command: both stages train and are evaluated, accuracy clearly above zero."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = ["accelerate", "launch", "--num_processes", "1", "--cpu", str(ROOT / "recipes/run.py"),
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+               str(ROOT / "recipes/run.py"),
                "--output_dir", str(tmp_path / "demo")]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -89,7 +90,7 @@ def test_qlora_model_is_really_4bit(tmp_path, tiny_model_dir):
     import bitsandbytes as bnb
     from trl import ModelConfig
 
-    from sftkey_trl.recipe.config import SFTKeyConfig
+    from sftkey_trl.recipe.schema import SFTKeyConfig
     from sftkey_trl.train.modeling import load_model
 
     model_args = ModelConfig(model_name_or_path=str(tiny_model_dir), load_in_4bit=True, use_peft=True,

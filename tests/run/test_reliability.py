@@ -97,16 +97,16 @@ def test_qlora_without_bitsandbytes_is_refused(monkeypatch):
     from trl import ModelConfig
 
     from sftkey_trl.errors import SFTKeyError
-    from sftkey_trl.train.modeling import check_quantization
+    from sftkey_trl.recipe.checks import check_model
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "bitsandbytes" else real(name))
     with pytest.raises(SFTKeyError, match="needs bitsandbytes"):
-        check_quantization(ModelConfig(model_name_or_path="x", load_in_4bit=True, use_peft=True))
+        check_model(ModelConfig(model_name_or_path="x", load_in_4bit=True, use_peft=True))
 
 
 def test_trust_remote_code_is_off_unless_the_recipe_says_so():
-    from sftkey_trl.recipe.config import parse_config
+    from sftkey_trl.recipe.parsing import parse_config
 
     _, training_args, _, _ = parse_config([])
     assert training_args.trust_remote_code is False

@@ -55,7 +55,7 @@ def test_detect_launch_from_accelerate_environment(launched, name, engine, zero_
 
 
 def test_detect_launch_with_real_training_arguments(launched, tmp_path):
-    from sftkey_trl.recipe.config import SFTKeyConfig
+    from sftkey_trl.recipe.schema import SFTKeyConfig
 
     launched("fsdp", ranks=False)
     args = SFTKeyConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
@@ -103,7 +103,7 @@ def test_world_size_and_main_process_from_environment(launched):
 
 
 def test_device_map_cpu_single_process(launched, tmp_path):
-    from sftkey_trl.recipe.config import SFTKeyConfig
+    from sftkey_trl.recipe.schema import SFTKeyConfig
 
     launched(None)
     args = SFTKeyConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
@@ -261,7 +261,7 @@ def test_zero3_json_without_16bit_save_is_refused(launched):
 
 
 def test_qlora_with_fsdp_from_training_arguments(launched, tmp_path):
-    from sftkey_trl.recipe.config import SFTKeyConfig
+    from sftkey_trl.recipe.schema import SFTKeyConfig
 
     launched(None)
     args = SFTKeyConfig(

@@ -11,8 +11,9 @@ from datasets import Dataset
 from sftkey_trl.data.adapters import Triple
 from sftkey_trl.data.formatting import Formatter
 from sftkey_trl.data.masks import tokenize_rendered
-from sftkey_trl.recipe.config import SFTKeyConfig, Stage
+from sftkey_trl.recipe.schema import SFTKeyConfig
 from sftkey_trl.train.collator import SFTKeyCollator
+from sftkey_trl.train.objectives import Stage
 from sftkey_trl.train.trainer import SFTKeyTrainer
 
 TRIPLES = [
@@ -27,6 +28,10 @@ def examples(char_tokenizer):
     formatter = Formatter(char_tokenizer, script_args())
     columns = tokenize_rendered(char_tokenizer, [formatter.render(t) for t in TRIPLES])
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+def key_stage(normalisation: str) -> Stage:
+    return Stage(name="key", loss_on="key", loss_normalization=normalisation)
 
 
 def make_trainer(tiny_model_dir, tokenizer, tmp_path, stage, **config):
@@ -63,7 +68,7 @@ def grads(model):
 def test_fused_loss_matches_full_logits_and_learns_only_from_supervised_tokens(
     tiny_model_dir, char_tokenizer, tmp_path, examples, loss_on
 ):
-    stage = Stage("s", loss_on)
+    stage = Stage(name="s", loss_on=loss_on)
     trainer = make_trainer(tiny_model_dir, char_tokenizer, tmp_path, stage)
     collator = trainer.data_collator
     batch = collator(examples)
@@ -83,9 +88,9 @@ def test_fused_loss_matches_full_logits_and_learns_only_from_supervised_tokens(
 
 
 def test_padded_and_padding_free_give_the_same_loss(tiny_model_dir, char_tokenizer, tmp_path, examples):
-    trainer = make_trainer(tiny_model_dir, char_tokenizer, tmp_path, Stage("s", "completion"))
-    padded = SFTKeyCollator(char_tokenizer.pad_token_id, pad_to_multiple_of=8)(examples)
-    flat = SFTKeyCollator(char_tokenizer.pad_token_id, padding_free=True)(examples)
+    trainer = make_trainer(tiny_model_dir, char_tokenizer, tmp_path, Stage(name="s", loss_on="completion"))
+    padded = SFTKeyCollator(char_tokenizer.pad_token_id, Stage(name="s"), pad_to_multiple_of=8)(examples)
+    flat = SFTKeyCollator(char_tokenizer.pad_token_id, Stage(name="s"), padding_free=True)(examples)
     assert padded["input_ids"].shape[1] % 8 == 0 and flat["input_ids"].shape[0] == 1
     assert "attention_mask" not in flat and flat["position_ids"][0, 0] == 0
     loss_padded = trainer.compute_loss(trainer.model, dict(padded))
@@ -97,7 +102,7 @@ def test_normalisations_give_documented_weights(tiny_model_dir, char_tokenizer, 
     """supervised_tokens divides by the key tokens, completion_tokens by the response tokens."""
     losses = {}
     for normalisation in ("supervised_tokens", "completion_tokens"):
-        stage = Stage("key", "key", loss_normalization=normalisation)
+        stage = Stage(name="key", loss_on="key", loss_normalization=normalisation)
         trainer = make_trainer(tiny_model_dir, char_tokenizer, tmp_path, stage)
         batch = trainer.data_collator(examples)
         losses[normalisation] = trainer.compute_loss(trainer.model, dict(batch)).item()
@@ -112,12 +117,12 @@ def test_normalisations_give_documented_weights(tiny_model_dir, char_tokenizer, 
 
 def test_collator_weights_on_hand_built_batch():
     example = {"input_ids": [5, 6, 7, 8, 9, 10], "completion_mask": [0, 0, 1, 1, 1, 1], "key_mask": [0, 0, 0, 0, 1, 1]}
-    key = SFTKeyCollator(0, loss_on="key", reasoning_weight=0.25, score_completion=False)([example])
+    key = SFTKeyCollator(0, Stage(name="k", loss_on="key", reasoning_weight=0.25), score_completion=False)([example])
     assert key["loss_weights"].tolist() == [[0, 0, 0.25, 0.25, 1, 1]]
     assert key["labels"].tolist() == [[-100, -100, 7, 8, 9, 10]]
-    only_key = SFTKeyCollator(0, loss_on="key", score_completion=False)([example])
+    only_key = SFTKeyCollator(0, Stage(name="k", loss_on="key"), score_completion=False)([example])
     assert only_key["labels"].tolist() == [[-100, -100, -100, -100, 9, 10]]
-    completion = SFTKeyCollator(0, loss_on="completion")([example])
+    completion = SFTKeyCollator(0, Stage(name="c", loss_on="completion"))([example])
     assert completion["loss_weights"].tolist() == [[0, 0, 1, 1, 1, 1]]
 
 
@@ -125,15 +130,17 @@ def test_collator_weights_on_hand_built_batch():
 def test_reasoning_weight_endpoints_reproduce_the_stages(
     tiny_model_dir, char_tokenizer, tmp_path, examples, weight, same_as
 ):
-    mixed = make_trainer(tiny_model_dir, char_tokenizer, tmp_path, Stage("mix", "key", reasoning_weight=weight))
-    plain = make_trainer(tiny_model_dir, char_tokenizer, tmp_path, Stage("plain", same_as))
+    mixed = make_trainer(
+        tiny_model_dir, char_tokenizer, tmp_path, Stage(name="mix", loss_on="key", reasoning_weight=weight)
+    )
+    plain = make_trainer(tiny_model_dir, char_tokenizer, tmp_path, Stage(name="plain", loss_on=same_as))
     loss_mixed = mixed.compute_loss(mixed.model, dict(mixed.data_collator(examples)))
     loss_plain = plain.compute_loss(plain.model, dict(plain.data_collator(examples)))
     torch.testing.assert_close(loss_mixed, loss_plain)
 
 
 def test_part_losses_are_logged(tiny_model_dir, char_tokenizer, tmp_path, examples):
-    trainer = make_trainer(tiny_model_dir, char_tokenizer, tmp_path, Stage("key", "key"))
+    trainer = make_trainer(tiny_model_dir, char_tokenizer, tmp_path, Stage(name="key", loss_on="key"))
     trainer.model.train()
     trainer.compute_loss(trainer.model, dict(trainer.data_collator(examples)))
     metrics = trainer._metrics["train"]
@@ -145,7 +152,9 @@ def test_gradient_accumulation_normaliser_counts_the_stage_tokens(
     tiny_model_dir, char_tokenizer, tmp_path, examples, normalisation
 ):
     """Trainer's `num_items_in_batch` (summed over accumulated micro-batches) counts the stage's normaliser."""
-    trainer = make_trainer(tiny_model_dir, char_tokenizer, tmp_path, Stage("key", "key", normalisation))
+    trainer = make_trainer(
+        tiny_model_dir, char_tokenizer, tmp_path, Stage(name="key", loss_on="key", loss_normalization=normalisation)
+    )
     batches = [trainer.data_collator(examples[:2]), trainer.data_collator(examples[2:])]
     column = "key_mask" if normalisation == "supervised_tokens" else "completion_mask"
     expected = sum(int(b[column][:, 1:].sum()) for b in batches)

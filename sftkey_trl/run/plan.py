@@ -1,17 +1,20 @@
-"""`<output_dir>/manifest.json`: per-stage resolved configuration, hashes, status, checkpoint and timings, so that
-a rerun skips finished stages, resumes a killed one and refuses a silently changed configuration."""
+"""The stage plan and `<output_dir>/manifest.json`: per-stage resolved configuration, hashes, status and timings,
+so that a rerun skips finished stages, resumes a killed one from its last complete checkpoint and refuses a
+silently changed configuration."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib.metadata
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..files import read_json, write_json
+from ..errors import SFTKeyError
+from ..files import plain, read_json, write_json
+from ..train.objectives import Stage
 
 # Keys that change where or how often things are written or shown, never what is trained or measured
 NON_RESULT_KEYS = {
@@ -36,27 +39,15 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
 def resolved_config(script_args, stage_args, model_args, stage, data_hash: str, previous: str | None) -> dict:
     """Everything that decides a stage's result: data, model, the stage's training arguments, and its parent."""
     sections = {"data": script_args, "model": model_args, "training": stage_args}
     config = {
-        name: {k: v for k, v in _plain(obj).items() if k not in NON_RESULT_KEYS and not k.startswith("_")}
+        name: {k: v for k, v in plain(obj).items() if k not in NON_RESULT_KEYS and not k.startswith("_")}
         for name, obj in sections.items()
     }
     config["training"].pop("stages", None)
-    config["stage"] = {k: v for k, v in _plain(stage).items()}
+    config["stage"] = {k: v for k, v in plain(stage).items()}
     config["data_hash"] = data_hash
     config["previous_stage_hash"] = previous
     return config
@@ -100,3 +91,63 @@ class Manifest:
     def forget(self, name: str) -> None:
         if self.data["stages"].pop(name, None) is not None and self.write:
             write_json(self.path, self.data)
+
+
+@dataclass
+class PlannedStage:
+    """A stage with its resolved training arguments, its configuration hash and whether it is retrained."""
+
+    stage: Stage
+    args: Any
+    digest: str
+    config: dict
+    restarting: bool
+
+
+def plan_stages(stages: list[Stage], stage_args, script_args, model_args, data_hash: str, manifest: Manifest,
+                restart_from: str | None) -> list[PlannedStage]:  # fmt: skip
+    """Resolve each stage's arguments (`stage_args(stage)`) and configuration hash (which chains the previous
+    stage's); refuse a changed finished stage unless it is restarted."""
+    plan, previous, restarting = [], data_hash, False
+    output_dir = manifest.path.parent
+    for stage in stages:
+        args = stage_args(stage)
+        config = resolved_config(script_args, args, model_args, stage, data_hash, previous)
+        digest = config_hash(config)
+        restarting = restarting or stage.name == restart_from
+        entry = manifest.stage(stage.name)
+        if not entry and not restarting and (output_dir / stage.name).exists():
+            raise SFTKeyError(
+                f"{output_dir / stage.name} exists but the manifest does not know it (another run's output?); "
+                "pass --overwrite_output_dir true or use another output_dir"
+            )
+        if entry and entry.get("hash") != digest and not restarting:
+            changed = ", ".join(changed_keys(entry.get("config", {}), config)[:8]) or "the previous stage"
+            raise SFTKeyError(
+                f"stage `{stage.name}` in {output_dir} was run with another config (changed: {changed}); "
+                f"pass --restart_from {stage.name} or --overwrite_output_dir true, or use another output_dir"
+            )
+        plan.append(PlannedStage(stage, args, digest, config, restarting))
+        previous = digest
+    return plan
+
+
+def last_complete_checkpoint(directory: Path) -> str | None:
+    """The newest `checkpoint-N` whose `trainer_state.json` (written last by Trainer) is readable.
+
+    A kill during a checkpoint save leaves a folder without it; such a folder is never resumed from.
+    """
+    if not directory.is_dir():
+        return None
+    candidates = sorted(
+        (p for p in directory.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
+    for candidate in candidates:
+        try:
+            json.loads((candidate / "trainer_state.json").read_text())
+            return str(candidate)
+        except (OSError, ValueError):
+            continue
+    return None

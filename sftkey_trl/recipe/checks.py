@@ -1,0 +1,205 @@
+"""Every rule about a recipe, its data and its launch, each written once with its one-line message.
+
+`check_recipe` runs them all. `--dry_run`, `--inspect`, `--eval_only`, a real run and `compare.py` call it before
+any model or dataset is loaded, so a recipe that `--dry_run` rejects never trains. Nothing here downloads.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from ..data.adapters import Triple, get_adapter
+from ..data.loading import local_path
+from ..errors import SFTKeyError, closest
+from ..train.distributed import check_sharding_compatibility
+from ..train.objectives import Stage
+from ..train.steps import stage_training_args
+from .schema import CHOICES, SFTKeyScriptArguments
+
+SAMPLE = Triple("What is 2 + 3?", "2 + 3 = 5", "5")
+
+
+def check_recipe(script_args, training_args, model_args, stages: list[Stage], processes: list[int]) -> list[str]:
+    """Run every check; return notes worth showing (nothing wrong, but worth knowing).
+
+    `processes`: the process counts the recipe must work with (the real run's world size; for `--dry_run` one
+    process and the count its launch line names). Raises `SFTKeyError` for the first failed check.
+    """
+    notes: list[str] = []
+    check_choices(script_args)
+    notes += check_response_format(script_args)
+    notes += check_chat_template(script_args, training_args)
+    notes += check_data(script_args)
+    check_model(model_args)
+    check_stages(script_args, training_args, stages, processes)
+    notes += check_sharding_compatibility(model_args, training_args)
+    return notes
+
+
+def check_choices(script_args) -> None:
+    """Keys with a fixed set of values, and the evaluation split fraction."""
+    for key, allowed in CHOICES.items():
+        value = getattr(script_args, key)
+        if value not in allowed:
+            valid = [str(a) for a in allowed if a is not None]
+            raise SFTKeyError(f"`{key}: {value}` is not valid{closest(str(value), valid)}; use {', '.join(valid)}")
+    if not 0.0 <= script_args.eval_fraction < 1.0:
+        raise SFTKeyError(f"`eval_fraction: {script_args.eval_fraction}` must be in [0, 1)")
+    if "{question}" not in script_args.prompt_template:
+        raise SFTKeyError("`prompt_template` must contain `{question}`")
+
+
+def check_response_format(script_args) -> list[str]:
+    """The tags (for `tags`) or the answer line (for `plain`) must let the answer be found; returns notes."""
+    notes = []
+    tags = {
+        key: getattr(script_args, key) for key in ("thinking_open", "thinking_close", "answer_open", "answer_close")
+    }
+    defaults = SFTKeyScriptArguments()
+    template = script_args.answer_template
+    if template.count("{answer}") != 1:
+        raise SFTKeyError("`answer_template` must contain `{answer}` exactly once, e.g. `The answer is {answer}.`")
+    changed_tags = [key for key, value in tags.items() if value != getattr(defaults, key)]
+    if script_args.response_format == "tags":
+        for key, value in tags.items():
+            if not value or not value.strip():
+                raise SFTKeyError(f"`{key}` is empty; response_format `tags` needs four non-empty tag strings")
+        for key, value in tags.items():
+            for other, other_value in tags.items():
+                if key != other and value in other_value:
+                    raise SFTKeyError(
+                        f"`{key}: {value}` is the same as or part of `{other}: {other_value}`, so the answer cannot "
+                        "be located; make the four tags distinct"
+                    )
+        if template != defaults.answer_template:
+            notes.append("`answer_template` is only used by `response_format: plain`; it is ignored with `tags`")
+        return notes
+    if "\n" in template:
+        raise SFTKeyError("`answer_template` must be one line: the answer is read from the last matching line")
+    if not template.replace("{answer}", "").strip():
+        raise SFTKeyError(
+            "`answer_template` needs words around `{answer}` (e.g. `The answer is {answer}.`) so that the "
+            "answer line can be told apart from the reasoning"
+        )
+    if changed_tags:
+        notes.append(f"{', '.join(f'`{k}`' for k in changed_tags)} only apply to `response_format: tags`")
+    return notes
+
+
+def check_chat_template(script_args, training_args) -> list[str]:
+    """Render a sample with the recipe's chat template, exactly as training and generation will; returns notes."""
+    if not script_args.chat_template:
+        return []
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from ..data.formatting import Formatter
+
+    eos = training_args.eos_token
+    if eos is None:
+        return [
+            "`chat_template` is set but `eos_token` is not: the model's EOS must close the template's assistant turn "
+            "(checked at run time); set `eos_token` to the template's end-of-turn token to be sure"
+        ]
+    backend = Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token=eos)
+    formatter = Formatter(tokenizer, script_args, eos)
+    try:
+        formatter.render(SAMPLE)
+    except SFTKeyError:
+        raise
+    except Exception as error:  # jinja syntax or runtime errors
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise SFTKeyError(f"`chat_template` does not render ({detail}); fix the Jinja template") from error
+    return []
+
+
+def check_data(script_args) -> list[str]:
+    """The dataset, the evaluation split and the validation split resolve (nothing is downloaded); returns notes."""
+    adapter = get_adapter(script_args.dataset_format)
+    name = script_args.dataset_name or adapter.hub_id
+    if not name:
+        raise SFTKeyError(
+            f"no dataset: `dataset_format: {adapter.name}` has no default, so set `dataset_name` to a hub id or a "
+            "local .jsonl/.json/.parquet/.csv file"
+        )
+    for key in ("dataset_name", "eval_dataset_name"):
+        if getattr(script_args, key):
+            local_path(getattr(script_args, key), key)
+    notes = []
+    own_hub_data = name == adapter.hub_id and not script_args.eval_dataset_name
+    if own_hub_data and script_args.eval_split and adapter.test_split is None:
+        if script_args.eval_split != adapter.train_split:
+            raise SFTKeyError(
+                f"`eval_split: {script_args.eval_split}`: {adapter.hub_id} has only a `{adapter.train_split}` split; "
+                "remove eval_split and hold out rows with `eval_fraction` (e.g. 0.01)"
+            )
+    train_split = script_args.dataset_split or adapter.train_split
+    if script_args.eval_split and not script_args.eval_dataset_name and script_args.eval_split == train_split:
+        notes.append(f"evaluation uses the training split `{train_split}`: scores will be optimistic")
+    if not (script_args.eval_dataset_name or script_args.eval_split or script_args.eval_fraction > 0):
+        notes.append("no evaluation set: set `eval_split` (or `eval_fraction` when the dataset has no test split)")
+    return notes
+
+
+def check_model(model_args) -> None:
+    """QLoRA needs bitsandbytes and a LoRA adapter; one quantisation at a time; the LM head stays out of LoRA."""
+    if model_args.load_in_4bit and model_args.load_in_8bit:
+        raise SFTKeyError("`load_in_4bit` and `load_in_8bit` are both true; set one of them to false")
+    for key in ("load_in_4bit", "load_in_8bit"):
+        if getattr(model_args, key) and not model_args.use_peft:
+            raise SFTKeyError(
+                f"`{key}: true` needs `use_peft: true` (a quantised model cannot be fully fine-tuned); "
+                f"set `use_peft: true` for QLoRA or `{key}: false` for full fine-tuning"
+            )
+        if getattr(model_args, key) and importlib.util.find_spec("bitsandbytes") is None:
+            raise SFTKeyError(f"`{key}: true` needs bitsandbytes: `pip install bitsandbytes` (or set {key}: false)")
+    targets = model_args.lora_target_modules
+    targets = [targets] if isinstance(targets, str) else list(targets or [])
+    if model_args.use_peft and "lm_head" in targets:
+        raise SFTKeyError(
+            "`lora_target_modules` must not contain `lm_head` (TRL's fused LM head reads its weight directly); "
+            "remove it (leave the key unset for all linear layers but the LM head)"
+        )
+
+
+def check_stages(script_args, training_args, stages: list[Stage], processes: list[int]) -> None:
+    """Each stage's training arguments resolve for every process count; keep-best has validation data;
+    `restart_from` names a stage; vLLM evaluation runs in one process."""
+    output_dir = Path(training_args.output_dir)
+    for stage in stages:
+        for count in processes:
+            stage_training_args(training_args, stage, str(output_dir / stage.name), count)
+        if stage.keep_best and not (script_args.eval_fraction > 0 or script_args.eval_dataset_name
+                                    or script_args.eval_split):  # fmt: skip
+            raise SFTKeyError(
+                f"stage `{stage.name}` has keep_best but there is no validation data; set `eval_fraction` "
+                "(held out from train) or `eval_dataset_name`"
+            )
+    names = [stage.name for stage in stages]
+    if training_args.restart_from is not None and training_args.restart_from not in names:
+        raise SFTKeyError(
+            f"`restart_from: {training_args.restart_from}` is not a stage of this recipe; stages are {names}"
+        )
+    if script_args.eval_backend == "vllm" and max(processes) > 1:
+        raise SFTKeyError("`eval_backend: vllm` runs in one process; evaluate with --eval_only and one process")
+
+
+def processes_of_launch(launch_tokens: list[str], root: Path) -> int | None:
+    """`num_processes` of the accelerate config a launch command names with `--config_file` (None: not said)."""
+    import yaml
+
+    from .parsing import flag_value
+
+    config_file = flag_value(launch_tokens, "--config_file")
+    path = root / config_file if config_file else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        config: Any = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise SFTKeyError(f"accelerate config `{path}` is not valid YAML; fix its syntax") from None
+    value = config.get("num_processes") if isinstance(config, dict) else None
+    return value if isinstance(value, int) and value > 0 else None

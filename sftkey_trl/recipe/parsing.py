@@ -1,0 +1,116 @@
+"""Read a recipe: `--config FILE` plus command-line overrides into the recipe's dataclasses and its stages.
+
+Only the parsing lives here (unknown keys, wrong types); every rule about the values is in `checks.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Any
+
+import yaml
+from trl import ModelConfig, TrlParser
+
+from ..errors import SFTKeyError, closest
+from ..train.objectives import parse_stages
+from .schema import SFTKeyConfig, SFTKeyScriptArguments
+
+
+def flag_value(argv: list[str], flag: str, remove: bool = False) -> str | None:
+    """The value of `flag` given as `--flag value` or `--flag=value` in `argv` (removed from it with `remove`)."""
+    for index, item in enumerate(argv):
+        if item == flag and index + 1 < len(argv):
+            value = argv[index + 1]
+            if remove:
+                del argv[index : index + 2]
+            return value
+        if item.startswith(flag + "="):
+            if remove:
+                del argv[index]
+            return item.split("=", 1)[1]
+    return None
+
+
+def parse_config(argv: list[str] | None = None):
+    """Parse `--config FILE` plus CLI overrides into (script_args, training_args, model_args, stages).
+
+    `--stages` on the command line takes a YAML/JSON list. Unknown keys, wrong types and wrong values raise
+    `SFTKeyError` with one line naming the key and the closest valid one.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stages_override = flag_value(argv, "--stages", remove=True)
+    config_path = flag_value(argv, "--config", remove=True)
+    parser = TrlParser((SFTKeyScriptArguments, SFTKeyConfig, ModelConfig))
+    known = {action.dest for action in parser._actions}
+    config: dict[str, Any] = {}
+    if config_path is not None:
+        try:
+            with open(config_path) as handle:
+                config = yaml.safe_load(handle) or {}
+        except FileNotFoundError:
+            raise SFTKeyError(f"recipe `{config_path}` does not exist; check the path given to --config") from None
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise SFTKeyError(f"recipe `{config_path}` is not valid YAML{where}; fix the syntax there") from None
+        if not isinstance(config, dict):
+            raise SFTKeyError(f"recipe `{config_path}` must be a YAML mapping of keys to values")
+    for key in config:
+        if key not in known and key != "env":
+            raise SFTKeyError(f"unknown recipe key `{key}` in {config_path}{closest(key, known)}")
+    for item in argv:
+        if item.startswith("--"):
+            key = item[2:].split("=", 1)[0]
+            if key not in known:
+                raise SFTKeyError(f"unknown command-line option `--{key}`{closest(key, known)}")
+    if stages_override is not None:
+        config["stages"] = yaml.safe_load(stages_override)
+    for key, value in config.items():  # CLI strings are typed by argparse; YAML values must be checked here
+        _check_yaml_type(parser, key, value)
+    for name, value in (config.pop("env", None) or {}).items():
+        os.environ[name] = str(value)
+    parser.set_defaults_with_config(**config)
+    try:
+        script_args, training_args, model_args = parser.parse_args_into_dataclasses(args=argv)
+    except SystemExit as exit_:  # argparse already printed a one-line usage error
+        raise SFTKeyError("invalid command-line arguments (see the message above)") from exit_
+    except (ValueError, TypeError) as error:
+        raise SFTKeyError(f"invalid configuration: {str(error).splitlines()[0]}") from error
+    training_keys = {f.name for f in dataclasses.fields(training_args)} - {"stages"}
+    stages = parse_stages(training_args.stages, training_keys, lambda *args: _coerce(parser, *args))
+    return script_args, training_args, model_args, stages
+
+
+def _check_yaml_type(parser: TrlParser, key: str, value: Any) -> None:
+    """YAML values bypass argparse's type conversion; reject a value of the wrong kind with the key named."""
+    action = _action(parser, key)
+    if key in ("env", "stages") or value is None or action is None:
+        return
+    kind = action.type
+    if action.choices and value not in action.choices and str(value) not in map(str, action.choices):
+        raise SFTKeyError(f"`{key}: {value}` is not valid; use one of {list(action.choices)}")
+    if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        try:
+            kind(value)
+        except (TypeError, ValueError):
+            raise SFTKeyError(f"`{key}` must be a number, got {value!r}") from None
+    if action.nargs in ("+", "*") and not isinstance(value, list):
+        raise SFTKeyError(f"`{key}` must be a list, got {value!r}")
+
+
+def _coerce(parser: TrlParser, key: str, value: Any, where: str = "") -> Any:
+    """Convert a YAML string (PyYAML reads `2e-4` as a string) with the argparse type of `key`."""
+    action = _action(parser, key)
+    if not isinstance(value, str) or action is None or action.type in (None, str):
+        return value
+    try:
+        return action.type(value)
+    except (TypeError, ValueError):
+        kind = getattr(action.type, "__name__", "value")
+        raise SFTKeyError(f"{where}`{key}: {value}` has the wrong type; give a {kind}") from None
+
+
+def _action(parser: TrlParser, key: str):
+    return next((action for action in parser._actions if action.dest == key), None)

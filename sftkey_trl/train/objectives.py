@@ -1,0 +1,155 @@
+"""Stage objectives: what a stage's loss is, in one place.
+
+A stage names its objective with `loss_on`. An objective gives each token of a tokenised example a loss weight
+from the example's two masks (`completion_mask`: the whole response; `key_mask`: what follows `</Thinking>`) and
+declares the stage keys it reads. The loss is `sum(weight * nll) / normaliser`; `loss_normalization` picks the
+normaliser: `supervised_tokens` counts the tokens with a non-zero weight (a plain mean, the paper's reading),
+`completion_tokens` counts the response tokens (so a key token weighs in stage 2 what it weighed in stage 1).
+
+A new objective is one `Objective` entry in `OBJECTIVES` (plus a field on `Stage` if it has a new key, checked in
+`_check_option`) and its tests; the collator, the trainer, `--inspect` and `--dry_run` read it from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import SFTKeyError, closest
+
+LOSS_NORMALIZATIONS = ("supervised_tokens", "completion_tokens")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One kind of stage loss: its per-token weights and the stage keys it accepts."""
+
+    name: str
+    description: str
+    options: tuple[str, ...]
+    weights: Callable[[torch.Tensor, torch.Tensor, Stage], torch.Tensor]
+
+
+def _completion_weights(completion: torch.Tensor, key: torch.Tensor, stage: Stage) -> torch.Tensor:
+    return completion.float()
+
+
+def _key_weights(completion: torch.Tensor, key: torch.Tensor, stage: Stage) -> torch.Tensor:
+    return key.float() + stage.reasoning_weight * (completion & ~key).float()
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "completion": Objective(
+        "completion",
+        "every response token, end-of-turn included (stage 1: ordinary completion-only SFT)",
+        ("loss_normalization",),
+        _completion_weights,
+    ),
+    "key": Objective(
+        "key",
+        "the key tokens after `</Thinking>` (stage 2: the paper's key stage); reasoning tokens get `reasoning_weight`",
+        ("loss_normalization", "reasoning_weight"),
+        _key_weights,
+    ),
+}
+
+
+@dataclass
+class Stage:
+    """One training stage, as resolved from the recipe's `stages:` list. Build it with keywords."""
+
+    name: str
+    loss_on: str = "completion"
+    loss_normalization: str = "supervised_tokens"
+    reasoning_weight: float = 0.0
+    keep_best: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def objective(self) -> Objective:
+        return OBJECTIVES[self.loss_on]
+
+    def loss_weights(self, completion: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """Per-token loss weights (float32, the masks' shape) from boolean completion and key masks."""
+        return self.objective.weights(completion.bool(), key.bool(), self)
+
+    def normaliser_mask(self, completion: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The tokens the loss is divided by (see the module docstring)."""
+        return completion.bool() if self.loss_normalization == "completion_tokens" else weights > 0
+
+    def options(self) -> dict[str, Any]:
+        """The objective's keys whose values differ from their defaults (for reports and `--dry_run`)."""
+        return {key: getattr(self, key) for key in self.objective.options if getattr(self, key) != DEFAULTS[key]}
+
+
+def _check_option(key: str, value: Any) -> Any:
+    """A stage option's value, checked (ValueError with the reason otherwise)."""
+    if key == "loss_normalization" and value not in LOSS_NORMALIZATIONS:
+        raise ValueError(f"use one of {LOSS_NORMALIZATIONS}")
+    if key == "reasoning_weight":
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)) or not 0 <= float(value) <= 1:
+            raise ValueError("must be a number between 0 and 1")
+        return float(value)
+    if key == "keep_best" and not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
+COMMON_OPTIONS = ("keep_best",)  # options of every objective
+OPTIONS = {f.name for f in dataclasses.fields(Stage)} - {"name", "loss_on", "overrides"}
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(Stage) if f.name in OPTIONS}
+
+
+def parse_stages(
+    raw: Any, training_keys: set[str], coerce: Callable[[str, Any, str], Any] | None = None
+) -> list[Stage]:
+    """Validate the recipe's `stages:` list into `Stage` objects; every problem is a one-line `SFTKeyError`.
+
+    Keys that are not stage keys must be training-argument keys (`training_keys`); `coerce(key, value, where)`
+    types them as the command line would.
+    """
+    if not isinstance(raw, list) or not raw:
+        raise SFTKeyError("`stages` must be a non-empty list, e.g. [{name: sft, loss_on: completion}, ...]")
+    stages, names = [], set()
+    for index, entry in enumerate(raw):
+        where = f"stages[{index}]"
+        if not isinstance(entry, dict):
+            raise SFTKeyError(f"{where} must be a mapping with `name` and `loss_on`, got {entry!r}")
+        entry = dict(entry)
+        name = entry.pop("name", None)
+        if not name or not isinstance(name, str):
+            raise SFTKeyError(f"{where} has no `name`; give each stage a unique name such as `sft` or `key`")
+        if name in names:
+            raise SFTKeyError(f"stage name `{name}` repeats in `stages`; stage names must be unique")
+        if "/" in name or name.startswith("."):
+            raise SFTKeyError(f"stage name `{name}` is used as a folder name; use letters, digits, - and _")
+        names.add(name)
+        where = f"{where} ({name})"
+        loss_on = entry.pop("loss_on", "completion")
+        if loss_on not in OBJECTIVES:
+            raise SFTKeyError(f"{where}: `loss_on: {loss_on}` is not valid{closest(str(loss_on), OBJECTIVES)}; "
+                              f"use one of {tuple(OBJECTIVES)}")  # fmt: skip
+        objective = OBJECTIVES[loss_on]
+        values: dict[str, Any] = {}
+        for key in [key for key in entry if key in OPTIONS]:
+            value = entry.pop(key)
+            if key not in objective.options + COMMON_OPTIONS:
+                users = [o.name for o in OBJECTIVES.values() if key in o.options]
+                raise SFTKeyError(f"{where}: `{key}` applies to `loss_on: {' / '.join(users)}` stages, not "
+                                  f"`loss_on: {loss_on}`; remove it or change `loss_on`")  # fmt: skip
+            try:
+                values[key] = _check_option(key, value)
+            except (TypeError, ValueError) as error:
+                raise SFTKeyError(f"{where}: `{key}: {value}` is not valid: {error}") from None
+        for key in entry:
+            if key not in training_keys:
+                hint = closest(key, training_keys | set(OPTIONS))
+                raise SFTKeyError(f"{where}: unknown key `{key}`{hint}")
+            if coerce is not None:
+                entry[key] = coerce(key, entry[key], f"{where}: ")
+        stages.append(Stage(name=name, loss_on=loss_on, overrides=entry, **values))
+    return stages

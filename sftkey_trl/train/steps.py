@@ -1,0 +1,46 @@
+"""A stage's resolved training arguments and the batch arithmetic every other module reads from here."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from trl import SFTConfig
+
+from ..errors import SFTKeyError
+from .objectives import Stage
+
+
+def accumulation_steps(args: SFTConfig, processes: int) -> int:
+    """Gradient accumulation: derived from `global_batch_size` when set (which must divide evenly)."""
+    if not getattr(args, "global_batch_size", None):
+        return args.gradient_accumulation_steps
+    per_step = args.per_device_train_batch_size * processes
+    if args.global_batch_size % per_step:
+        plural = "process" if processes == 1 else "processes"
+        raise SFTKeyError(
+            f"`global_batch_size: {args.global_batch_size}` is not a multiple of per_device_train_batch_size "
+            f"{args.per_device_train_batch_size} x {processes} {plural} = {per_step}; change one of them"
+        )
+    return args.global_batch_size // per_step
+
+
+def global_batch(args: SFTConfig, processes: int) -> int:
+    """Examples per optimizer step across all processes."""
+    return args.per_device_train_batch_size * accumulation_steps(args, processes) * processes
+
+
+def stage_training_args(base: SFTConfig, stage: Stage, output_dir: str, processes: int = 1) -> SFTConfig:
+    """The training arguments of one stage: the recipe's values with the stage's overrides applied and gradient
+    accumulation derived from `global_batch_size`, so the process count does not change the optimisation."""
+    values = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init}
+    values.update(stage.overrides)
+    values["output_dir"] = output_dir
+    try:
+        args = type(base)(**values)
+    except (TypeError, ValueError) as error:
+        raise SFTKeyError(f"stage `{stage.name}`: invalid training arguments: {error}") from error
+    try:
+        args.gradient_accumulation_steps = accumulation_steps(args, processes)
+    except SFTKeyError as error:
+        raise SFTKeyError(f"stage `{stage.name}`: {error}") from None
+    return args
