@@ -1,8 +1,8 @@
-"""Train and evaluate the paper's variants from one recipe, over several seeds, and report means, 95% confidence
-intervals and paired differences (including the compute-matched baseline the paper lacks).
+"""Train and evaluate the comparison's arms from one recipe, over several seeds, and report means, exact 95%
+confidence intervals and paired differences against the continuation and compute-matched baselines.
 
-    python recipes/compare.py                                   # offline demo: 5 variants x 3 seeds
-    python recipes/compare.py --config recipes/<...>.yaml --variants sft_tag,sftkey_tag,sft_tag_matched --seeds 5
+    python recipes/compare.py                                   # offline demo: 6 arms x 3 seeds
+    python recipes/compare.py --config recipes/<...>.yaml --variants sftkey_tag,sft_continue,sft_tag_matched --seeds 5
 
 Rerunning with other `--variants` and the same output folder adds them to the existing table.
 """
@@ -15,26 +15,32 @@ import sys
 from pathlib import Path
 
 from sftkey_trl.errors import SFTKeyError, closest
+from sftkey_trl.evaluation.metrics import DEFAULT_METRIC, METRIC_NAMES
 from sftkey_trl.files import read_json
 from sftkey_trl.run.cli import load_checked_recipe, run_options, user_errors
-from sftkey_trl.run.compare import DEFAULT_VARIANTS, build_variants, run_variant, write_comparison
+from sftkey_trl.run.compare import write_comparison
+from sftkey_trl.run.variants import DEFAULT_VARIANTS, MATCHED, PAPER, build_variants, run_variant
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="Comma-separated variant names.")
     parser.add_argument("--seeds", type=int, default=3, help="Number of seeds (0, 1, ..., N-1).")
+    parser.add_argument("--metric", default=DEFAULT_METRIC, help="The metric the tables are ranked by.")
     parser.add_argument("--comparison_dir", default=None, help="Where to write (default: <output_dir>/compare).")
     options, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     run, rest = run_options(rest)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with user_errors(run.debug):
+        if options.metric not in METRIC_NAMES:
+            raise SFTKeyError(f"unknown metric `{options.metric}`{closest(options.metric, METRIC_NAMES)}")
         script_args, training_args, model_args, stages, _ = load_checked_recipe(rest)
-        variants = build_variants(stages)
+        variants = build_variants(stages, training_args, script_args.response_format)
         names = [name.strip() for name in options.variants.split(",") if name.strip()]
         for name in names:
             if name not in variants:
                 raise SFTKeyError(f"unknown variant `{name}`{closest(name, variants)}; choose from {list(variants)}")
+        names.sort(key=lambda name: name == MATCHED)  # the matched arm takes the paper arm's recorded steps
         root = Path(options.comparison_dir or Path(training_args.output_dir) / "compare")
         seeds = list(range(options.seeds))
         # Variants measured earlier in the same folder stay in the table, so variants can be added later
@@ -44,9 +50,13 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             for name in names:
                 logging.info("=== variant %s, seed %d ===", name, seed)
-                per_seed[name][seed] = run_variant(variants[name], seed, script_args, training_args, model_args, root)
-                write_comparison(root, per_seed, variants, seeds)  # partial results survive a kill
-        write_comparison(root, per_seed, variants, seeds)
+                recorded = per_seed.get(PAPER, {}).get(seed, {}).get("optimizer_steps")
+                target = (recorded or None) if name == MATCHED else None
+                per_seed[name][seed] = run_variant(
+                    variants[name], seed, script_args, training_args, model_args, root, steps_to_match=target
+                )
+                write_comparison(root, per_seed, variants, seeds, options.metric)  # partial results survive a kill
+        write_comparison(root, per_seed, variants, seeds, options.metric)
         print((root / "comparison.md").read_text())
     return 0
 

@@ -34,7 +34,10 @@ def _numeric_only(key: str) -> Callable[[list[dict], str], float | None]:
 
 
 METRICS: list[Metric] = [
-    Metric("accuracy", "acc", "answer matches the gold answer", lambda r, t: _rate("correct", r), reported=True),
+    Metric("accuracy", "acc", "the answer in the answer slot (tags or answer line) matches the gold answer",
+           lambda r, t: _rate("correct", r), reported=True),
+    Metric("lenient_accuracy", "lenient", "accuracy counting the last number of a generation without an answer slot",
+           lambda r, t: _rate("lenient_correct", r)),
     Metric("format_accuracy", "fmt", "generation has the trained response format",
            lambda r, t: _rate("format_ok", r), reported=True),
     Metric("composite", "0.7a+0.3f", "the paper's composite: 0.7 accuracy + 0.3 format accuracy",
@@ -55,6 +58,9 @@ METRICS: list[Metric] = [
            lambda r, t: mean(p["reasoning_length"] for p in r)),
 ]  # fmt: skip
 METRIC_NAMES = [metric.name for metric in METRICS]
+BY_NAME = {metric.name: metric for metric in METRICS}
+DEFAULT_METRIC = "accuracy"
+NO_ANSWER_SLOT = ("last_number", "none")  # extraction methods that found no answer tag / answer line
 REPORTED = [metric for metric in METRICS if metric.reported]
 
 
@@ -78,7 +84,8 @@ def score(
     predictions = []
     for example, (text, length) in zip(examples, generations):
         extraction = extract_answer(text, script_args.response_format, tags, script_args.answer_template)
-        correct = answers_match(extraction.answer, example["gold"], answer_type)
+        matches = answers_match(extraction.answer, example["gold"], answer_type)
+        from_slot = extraction.method not in NO_ANSWER_SLOT
         final = reasoning_final_value(extraction.reasoning)
         predictions.append(
             {
@@ -88,7 +95,8 @@ def score(
                 "extracted_answer": extraction.answer,
                 "extraction_method": extraction.method,
                 "gold": example["gold"],
-                "correct": correct,
+                "correct": matches and from_slot,
+                "lenient_correct": matches,
                 "format_ok": extraction.format_ok,
                 "gold_parseable": gold_is_parseable(example["gold"], answer_type),
                 "generated_tokens": length,

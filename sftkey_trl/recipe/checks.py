@@ -13,6 +13,7 @@ from typing import Any
 from ..data.adapters import Triple, get_adapter
 from ..data.loading import local_path
 from ..errors import SFTKeyError, closest
+from ..evaluation.metrics import DEFAULT_METRIC, METRICS
 from ..train.distributed import check_sharding_compatibility
 from ..train.objectives import Stage
 from ..train.steps import stage_training_args
@@ -172,12 +173,13 @@ def check_stages(script_args, training_args, stages: list[Stage], processes: lis
     for stage in stages:
         for count in processes:
             stage_training_args(training_args, stage, str(output_dir / stage.name), count)
-        if stage.keep_best and not (script_args.eval_fraction > 0 or script_args.eval_dataset_name
-                                    or script_args.eval_split):  # fmt: skip
-            raise SFTKeyError(
-                f"stage `{stage.name}` has keep_best but there is no validation data; set `eval_fraction` "
-                "(held out from train) or `eval_dataset_name`"
-            )
+        if stage.keep_best:
+            check_selection(script_args, stage.name)
+    metric = training_args.metric_for_best_model or DEFAULT_METRIC
+    selectable = [m.name for m in METRICS if m.higher_is_better]
+    if any(stage.keep_best for stage in stages) and metric not in selectable:
+        raise SFTKeyError(f"`metric_for_best_model: {metric}` is not an evaluation metric keep_best can select on"
+                          f"{closest(metric, selectable)}; use one of {', '.join(selectable)}")  # fmt: skip
     names = [stage.name for stage in stages]
     if training_args.restart_from is not None and training_args.restart_from not in names:
         raise SFTKeyError(
@@ -185,6 +187,22 @@ def check_stages(script_args, training_args, stages: list[Stage], processes: lis
         )
     if script_args.eval_backend == "vllm" and max(processes) > 1:
         raise SFTKeyError("`eval_backend: vllm` runs in one process; evaluate with --eval_only and one process")
+
+
+def check_selection(script_args, stage_name: str) -> None:
+    """Keep-best needs a validation split (the `eval_fraction` hold-out) that is not the evaluation set."""
+    has_test = bool(script_args.eval_dataset_name or script_args.eval_split)
+    if script_args.eval_fraction <= 0 and not has_test:
+        raise SFTKeyError(
+            f"stage `{stage_name}` has keep_best but there is no validation data; set `eval_fraction` "
+            "(held out from train) or `eval_dataset_name`"
+        )
+    if not (script_args.eval_fraction > 0 and has_test) and not script_args.select_on_test:
+        raise SFTKeyError(
+            f"stage `{stage_name}` has keep_best, but its validation data is the evaluation set, so the reported "
+            "numbers would be selected on test; set both `eval_fraction` (validation) and `eval_split` or "
+            "`eval_dataset_name` (test), or `select_on_test: true` to accept and label that"
+        )
 
 
 def processes_of_launch(launch_tokens: list[str], root: Path) -> int | None:

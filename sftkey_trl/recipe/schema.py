@@ -64,6 +64,10 @@ class SFTKeyScriptArguments:
     eval_base: bool = field(default=False, metadata={"help": "Also evaluate the untrained model."})
     eval_backend: str = field(default="hf", metadata={"help": "hf (transformers generate) or vllm."})
     eval_after_stages: bool = field(default=True, metadata={"help": "Evaluate after each stage."})
+    select_on_test: bool = field(
+        default=False,
+        metadata={"help": "Allow keep_best to select on the evaluation set itself (reports then say so)."},
+    )
 
 
 @dataclass

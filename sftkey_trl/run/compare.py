@@ -1,96 +1,21 @@
-"""The paper's comparison done right: variants x seeds from one recipe, a compute-matched baseline, confidence
-intervals and paired differences. Used by `recipes/compare.py`."""
+"""The comparison's statistics and reports: mean and exact Student-t 95% intervals per arm, paired differences
+against the paper's arm and against the baselines, compute per arm, ranked on a named metric. The arms themselves
+are in `variants.py`; `recipes/compare.py` runs them."""
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import logging
 import math
 import statistics
-from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import SFTKeyError
-from ..evaluation.metrics import REPORTED
+from ..evaluation.metrics import DEFAULT_METRIC, REPORTED
 from ..files import write_json, write_text
-from ..train.objectives import Stage
+from .variants import MATCHED, PAPER
 
 logger = logging.getLogger(__name__)
 
 METRICS = [metric.name for metric in REPORTED]
-# Two-sided 95% Student-t critical values by degrees of freedom (beyond 30 the normal value is close enough)
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One arm of the comparison: a run folder, a response format, and the stages to run in it.
-
-    Variants that share a folder share their first stage (the manifest skips it when it is already done), so
-    `sft_tag`, `sftkey_tag` and its stage-2 options train stage 1 once per seed.
-    """
-
-    name: str
-    folder: str
-    response_format: str
-    stages: tuple[Stage, ...]
-    description: str
-
-
-def build_variants(stages: list[Stage]) -> dict[str, Variant]:
-    """Derive every variant from the recipe's first completion stage (stage 1) and first key stage (stage 2)."""
-    first = next((s for s in stages if s.loss_on == "completion"), None)
-    second = next((s for s in stages if s.loss_on == "key"), None)
-    if first is None or second is None:
-        raise SFTKeyError("compare.py needs a recipe with a `loss_on: completion` stage and a `loss_on: key` stage")
-    epochs_1 = float(first.overrides.get("num_train_epochs", 3))
-    epochs_2 = float(second.overrides.get("num_train_epochs", 3))
-    sft = Stage(name="sft", loss_on="completion", overrides=dict(first.overrides))
-    key = dataclasses.replace(second, name="key", overrides=dict(second.overrides))
-    matched = Stage(name="sft", loss_on="completion",
-                    overrides={**first.overrides, "num_train_epochs": epochs_1 + epochs_2})  # fmt: skip
-    key_from_base = Stage(name="key", loss_on="key", overrides={**first.overrides, "num_train_epochs": epochs_2})
-    norm = dataclasses.replace(key, name="key_norm", loss_normalization="completion_tokens", reasoning_weight=0.0)
-    mix = dataclasses.replace(key, name="key_mix", loss_normalization="supervised_tokens", reasoning_weight=0.1)
-    best = dataclasses.replace(key, name="key_best", keep_best=True)
-    same_lr = {**second.overrides, "learning_rate": first.overrides.get("learning_rate", "inherit")}
-    if same_lr["learning_rate"] == "inherit":  # stage 1 uses the recipe's rate: so does this key stage
-        same_lr.pop("learning_rate")
-    paper_lr = dataclasses.replace(key, name="key_stage1_lr", keep_best=False, overrides=same_lr)
-    variants = [
-        Variant("sft", "plain", "plain", (sft,), "plain format, whole response, stage 1 only"),
-        Variant("sft_tag", "tags", "tags", (sft,), "tags, whole response, stage 1 only"),
-        Variant("key_tag", "key_only", "tags", (key_from_base,), "tags, key loss only, from the base model"),
-        Variant("sftkey_tag", "tags", "tags", (sft, key), "tags, stage 1 then the key stage (the paper)"),
-        Variant("sft_tag_matched", "matched", "tags", (matched,),
-                f"tags, whole response for {epochs_1 + epochs_2:g} epochs (compute-matched to sftkey_tag)"),
-        Variant("sftkey_tag_norm", "tags", "tags", (sft, norm), "sftkey_tag, loss_normalization: completion_tokens"),
-        Variant("sftkey_tag_mix", "tags", "tags", (sft, mix), "sftkey_tag with reasoning_weight: 0.1"),
-        Variant("sftkey_tag_best", "tags", "tags", (sft, best), "sftkey_tag keeping the best checkpoint (keep_best)"),
-        Variant("sftkey_tag_stage1_lr", "tags", "tags", (sft, paper_lr),
-                "sftkey_tag with stage 1's learning rate in stage 2 (the paper's setting)"),
-    ]  # fmt: skip
-    return {variant.name: variant for variant in variants}
-
-
-DEFAULT_VARIANTS = ["sft", "sft_tag", "key_tag", "sftkey_tag", "sft_tag_matched"]
-
-
-def run_variant(variant: Variant, seed: int, script_args, training_args, model_args, root: Path) -> dict:
-    """Train and evaluate one variant with one seed; return the metrics of its last stage."""
-    from .pipeline import Pipeline
-
-    script_args = copy.deepcopy(script_args)
-    training_args = copy.deepcopy(training_args)
-    script_args.response_format = variant.response_format
-    training_args.seed = seed
-    training_args.output_dir = str(root / f"seed{seed}" / variant.folder)
-    training_args.restart_from = None
-    stages = [copy.deepcopy(stage) for stage in variant.stages]
-    results = Pipeline(script_args, training_args, model_args, stages).run()
-    return results["stages"][stages[-1].name]
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
@@ -99,9 +24,9 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     average = statistics.fmean(values)
     if n < 2:
         return average, 0.0
-    df = n - 1
-    t = T_975[max(k for k in T_975 if k <= df)] if df <= 30 else 1.960  # a smaller df is the conservative side
-    return average, t * statistics.stdev(values) / math.sqrt(n)
+    from scipy.stats import t
+
+    return average, float(t.ppf(0.975, n - 1)) * statistics.stdev(values) / math.sqrt(n)
 
 
 def paired(per_seed: dict[str, dict[int, dict]], a: str, b: str) -> dict:
@@ -117,11 +42,12 @@ def paired(per_seed: dict[str, dict[int, dict]], a: str, b: str) -> dict:
     return result
 
 
-def summarise_variants(per_seed: dict[str, dict[int, dict]], reference: str = "sftkey_tag",
-              baseline: str = "sft_tag_matched") -> dict:  # fmt: skip
-    """Mean and 95% CI per variant and metric; paired differences of `reference` minus every other variant, and
-    of every variant minus the compute-matched `baseline` (does any form of the key stage beat it?)."""
-    table = {}
+def summarise_variants(per_seed: dict[str, dict[int, dict]], reference: str = PAPER,
+                       baselines: tuple[str, ...] = ("sft_continue", MATCHED)) -> dict:  # fmt: skip
+    """Mean and 95% CI per arm and metric, its compute (optimizer steps, trained tokens), the paired differences of
+    `reference` minus every other arm and of every arm minus each baseline, and whether the matched baseline
+    really took `reference`'s steps in every seed."""
+    table, compute = {}, {}
     for variant, runs in per_seed.items():
         table[variant] = {}
         for metric in METRICS:
@@ -129,12 +55,19 @@ def summarise_variants(per_seed: dict[str, dict[int, dict]], reference: str = "s
             if values:
                 mean, half = mean_ci(values)
                 table[variant][metric] = {"mean": mean, "ci95": half, "values": values}
+        compute[variant] = {key: statistics.fmean(run.get(key, 0) for run in runs.values()) if runs else 0
+                            for key in ("optimizer_steps", "train_tokens")}  # fmt: skip
     others = [v for v in per_seed if v != reference]
     differences = {v: paired(per_seed, reference, v) for v in others} if reference in per_seed else {}
-    against = [v for v in per_seed if v != baseline]
-    versus_baseline = {v: paired(per_seed, v, baseline) for v in against} if baseline in per_seed else {}
-    return {"reference": reference, "baseline": baseline, "variants": table, "differences": differences,
-            "versus_baseline": versus_baseline}  # fmt: skip
+    versus = {b: {v: paired(per_seed, v, b) for v in per_seed if v != b} for b in baselines if b in per_seed}
+    steps = {
+        seed: [run.get("optimizer_steps"), per_seed[reference][seed].get("optimizer_steps")]
+        for seed, run in per_seed.get(MATCHED, {}).items()
+        if seed in per_seed.get(reference, {})
+    }
+    matched = {"steps": steps, "ok": bool(steps) and all(a == b for a, b in steps.values())}
+    return {"reference": reference, "variants": table, "compute": compute, "differences": differences,
+            "versus": versus, "matched": matched}  # fmt: skip
 
 
 def _difference_table(title: str, rows: dict, metrics: list[str], several_seeds: bool) -> list[str]:
@@ -151,23 +84,38 @@ def _difference_table(title: str, rows: dict, metrics: list[str], several_seeds:
     return lines
 
 
-def markdown(summary: dict, descriptions: dict[str, str], seeds: list[int]) -> str:
-    """The comparison as Markdown tables: mean ± 95% CI per variant, then the paired differences."""
+def _baseline_label(summary: dict, baseline: str) -> str:
+    if baseline != MATCHED:
+        return f"{baseline}, the continuation baseline (same stage 1, the key stage's steps on the whole response)"
+    if summary["matched"]["ok"]:
+        return f"{baseline}, the compute-matched baseline (same optimizer steps as {summary['reference']})"
+    steps = "; ".join(f"seed {seed}: {a} vs {b}" for seed, (a, b) in summary["matched"]["steps"].items())
+    return (
+        f"{baseline}, NOT compute-matched (optimizer steps differ from {summary['reference']}: {steps or 'unknown'})"
+    )
+
+
+def markdown(summary: dict, descriptions: dict[str, str], seeds: list[int], metric: str = DEFAULT_METRIC) -> str:
+    """The comparison as Markdown tables: arms ranked by `metric` (mean ± 95% CI, compute), then the paired
+    differences."""
     metrics = [m for m in METRICS if any(m in row for row in summary["variants"].values())]
-    lines = [f"## Variants ({len(seeds)} seeds: {', '.join(map(str, seeds))}; mean ± 95% CI)", ""]
-    lines.append("| variant | " + " | ".join(metrics) + " | what it is |")
-    lines.append("| --- " * (len(metrics) + 2) + "|")
-    for variant, row in summary["variants"].items():
+    ranked = sorted(summary["variants"], key=lambda v: -summary["variants"][v].get(metric, {}).get("mean", -1))
+    lines = [f"## Variants, ranked by {metric} ({len(seeds)} seeds: {', '.join(map(str, seeds))}; mean ± 95% CI)",
+             "", "| variant | " + " | ".join(metrics) + " | steps | tokens | what it is |",
+             "| --- " * (len(metrics) + 4) + "|"]  # fmt: skip
+    for variant in ranked:
+        row, compute = summary["variants"][variant], summary["compute"].get(variant, {})
         cells = [f"{row[m]['mean']:.3f} ± {row[m]['ci95']:.3f}" if m in row else "-" for m in metrics]
+        cells += [f"{compute.get('optimizer_steps', 0):.0f}", f"{compute.get('train_tokens', 0):,.0f}"]
         lines.append(f"| {variant} | " + " | ".join(cells) + f" | {descriptions.get(variant, '')} |")
     several = len(seeds) > 1
     if summary["differences"]:
         title = f"## Paired difference: {summary['reference']} minus each variant (same seed; 95% CI)"
         lines += _difference_table(title, summary["differences"], metrics, several)
-    if summary.get("versus_baseline"):
-        title = f"## Paired difference: each variant minus {summary['baseline']}, the compute-matched baseline"
-        lines += _difference_table(title, summary["versus_baseline"], metrics, several)
-    if summary["differences"] or summary.get("versus_baseline"):
+    for baseline, rows in summary.get("versus", {}).items():
+        title = f"## Paired difference: each variant minus {_baseline_label(summary, baseline)}"
+        lines += _difference_table(title, rows, metrics, several)
+    if summary["differences"] or summary.get("versus"):
         lines += ["", "`*`: the interval excludes zero."]
     return "\n".join(lines) + "\n"
 
@@ -196,13 +144,14 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_comparison(root: Path, per_seed: dict, variants: dict[str, Variant], seeds: list[int]) -> dict:
+def write_comparison(root: Path, per_seed: dict, variants: dict, seeds: list[int],
+                     metric: str = DEFAULT_METRIC) -> dict:  # fmt: skip
     """Write comparison.json, comparison.md and comparison.png under `root`; return the summary."""
     summary = summarise_variants(per_seed)
-    summary["seeds"] = seeds
+    summary.update(seeds=seeds, ranked_by=metric)
     summary["per_seed"] = {v: {str(s): r for s, r in runs.items()} for v, runs in per_seed.items()}
+    summary["descriptions"] = {name: variants[name].description for name in per_seed if name in variants}
     write_json(root / "comparison.json", summary)
-    descriptions = {name: variant.description for name, variant in variants.items()}
-    write_text(root / "comparison.md", markdown(summary, descriptions, seeds))
+    write_text(root / "comparison.md", markdown(summary, summary["descriptions"], seeds, metric))
     plot(summary, root / "comparison.png")
     return summary

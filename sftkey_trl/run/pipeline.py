@@ -20,6 +20,7 @@ from ..data.formatting import Formatter
 from ..data.loading import PreparedData, cache_root, prepare_data
 from ..errors import SFTKeyError
 from ..evaluation.generation import evaluate_model
+from ..evaluation.metrics import DEFAULT_METRIC
 from ..files import read_json, write_json, write_jsonl, write_text
 from ..train.distributed import detect_launch
 from ..train.keep_best import KeepBestCallback
@@ -79,6 +80,8 @@ class Pipeline:
         results_path = self.output_dir / "results.json"
         results = read_json(results_path, None) or {"stages": {}}
         results.update(answer_type=self.data.answer_type, invalid_rows=self.data.report.counts)
+        if self.script_args.select_on_test and any(stage.keep_best for stage in self.stages):
+            results["selected_on_test"] = True  # keep_best chose checkpoints on the evaluation set: say so
         evaluate = self.script_args.eval_after_stages and bool(self.data.eval_examples)
         if self.script_args.eval_base and evaluate and "base" not in results:
             base = load_model(self.model_args, self.training_args)
@@ -164,6 +167,7 @@ class Pipeline:
             write_json(stage_dir / "log_history.json", trainer.state.log_history)
         summary = {
             "train_loss": output.training_loss,
+            "optimizer_steps": trainer.state.global_step,
             "train_seconds": seconds,
             "global_batch_size": batch,
             "world_size": args.world_size,
@@ -181,12 +185,7 @@ class Pipeline:
 
     def keep_best_callback(self, stage: Stage, args, trainer, stage_dir: Path) -> KeepBestCallback:
         """Evaluate on the validation split every `eval_steps` (default: twice an epoch) and keep the best."""
-        examples = self.data.validation_examples
-        if [e["index"] for e in examples] == [e["index"] for e in self.data.eval_examples]:
-            logger.warning(
-                "keep_best selects on the evaluation set itself, so the reported accuracy is optimistic; give a "
-                "separate `eval_dataset_name`/`eval_split` and an `eval_fraction` hold-out for an unbiased test"
-            )
+        examples = self.data.validation_examples  # never the evaluation set, unless `select_on_test` (checks.py)
         steps_per_epoch = max(1, len(self.data.train) // global_batch(args, args.world_size))
         every = int(args.eval_steps) if args.eval_steps and args.eval_steps >= 1 else max(1, steps_per_epoch // 2)
         in_process = dataclasses.replace(self.script_args, eval_backend="hf")  # the model being trained
@@ -197,7 +196,8 @@ class Pipeline:
             )
             return metrics
 
-        callback = KeepBestCallback(evaluate, "accuracy", stage_dir, every, trainer, self.state.is_main_process)
+        metric = self.training_args.metric_for_best_model or DEFAULT_METRIC
+        callback = KeepBestCallback(evaluate, metric, stage_dir, every, trainer, self.state.is_main_process)
         trainer.add_callback(callback)
         return callback
 

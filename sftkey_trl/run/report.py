@@ -38,7 +38,10 @@ def print_results(results: dict, output_dir: Path) -> None:
 def results_markdown(results: dict) -> str:
     """`results.md`: the metrics table plus each stage's training summary."""
     header = "| stage | " + " | ".join(title for _, title in COLUMNS) + " |"
-    lines = ["# SFTKey results", "", header, "| --- " * (len(COLUMNS) + 1) + "|"]
+    lines = ["# SFTKey results", ""]
+    if results.get("selected_on_test"):
+        lines += ["**keep_best selected checkpoints on the evaluation set (`select_on_test: true`): optimistic.**", ""]
+    lines += [header, "| --- " * (len(COLUMNS) + 1) + "|"]
     for name, metrics in result_rows(results):
         lines.append(f"| {name} | " + " | ".join(_cell(metrics.get(key)) for key, _ in COLUMNS) + " |")
     lines += ["", "| stage | loss on | train loss | seconds | tokens/s | global batch | kept |", "| --- " * 7 + "|"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from trl import SFTConfig
 
@@ -44,3 +45,14 @@ def stage_training_args(base: SFTConfig, stage: Stage, output_dir: str, processe
     except SFTKeyError as error:
         raise SFTKeyError(f"stage `{stage.name}`: {error}") from None
     return args
+
+
+def optimizer_steps(args: SFTConfig, num_rows: int, processes: int = 1) -> int:
+    """Optimizer steps a stage takes over `num_rows` training rows, as `transformers.Trainer` counts them."""
+    if args.max_steps and args.max_steps > 0:
+        return int(args.max_steps)
+    per_process = math.ceil(num_rows / processes)
+    batches = math.ceil(per_process / args.per_device_train_batch_size)
+    accumulation = accumulation_steps(args, processes)
+    per_epoch = max(batches // accumulation + int(batches % accumulation > 0), 1)
+    return math.ceil(args.num_train_epochs * per_epoch)

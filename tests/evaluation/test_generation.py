@@ -17,7 +17,7 @@ GENERATIONS = [
     ("<Thinking>2 + 3 = 5\n5 - 1 = 4</Thinking>\n<Answer>4</Answer>", "4"),  # right, consistent
     ("<Thinking>2 + 3 = 5\n5 - 1 = 3</Thinking>\n<Answer>3</Answer>", "4"),  # reasoning wrong, answer follows
     ("<Thinking>2 + 3 = 5\n5 - 1 = 4</Thinking>\n<Answer>7</Answer>", "4"),  # reasoning right, answer does not
-    ("the answer is 4", "4"),  # right by the last-number fallback, badly formatted
+    ("the answer is 4", "4"),  # right only by the last-number fallback (no answer slot): lenient, not accurate
 ]
 
 
@@ -25,17 +25,24 @@ def test_diagnostics_separate_reasoning_errors_from_answer_errors():
     examples = [example(gold, i) for i, (_, gold) in enumerate(GENERATIONS)]
     generations = [(text, len(text)) for text, _ in GENERATIONS]
     metrics, predictions = score(examples, generations, "numeric", script_args(), Tags())
-    assert [p["correct"] for p in predictions] == [True, False, False, True]
+    assert [p["correct"] for p in predictions] == [True, False, False, False]
+    assert [p["lenient_correct"] for p in predictions] == [True, False, False, True]
     assert [p["format_ok"] for p in predictions] == [True, True, True, False]
     assert [p["reasoning_final"] for p in predictions] == ["4", "3", "4", None]
     assert [p["consistent"] for p in predictions] == [True, True, False, False]
-    assert metrics["accuracy"] == 0.5 and metrics["format_accuracy"] == 0.75
+    assert metrics["accuracy"] == 0.25 and metrics["lenient_accuracy"] == 0.5 and metrics["format_accuracy"] == 0.75
     assert metrics["reasoning_final_accuracy"] == 0.5
     assert metrics["answer_reasoning_consistency"] == 0.5
     assert metrics["accuracy_given_format"] == pytest.approx(1 / 3)
     assert metrics["last_number_fallback_rate"] == 0.25 and metrics["strict_accuracy"] == 0.25
-    assert metrics["composite"] == pytest.approx(0.7 * 0.5 + 0.3 * 0.75)
+    assert metrics["composite"] == pytest.approx(0.7 * 0.25 + 0.3 * 0.75)
     assert metrics["mean_reasoning_length"] == pytest.approx((3 * len("2 + 3 = 5\n5 - 1 = 4")) / 4)
+
+
+def test_a_format_collapsed_generation_scores_zero_accuracy():
+    """No answer slot at all: the last number is right by chance, so only the lenient figure counts it."""
+    metrics, _ = score([example("5")], [("5 - 1 = 4\n4 + 1 = 5", 9)], "numeric", script_args(), Tags())
+    assert metrics["accuracy"] == 0.0 and metrics["lenient_accuracy"] == 1.0 and metrics["format_accuracy"] == 0.0
 
 
 def test_unparseable_gold_is_counted_and_never_correct():

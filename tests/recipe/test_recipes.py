@@ -255,6 +255,15 @@ def test_a_users_recipe_without_header_passes_dry_run(tmp_path, capsys):
         ),
         ("stages: [{name: a, loss_on: key, keep_best: true}]\neval_split: null\n", r"keep_best but there is no"),
         ("restart_from: nope\n", r"`restart_from: nope` is not a stage"),
+        ("stages: [{name: a, loss_on: key, keep_best: true}]\n", r"validation data is the evaluation set"),
+        (
+            "stages: [{name: a, loss_on: key, keep_best: true}]\neval_fraction: 0.1\neval_split: null\n",
+            r"would be selected on test.*select_on_test: true",
+        ),
+        (
+            "stages: [{name: a, loss_on: key, keep_best: true}]\neval_fraction: 0.1\nmetric_for_best_model: loss\n",
+            r"`metric_for_best_model: loss` is not an evaluation metric",
+        ),
         ("stages: [{name: a, loss_on: completion, reasoning_weight: 0.1}]\n", r"applies to `loss_on: key`"),
     ],
 )
@@ -262,6 +271,13 @@ def test_checks_stop_dry_run_and_real_run_alike(tmp_path, body, message, monkeyp
     dry, real = run_both(write_recipe(tmp_path, body), monkeypatch, capsys)
     assert re.search(message, dry), dry
     assert dry == real
+
+
+def test_selection_on_test_is_an_explicit_opt_in(tmp_path):
+    body = "stages: [{name: a, loss_on: key, keep_best: true}]\neval_fraction: 0.1\neval_split: null\n"
+    assert "every check passed" in run_dry(write_recipe(tmp_path, body + "select_on_test: true\n"))
+    body = "stages: [{name: a, loss_on: key, keep_best: true}]\neval_fraction: 0.1\n"  # validation + test
+    assert "every check passed" in run_dry(write_recipe(tmp_path, body + "metric_for_best_model: strict_accuracy\n"))
 
 
 def test_dry_run_rejects_both_quantisations():

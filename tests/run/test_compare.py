@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 
 import pytest
 from conftest import ROOT
 
-from sftkey_trl.run.compare import build_variants, markdown, mean_ci, summarise_variants
+from sftkey_trl.recipe.schema import SFTKeyConfig
+from sftkey_trl.run.compare import markdown, mean_ci, summarise_variants
+from sftkey_trl.run.variants import MATCHED, PAPER, build_variants, planned_steps
 from sftkey_trl.train.objectives import Stage
 
 
@@ -33,20 +36,63 @@ def test_paired_differences_use_the_same_seed():
     assert "| sft_tag | +0.100 ± 0.000 *" in table
 
 
+def training_args(**values) -> SFTKeyConfig:
+    return SFTKeyConfig(output_dir="unused", report_to="none", use_cpu=True, **values)
+
+
+def test_mean_ci_uses_the_exact_t_quantile_for_any_number_of_seeds():
+    for n, t in ((2, 12.7062), (5, 2.7764), (11, 2.2281), (13, 2.1788), (40, 2.0227)):
+        values = [0.0, 1.0] + [0.5] * (n - 2)
+        sd = statistics.stdev(values)
+        assert mean_ci(values)[1] == pytest.approx(t * sd / n**0.5, rel=1e-4)
+
+
 def test_variants_follow_the_recipe_stages():
     stages = [Stage(name="sft", loss_on="completion", overrides={"num_train_epochs": 3, "learning_rate": 1e-3}),
-              Stage(name="key", loss_on="key", overrides={"num_train_epochs": 1, "learning_rate": 1e-4})]  # fmt: skip
-    variants = build_variants(stages)
-    matched = variants["sft_tag_matched"].stages[0]
-    assert matched.loss_on == "completion" and matched.overrides["num_train_epochs"] == 4
-    assert matched.overrides["learning_rate"] == 1e-3
-    assert [s.name for s in variants["sftkey_tag"].stages] == ["sft", "key"]
-    assert variants["sftkey_tag"].folder == variants["sft_tag"].folder  # stage 1 is trained once
+              Stage(name="key", loss_on="key", keep_best=True, reasoning_weight=0.2,
+                    overrides={"num_train_epochs": 1, "learning_rate": 1e-4})]  # fmt: skip
+    variants = build_variants(stages, training_args())
+    paper = variants[PAPER].stages[1]
+    # the paper's key stage as described: key loss only, hard mask, no keep_best, the recipe's stage-2 rate
+    assert (paper.loss_on, paper.reasoning_weight, paper.keep_best) == ("key", 0.0, False)
+    assert paper.overrides["learning_rate"] == 1e-4 and "no keep_best" in variants[PAPER].description
+    assert variants["recipe"].stages[1].keep_best and variants["recipe"].stages[1].reasoning_weight == 0.2
+    assert [s.name for s in variants[PAPER].stages] == ["sft", "key"]
+    assert variants[PAPER].folder == variants["sft_tag"].folder == variants["sft_continue"].folder  # one stage 1
+    continued = variants["sft_continue"].stages[1]
+    assert continued.loss_on == "completion" and continued.overrides == paper.overrides  # same steps and schedule
+    assert variants[MATCHED].match_steps_of == variants[PAPER].stages
     assert variants["sft"].response_format == "plain" and variants["key_tag"].stages[0].loss_on == "key"
     assert variants["sftkey_tag_norm"].stages[1].loss_normalization == "completion_tokens"
     assert variants["sftkey_tag_mix"].stages[1].reasoning_weight == 0.1
     assert variants["sftkey_tag_best"].stages[1].keep_best
     assert variants["sftkey_tag_stage1_lr"].stages[1].overrides["learning_rate"] == 1e-3
+
+
+def test_matched_baseline_takes_the_paper_arms_steps_with_only_top_level_epochs():
+    """A recipe with `num_train_epochs: 1` at the top level and none per stage: 1 + 1 epochs, never a fallback."""
+    args = training_args(num_train_epochs=1, per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    stages = [Stage(name="sft", loss_on="completion"), Stage(name="key", loss_on="key")]
+    variants = build_variants(stages, args)
+    rows = 100  # 25 batches of 4 -> 13 optimizer steps per epoch (the last one accumulates a single batch)
+    assert planned_steps(variants[PAPER].stages, args, rows, 1) == 2 * 13
+    assert planned_steps(variants[MATCHED].match_steps_of, args, rows, 1) == 26
+    assert planned_steps(variants["sft_continue"].stages[1:], args, rows, 1) == 13
+    with_batch = training_args(num_train_epochs=2, per_device_train_batch_size=4, global_batch_size=16)
+    assert planned_steps(variants[PAPER].stages, with_batch, rows, 2) == 2 * 2 * 7  # 100 rows / 16 per step
+
+
+def test_a_baseline_with_other_steps_is_not_labelled_matched():
+    per_seed = {
+        PAPER: {0: {"accuracy": 0.5, "optimizer_steps": 26}},
+        MATCHED: {0: {"accuracy": 0.6, "optimizer_steps": 30}},
+    }
+    summary = summarise_variants(per_seed)
+    assert not summary["matched"]["ok"]
+    assert "NOT compute-matched" in markdown(summary, {}, [0])
+    per_seed[MATCHED][0]["optimizer_steps"] = 26
+    summary = summarise_variants(per_seed)
+    assert summary["matched"]["ok"] and "the compute-matched baseline" in markdown(summary, {}, [0])
 
 
 @pytest.mark.e2e
@@ -57,7 +103,7 @@ def test_compare_end_to_end_on_a_tiny_setting(tmp_path, monkeypatch):
     out = tmp_path / "cmp"
     args = [
         "--variants",
-        "sft_tag,sftkey_tag,sft_tag_matched",
+        "sft_tag_matched,sft_tag,sftkey_tag,sft_continue",
         "--seeds",
         "2",
         "--output_dir",
@@ -75,11 +121,14 @@ def test_compare_end_to_end_on_a_tiny_setting(tmp_path, monkeypatch):
     ]
     assert main(args) == 0
     summary = json.loads((out / "comparison.json").read_text())
-    assert set(summary["variants"]) == {"sft_tag", "sftkey_tag", "sft_tag_matched"}
+    assert set(summary["variants"]) == {"sft_tag", "sftkey_tag", "sft_tag_matched", "sft_continue"}
     assert summary["seeds"] == [0, 1] and len(summary["variants"]["sftkey_tag"]["accuracy"]["values"]) == 2
-    assert set(summary["differences"]) == {"sft_tag", "sft_tag_matched"}
+    assert set(summary["differences"]) == {"sft_tag", "sft_tag_matched", "sft_continue"}
+    assert summary["matched"]["ok"], summary["matched"]  # the matched arm ran after the paper arm, same steps
+    steps = summary["per_seed"]
+    assert steps["sft_continue"]["0"]["optimizer_steps"] == steps["sftkey_tag"]["0"]["optimizer_steps"]
     assert (out / "comparison.png").stat().st_size > 1000
     assert "Paired difference" in (out / "comparison.md").read_text()
     # sftkey_tag reused sft_tag's stage 1 (same folder, skipped by the manifest)
     manifest = json.loads((out / "seed0" / "tags" / "manifest.json").read_text())
-    assert set(manifest["stages"]) == {"sft", "key"}
+    assert set(manifest["stages"]) == {"sft", "key", "continue"}
