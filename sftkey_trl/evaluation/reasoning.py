@@ -62,6 +62,7 @@ _PRESENTS_RESULT_RE = re.compile(
     r"|\b(?:is|are|was|were))\s+(?:a\s+total\s+of\s+)?[$€£]?\s*$",
     re.IGNORECASE,
 )
+_WINDOW = 60
 _UNITS = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
 _UNITS += "seventeen eighteen nineteen"
 _TENS = "twenty thirty forty fifty sixty seventy eighty ninety"
@@ -112,10 +113,11 @@ def _clause_value(clause: str) -> str | None:
         free = later
     if not free:  # the clause ends on arithmetic without a result: its last number
         return numbers[-1].group(0)
-    free = [n for n in free if not _GIVEN_RE.search(clause, 0, n.start())] or free
+    # Both patterns end at the number, so a bounded look-back window keeps long clauses linear.
+    free = [n for n in free if not _GIVEN_RE.search(clause, max(0, n.start() - _WINDOW), n.start())] or free
     result = free[0]
     for n in free[1:]:
-        if _PRESENTS_RESULT_RE.search(clause, result.end(), n.start()):
+        if _PRESENTS_RESULT_RE.search(clause, max(result.end(), n.start() - _WINDOW), n.start()):
             result = n
     return result.group(0)
 
@@ -130,8 +132,9 @@ def _sentence_value(sentence: str) -> str | None:
         sentence = sentence[m.end() :]
     if (m := _JUSTIFICATION_RE.search(sentence)) and _has_number(sentence[: m.start()]):
         sentence = sentence[: m.start()]
+    last_number = list(NUMBER_RE.finditer(sentence))[-1].start() if _has_number(sentence) else -1
     for m in reversed(list(_CONNECTOR_RE.finditer(sentence))):
-        if _has_number(sentence[m.end() :]):
+        if m.end() <= last_number:  # the last conclusion that still has a number after it
             sentence = sentence[m.end() :]
             break
     return _clause_value(sentence)

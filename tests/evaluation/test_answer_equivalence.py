@@ -6,6 +6,8 @@ negatives that used to fail, and short gold/prediction pairs covering the usual 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from sftkey_trl.evaluation.answers import answers_match, reasoning_final_value
@@ -166,3 +168,10 @@ def test_final_value_and_answer_are_consistent_on_a_rate() -> None:
     final = reasoning_final_value("$2000/day * 7 days/week = $14000/week")
     assert answers_match("14000", final, "numeric")
     assert not answers_match("7", final, "numeric")
+
+
+def test_long_reasoning_is_read_in_linear_time() -> None:
+    start = time.monotonic()
+    assert reasoning_final_value("1 " * 2000) == "1"
+    assert reasoning_final_value("5 " + "so " * 2000) == "5"
+    assert time.monotonic() - start < 2.0  # the look-backs once made this quadratic (minutes at 20k numbers)
