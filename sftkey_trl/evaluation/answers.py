@@ -167,16 +167,17 @@ def _mv_call(func: Callable[..., Any], timeout_name: str, *args: Any, **kwargs: 
 
 
 def _only_words(rest: str) -> bool:
-    """Whether `rest` (what math_verify left unparsed) is prose: no digits/operators/LaTeX, no 1-letter words."""
+    """Whether `rest` (what math_verify left unparsed) is prose: no digits/operators/LaTeX, no 1-letter words, no
+    hedge ("4 maybe" is not an answer)."""
     if re.search(r"[\d\\^_{}=+*/()\[\]]", rest):
         return False
     return all(len(w) > 1 and w.lower() not in NOT_UNITS for w in re.findall(r"[A-Za-z]+", rest))
 
 
 @lru_cache(maxsize=4096)
-def _mv_candidates(text: str, wrap: bool) -> tuple[list[Any], ...]:
-    """math_verify parses of `text`: as LaTeX math (``$text$``) when `wrap`, and as-is when nothing unparsed is left
-    over except words (so ``2\\sqrt{2}`` never reads as ``2``). Empty tuple when nothing parses."""
+def _mv_candidates(text: str) -> tuple[list[Any], ...]:
+    """math_verify parses of `text`: as LaTeX math (``$text$``), and as-is when nothing unparsed is left over except
+    words (so ``2\\sqrt{2}`` never reads as ``2``). Empty tuple when nothing parses."""
     s = text.translate(MINUS).replace("**", "").strip()
     if not s or len(s) > _MAX_MATH_VERIFY_CHARS or _RISKY_RE.search(s):
         return ()
@@ -195,7 +196,7 @@ def _mv_candidates(text: str, wrap: bool) -> tuple[list[Any], ...]:
     if _DELIMITED_RE.search(s):
         return tuple(r for r in (run(s),) if r)
     results = []
-    if wrap and (wrapped := run("$" + re.sub(r"(?<!\\)%", r"\\%", s) + "$")):
+    if wrapped := run("$" + re.sub(r"(?<!\\)%", r"\\%", s) + "$"):
         results.append(wrapped)
     direct = run(s)
     if direct and isinstance(direct[-1], str) and direct[-1] in s:
@@ -205,12 +206,12 @@ def _mv_candidates(text: str, wrap: bool) -> tuple[list[Any], ...]:
 
 
 def _math_verify_match(predicted: str, gold: str) -> bool:
-    golds = _mv_candidates(gold, True)
+    golds = _mv_candidates(gold)
     if not golds:
         return False
     from math_verify import verify
 
-    for candidate in _mv_candidates(predicted, True):
+    for candidate in _mv_candidates(predicted):
         try:
             if _mv_call(verify, "timeout_seconds", golds[0], candidate):  # gold first
                 return True
@@ -270,7 +271,7 @@ def gold_is_parseable(gold: str, answer_type: str) -> bool:
         return False
     if parse_number(gold) is not None:
         return True
-    return answer_type == "math" and bool(_mv_candidates(gold, True))
+    return answer_type == "math" and bool(_mv_candidates(gold))
 
 
 def answers_match(

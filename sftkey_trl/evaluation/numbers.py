@@ -7,6 +7,8 @@ Decisions worth knowing:
 - A single comma that cannot be a thousands separator is a decimal comma (``1,22`` = 1.22); ``1,222`` stays 1222.
 - A number followed by ``/`` and a word is a rate (``$7200/year``), not the start of a fraction.
 - Equality: an integer gold needs an exactly equal number; otherwise both sides are rounded to 6 decimals.
+- Hedge words (``or``, ``maybe``...) are never unit words, so ``4 maybe`` is not a number, and `is_hedged` tells
+  candidates offered side by side (``3 or 4``, ``2 3``) from one answer.
 """
 
 from __future__ import annotations
