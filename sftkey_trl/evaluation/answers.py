@@ -2,9 +2,13 @@
 
 Decisions worth knowing:
 - An empty answer inside tags gives ``answer=None`` (strict tags keep ``format_ok=True``); no number fallback then.
-- Numbers found by the last-number fallback are returned normalised: thousands commas removed, unicode minus -> "-".
-- Numbers compare within 1e-6 relative, except two integers, which must be equal (1000000 != 1000001).
-- Percentages: ``50%`` matches ``50`` (cheap numeric fallback) and, through math_verify, also ``0.5``.
+- Numbers found by the last-number fallback are returned normalised: thousands separators removed, unicode minus
+  -> "-".
+- Two answers that both parse as plain numbers (`numbers.parse_number`) are compared as numbers and nothing else:
+  an integer gold needs an exactly equal number, other golds agree to 6 decimals (as math_verify rounds).
+  Percentages: ``50%`` matches ``50`` and ``0.5``.
+- "numeric" answers are plain numbers only (no math_verify, so ``2+3`` is not 5); "math" answers that are not
+  plain numbers go to math_verify, except predictions that hedge (``3 or 4``, ``2 3``).
 - math_verify runs with signal timeouts (5 s) on the main thread and without timeouts elsewhere (signals fail off
   the main thread); inputs that look pathological (towers of powers, huge factorials) skip it.
 """
@@ -16,9 +20,11 @@ import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from fractions import Fraction
 from functools import cache, lru_cache
 from typing import Any
+
+from .numbers import MINUS, NOT_UNITS, is_hedged, last_number, numbers_equal, parse_number, prepare
+from .reasoning import reasoning_final_value as reasoning_final_value  # re-exported: scoring imports it from here
 
 ANSWER_TYPES = ("numeric", "math", "multiple_choice", "text")
 RESPONSE_FORMATS = ("tags", "plain")
@@ -48,26 +54,7 @@ class Extraction:
     reasoning: str | None
 
 
-_MINUS = str.maketrans({"\u2212": "-", "\ufe63": "-", "\uff0d": "-"})
-_NUM = r"(?:\d+/\d+|(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
-_NUMBER_RE = re.compile(rf"(?:(?<![\w)\]}}])-)?(?<![\w.,/]){_NUM}(?![\d/])")
-_FRAC_RE = re.compile(r"\\[dt]?frac\{\s*(-?\d+)\s*\}\s*\{\s*(\d+)\s*\}")
-_WRAPPER_RE = re.compile(r"\\(?:boxed|text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}")
 _TRAILING_PUNCT = ".!?,;:"
-
-
-def _prepare(text: str) -> str:
-    """Unicode minus -> '-', ``\\frac{a}{b}`` -> ``a/b``, unwrap ``\\boxed{}``/``\\text{}``, drop markdown bold."""
-    text = text.translate(_MINUS).replace("**", "")
-    for _ in range(3):
-        text = _WRAPPER_RE.sub(r"\1", text)
-    text = _FRAC_RE.sub(r"\1/\2", text)
-    return text.replace("\\$", "$").replace("\\%", "%").replace("\\!", "").replace("\\,", "")
-
-
-def _last_number(text: str) -> str | None:
-    matches = list(_NUMBER_RE.finditer(_prepare(text)))
-    return matches[-1].group(0).replace(",", "") if matches else None
 
 
 # ---------------------------------------------------------------------------------------------------------- extraction
@@ -157,37 +144,15 @@ def extract_answer(
         reasoning = None
     if found is not None:
         return found
-    number = _last_number(text)
+    number = last_number(text)
     return Extraction(number, "last_number" if number is not None else "none", False, reasoning)
 
 
 # ------------------------------------------------------------------------------------------------------------ matching
 _PLACEHOLDERS = {"", "n/a", "na", "none", "null", "nan", "unknown", "?", "-"}
-_NOT_UNITS = {"pi", "sqrt", "inf", "infinity"}
-_NUMERIC_RE = re.compile(rf"(-)?\s*({_NUM})\s*(%)?(?:\s+([a-z]{{2,}}(?:\s+[a-z]{{2,}})*))?", re.IGNORECASE)
 _DELIMITED_RE = re.compile(r"\$|\\\(|\\\[|\\boxed")
 _RISKY_RE = re.compile(r"\^\s*\{[^}]*\^|\^\s*\(?[\d.]+\)?\s*\^|\d{4,}\s*\)?\s*!|\}\s*\)?\s*!|\d{60,}")
 _MAX_MATH_VERIFY_CHARS = 500
-
-
-def _to_fraction(text: str) -> Fraction | None:
-    """Cheap parse of a plain number: drops $/€/£, thousands commas, %, unit words, a trailing '.'."""
-    s = re.sub(r"[$€£]", "", _prepare(text)).strip().rstrip(".").strip()
-    m = _NUMERIC_RE.fullmatch(s)
-    if not m or (m.group(4) and _NOT_UNITS & set(m.group(4).lower().split())):
-        return None
-    try:
-        value = Fraction(m.group(2).replace(",", ""))
-    except (ValueError, ZeroDivisionError):
-        return None
-    return -value if m.group(1) else value
-
-
-def _close(a: Fraction, b: Fraction) -> bool:
-    """Equal; or, unless both are integers (1000000 != 1000001), within 1e-6 relative."""
-    if a.denominator == 1 and b.denominator == 1:
-        return a == b
-    return abs(a - b) <= Fraction(1, 10**6) * max(abs(a), abs(b))
 
 
 @cache
@@ -202,17 +167,18 @@ def _mv_call(func: Callable[..., Any], timeout_name: str, *args: Any, **kwargs: 
 
 
 def _only_words(rest: str) -> bool:
-    """Whether `rest` (what math_verify left unparsed) is prose: no digits/operators/LaTeX, no 1-letter words."""
+    """Whether `rest` (what math_verify left unparsed) is prose: no digits/operators/LaTeX, no 1-letter words, no
+    hedge ("4 maybe" is not an answer)."""
     if re.search(r"[\d\\^_{}=+*/()\[\]]", rest):
         return False
-    return all(len(w) > 1 and w.lower() not in _NOT_UNITS for w in re.findall(r"[A-Za-z]+", rest))
+    return all(len(w) > 1 and w.lower() not in NOT_UNITS for w in re.findall(r"[A-Za-z]+", rest))
 
 
 @lru_cache(maxsize=4096)
-def _mv_candidates(text: str, wrap: bool) -> tuple[list[Any], ...]:
-    """math_verify parses of `text`: as LaTeX math (``$text$``) when `wrap`, and as-is when nothing unparsed is left
-    over except words (so ``2\\sqrt{2}`` never reads as ``2``). Empty tuple when nothing parses."""
-    s = text.translate(_MINUS).replace("**", "").strip()
+def _mv_candidates(text: str) -> tuple[list[Any], ...]:
+    """math_verify parses of `text`: as LaTeX math (``$text$``), and as-is when nothing unparsed is left over except
+    words (so ``2\\sqrt{2}`` never reads as ``2``). Empty tuple when nothing parses."""
+    s = text.translate(MINUS).replace("**", "").strip()
     if not s or len(s) > _MAX_MATH_VERIFY_CHARS or _RISKY_RE.search(s):
         return ()
     try:
@@ -230,7 +196,7 @@ def _mv_candidates(text: str, wrap: bool) -> tuple[list[Any], ...]:
     if _DELIMITED_RE.search(s):
         return tuple(r for r in (run(s),) if r)
     results = []
-    if wrap and (wrapped := run("$" + re.sub(r"(?<!\\)%", r"\\%", s) + "$")):
+    if wrapped := run("$" + re.sub(r"(?<!\\)%", r"\\%", s) + "$"):
         results.append(wrapped)
     direct = run(s)
     if direct and isinstance(direct[-1], str) and direct[-1] in s:
@@ -239,13 +205,13 @@ def _mv_candidates(text: str, wrap: bool) -> tuple[list[Any], ...]:
     return tuple(results)
 
 
-def _math_verify_match(predicted: str, gold: str, gold_wrap: bool) -> bool:
-    golds = _mv_candidates(gold, gold_wrap)
+def _math_verify_match(predicted: str, gold: str) -> bool:
+    golds = _mv_candidates(gold)
     if not golds:
         return False
     from math_verify import verify
 
-    for candidate in _mv_candidates(predicted, True):
+    for candidate in _mv_candidates(predicted):
         try:
             if _mv_call(verify, "timeout_seconds", golds[0], candidate):  # gold first
                 return True
@@ -256,15 +222,18 @@ def _math_verify_match(predicted: str, gold: str, gold_wrap: bool) -> bool:
 
 _CHOICE_BARE_RE = re.compile(r"[(\[]?\s*([A-E])\s*[)\]]?\s*[.:]?", re.IGNORECASE)
 _CHOICE_LEAD_RE = re.compile(r"[(\[]?([A-E])[)\].:](?:\s|$)")
+# A few lowercase filler words may sit between the phrase and the letter ("the answer is for sure D"), but no
+# negation ("the answer is not A"); the letter is upper case, so "the answer is a bit unclear" names no option.
 _CHOICE_PHRASE_RE = re.compile(
-    r"(?i:answer|option|choice)(?:\s+(?i:is|would\s+be|should\s+be))?\s*:?\s*[(\[]?([A-E])(?![A-Za-z0-9])"
+    r"(?i:answer|option|choice|pick|choose|select)(?:\s+(?i:is|would\s+be|should\s+be|must\s+be))?\s*:?"
+    r"(?:\s+(?!(?:not|never|no)\b)[a-z]+,?){0,3}\s*[(\[]?([A-E])(?![A-Za-z0-9'])"
 )
 _CHOICE_PAREN_RE = re.compile(r"\(([A-E])\)")
 
 
 def _choice_letter(text: str) -> str | None:
     """The option letter A-E in `text` ("B", "(b)", "B.", "B) photosynthesis", "The answer is B"), else None."""
-    s = re.sub(r"[$*]", "", _prepare(text)).strip()
+    s = re.sub(r"[$*]", "", prepare(text)).strip()
     if m := _CHOICE_BARE_RE.fullmatch(s):
         return m.group(1).upper()
     if m := _CHOICE_LEAD_RE.match(s):
@@ -289,7 +258,8 @@ def _check_type(answer_type: str) -> None:
 def gold_is_parseable(gold: str, answer_type: str) -> bool:
     """Whether `gold` can be parsed for `answer_type`; golds that can't are never matched by `answers_match`.
 
-    numeric/math: a plain number, or something math_verify parses (math: as LaTeX; placeholders like "N/A" never);
+    numeric: a plain number (`numbers.parse_number`); math: that or something math_verify parses as LaTeX;
+    placeholders like "N/A" never;
     multiple_choice: a single letter A-E; text: non-empty after the default normalizer.
     """
     _check_type(answer_type)
@@ -299,7 +269,9 @@ def gold_is_parseable(gold: str, answer_type: str) -> bool:
         return bool(_default_normalizer(gold))
     if gold.strip().lower() in _PLACEHOLDERS:
         return False
-    return _to_fraction(gold) is not None or bool(_mv_candidates(gold, answer_type == "math"))
+    if parse_number(gold) is not None:
+        return True
+    return answer_type == "math" and bool(_mv_candidates(gold))
 
 
 def answers_match(
@@ -310,10 +282,12 @@ def answers_match(
 ) -> bool:
     """Whether `predicted` answers `gold` for `answer_type` (one of ANSWER_TYPES).
 
-    numeric/math: numbers compared as fractions (relative tolerance 1e-6, ignoring $, thousands commas, %, unit
-    words, unicode minus), then math_verify (LaTeX, ``\\boxed{}``, ``\\frac``, expressions). multiple_choice: option
-    letters. text: equal after `normalizer` (used only for text; default lowercases, collapses whitespace, strips
-    trailing punctuation and a leading article). False when `predicted` is None or the gold is unparseable.
+    numeric: both must parse as plain numbers (ignoring $, thousands separators, decimal commas, unit words and
+    units like m/s, unicode minus; see `numbers.numbers_equal` for equality and percentages). math: the same when
+    both are plain numbers, else math_verify (LaTeX, ``\\boxed{}``, ``\\frac``, expressions), which a hedged
+    prediction (``3 or 4``, ``2 3``) never reaches. multiple_choice: the committed option letter. text: equal after
+    `normalizer` (used only for text; default lowercases, collapses whitespace, strips trailing punctuation and a
+    leading article). False when `predicted` is None or the gold is unparseable.
     """
     if predicted is None or not gold_is_parseable(gold, answer_type):
         return False
@@ -324,28 +298,12 @@ def answers_match(
         return bool(norm(gold)) and norm(predicted) == norm(gold)
     if not predicted.strip():
         return False
-    gold_value, predicted_value = _to_fraction(gold), _to_fraction(predicted)
-    if gold_value is not None and predicted_value is not None and _close(gold_value, predicted_value):
-        return True
-    return _math_verify_match(predicted, gold, gold_wrap=answer_type == "math")
-
-
-_EQUALS_RE = re.compile(r"(?<![<>!=])=(?!=)")
-_RESULT_RE = re.compile(rf"\s*[$€£]?\s*(-?\s*{_NUM})(?![\d/]|,\d|\s*[-+*/×÷^(]|\s*\\(?:times|cdot|div))")
-
-
-def reasoning_final_value(reasoning: str | None) -> str | None:
-    """The value the reasoning arrives at: the number right of the last '=' (if it is a bare number, not the
-    start of an expression), else the last number in the text; None if there is none. Commas are dropped."""
-    if not reasoning:
-        return None
-    text = _prepare(reasoning)
-    equals = list(_EQUALS_RE.finditer(text))
-    if equals:
-        rhs = text[equals[-1].end() :].split("\n", 1)[0]
-        if m := _RESULT_RE.match(rhs):
-            return re.sub(r"[\s,]", "", m.group(1))
-    return _last_number(text)
+    gold_number, predicted_number = parse_number(gold), parse_number(predicted)
+    if gold_number is not None and predicted_number is not None:
+        return numbers_equal(predicted_number, gold_number)
+    if answer_type == "numeric" or (is_hedged(predicted) and not is_hedged(gold)):
+        return False
+    return _math_verify_match(predicted, gold)
 
 
 def composite_score(accuracy: float, format_accuracy: float) -> float:
