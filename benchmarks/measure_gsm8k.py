@@ -24,8 +24,8 @@ from sftkey_trl.data.formatting import Formatter
 from sftkey_trl.data.loading import ROW_INDEX, InvalidReport, to_triples
 from sftkey_trl.data.masks import tokenize_rendered
 from sftkey_trl.errors import SFTKeyError
-from sftkey_trl.evaluation.generation import score
-from sftkey_trl.recipe.config import SFTKeyScriptArguments
+from sftkey_trl.evaluation.metrics import score
+from sftkey_trl.recipe.schema import SFTKeyScriptArguments
 
 METRICS = (
     "accuracy",

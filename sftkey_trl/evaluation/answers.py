@@ -24,7 +24,6 @@ from functools import cache, lru_cache
 from typing import Any
 
 from .numbers import MINUS, NOT_UNITS, is_hedged, last_number, numbers_equal, parse_number, prepare
-from .reasoning import reasoning_final_value as reasoning_final_value  # re-exported: scoring imports it from here
 
 ANSWER_TYPES = ("numeric", "math", "multiple_choice", "text")
 RESPONSE_FORMATS = ("tags", "plain")

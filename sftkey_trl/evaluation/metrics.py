@@ -10,7 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from statistics import mean
 
-from .answers import answers_match, composite_score, extract_answer, gold_is_parseable, reasoning_final_value
+from .answers import answers_match, composite_score, extract_answer, gold_is_parseable
+from .reasoning import reasoning_final_value
 
 
 @dataclass(frozen=True)

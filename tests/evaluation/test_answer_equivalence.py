@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from sftkey_trl.evaluation.answers import answers_match, reasoning_final_value
+from sftkey_trl.evaluation.answers import answers_match
+from sftkey_trl.evaluation.reasoning import reasoning_final_value
 
 # (predicted, gold, answer_type, expected)
 FORMER_FALSE_POSITIVES = [

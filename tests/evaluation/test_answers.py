@@ -15,8 +15,8 @@ from sftkey_trl.evaluation.answers import (
     composite_score,
     extract_answer,
     gold_is_parseable,
-    reasoning_final_value,
 )
+from sftkey_trl.evaluation.reasoning import reasoning_final_value
 
 STRICT = "<Thinking>3 + 4 = 7</Thinking>\n<Answer>7</Answer>"
 
