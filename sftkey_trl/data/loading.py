@@ -15,6 +15,7 @@ import torch
 from datasets import Dataset, load_dataset, load_from_disk
 
 from ..errors import SFTKeyError
+from ..recipe.checks import check_usable_rows, length_notes
 from .adapters import FieldNames, RowRejected, Triple, check_columns, get_adapter
 from .formatting import Formatter
 from .masks import tokenize_rendered
@@ -209,6 +210,10 @@ def prepare_data(script_args, training_args, stages, tokenizer, formatter: Forma
         columns["index"] = [index for index, _ in triples]
         tokenized = Dataset.from_dict(columns)
     num_tokenized = len(tokenized)
+    lengths = [len(ids) for ids in tokenized["input_ids"]]
+    responses = [sum(mask) for mask in tokenized["completion_mask"]]
+    for note in length_notes(lengths, responses, training_args.max_length, script_args.max_new_tokens):
+        logger.warning("note: %s", note)
     tokenized = _validate_lengths(tokenized, training_args.max_length, stages, report, len(train_rows))
     if report.total:
         message = f"{report.total} of {len(train_rows)} training rows are invalid: {report.describe()}"
@@ -269,4 +274,5 @@ def _eval_examples(rows: Dataset, script_args, formatter: Formatter) -> list[dic
     ]
     if report.total:
         logger.warning("evaluation set: %d rows skipped: %s", report.total, report.describe())
+    check_usable_rows(len(rows), len(examples), report, script_args.dataset_format)
     return examples

@@ -6,12 +6,12 @@ any model or dataset is loaded, so a recipe that `--dry_run` rejects never train
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 from typing import Any
 
 from ..data.adapters import Triple, get_adapter
-from ..data.loading import local_path
 from ..errors import SFTKeyError, closest
 from ..evaluation.metrics import DEFAULT_METRIC, METRICS
 from ..train.distributed import check_sharding_compatibility
@@ -126,6 +126,8 @@ def check_data(script_args) -> list[str]:
             f"no dataset: `dataset_format: {adapter.name}` has no default, so set `dataset_name` to a hub id or a "
             "local .jsonl/.json/.parquet/.csv file"
         )
+    from ..data.loading import local_path
+
     for key in ("dataset_name", "eval_dataset_name"):
         if getattr(script_args, key):
             local_path(getattr(script_args, key), key)
@@ -203,6 +205,66 @@ def check_selection(script_args, stage_name: str) -> None:
             "numbers would be selected on test; set both `eval_fraction` (validation) and `eval_split` or "
             "`eval_dataset_name` (test), or `select_on_test: true` to accept and label that"
         )
+
+
+LENGTH_WARN_SHARE = 0.05  # warn when more than this share of rows is cut
+
+
+def length_notes(lengths: list[int], responses: list[int], max_length: int | None, max_new_tokens: int) -> list[str]:
+    """Notes when `max_length` cuts training rows or `max_new_tokens` is below reference responses (in tokens)."""
+    notes = []
+    if max_length and lengths:
+        cut = sum(length > max_length for length in lengths) / len(lengths)
+        if cut > LENGTH_WARN_SHARE:
+            notes.append(f"`max_length: {max_length}` cuts {cut:.0%} of the training rows (the longest has "
+                         f"{max(lengths)} tokens): they are dropped as invalid; raise `max_length`")  # fmt: skip
+    if responses:
+        over = sum(length > max_new_tokens for length in responses) / len(responses)
+        if over > LENGTH_WARN_SHARE:
+            notes.append(f"`max_new_tokens: {max_new_tokens}` is below {over:.0%} of the reference responses (the "
+                         f"longest has {max(responses)} tokens): generations will be cut off; raise it")  # fmt: skip
+    return notes
+
+
+def check_usable_rows(rows: int, usable: int, report, dataset_format: str) -> None:
+    """Evaluation data that adapts to no usable row stops the run before training (never a silent skip)."""
+    if rows and not usable:
+        raise SFTKeyError(
+            f"evaluation data: none of its {rows} rows is usable by the `{dataset_format}` adapter "
+            f"({report.describe()}); set `dataset_format` for that file, or point the evaluation keys at data in "
+            "this layout"
+        )
+
+
+def check_local_data(script_args, training_args, model_args, sample: int = 2000) -> list[str]:
+    """`--dry_run`'s look at what is on this machine: the evaluation rows that survive the adapter, and the length
+    notes a real run would give, from the first `sample` training rows and a tokenizer available offline."""
+    from ..data.formatting import Formatter
+    from ..data.loading import InvalidReport, load_splits, local_path, to_triples
+    from ..data.masks import tokenize_rendered
+    from ..train.modeling import load_tokenizer
+
+    names = [script_args.dataset_name or "", script_args.eval_dataset_name or ""]
+    if not any(name.startswith("demo:") or local_path(name) for name in names if name):
+        return ["data checks: the data is not local; they run when a real run loads it"]
+    local = dataclasses.replace(script_args, max_train_samples=min(sample, script_args.max_train_samples or sample))
+    train, _, evaluation = load_splits(local, training_args.seed)
+    notes = []
+    if evaluation is not None:
+        report = InvalidReport()
+        usable = len(to_triples(evaluation, script_args, report))
+        check_usable_rows(len(evaluation), usable, report, script_args.dataset_format)
+        notes.append(f"evaluation rows: {usable} of {len(evaluation)} usable")
+    try:
+        tokenizer = load_tokenizer(model_args, training_args, offline=True)
+    except SFTKeyError:
+        return notes + ["length checks: the tokenizer is not available offline; they run when a real run loads it"]
+    formatter = Formatter(tokenizer, script_args, training_args.eos_token)
+    rendered = [formatter.render(triple) for _, triple in to_triples(train, script_args, InvalidReport())]
+    columns = tokenize_rendered(tokenizer, rendered)
+    lengths = [len(ids) for ids in columns["input_ids"]]
+    responses = [sum(mask) for mask in columns["completion_mask"]]
+    return notes + length_notes(lengths, responses, training_args.max_length, script_args.max_new_tokens)
 
 
 def processes_of_launch(launch_tokens: list[str], root: Path) -> int | None:

@@ -37,12 +37,16 @@ def _hub_error(name: str, error: Exception) -> SFTKeyError:
     )
 
 
-def load_tokenizer(model_args, training_args):
-    """Load the model's fast tokenizer (offsets are needed for the masks) and make sure it can pad."""
+def load_tokenizer(model_args, training_args, offline: bool = False):
+    """Load the model's fast tokenizer (offsets are needed for the masks) and make sure it can pad; `offline`:
+    only from a local folder or the cache."""
     name = resolve_model_path(model_args.model_name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+            name,
+            revision=model_args.model_revision,
+            trust_remote_code=training_args.trust_remote_code,
+            local_files_only=offline,
         )
     except (OSError, ValueError) as error:
         raise _hub_error(model_args.model_name_or_path, error) from error
