@@ -19,6 +19,7 @@ from ..train.steps import optimizer_steps, stage_training_args
 
 MATCHED = "sft_tag_matched"
 PAPER = "sftkey_tag"
+KEY_WEIGHT = 5.0  # the answer emphasis of the key_weight arms
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,11 @@ def build_variants(stages: list[Stage], training_args, recipe_format: str = "tag
                 match_steps_of=(sft, key)),
         Variant("recipe", "recipe", recipe_format, tuple(copy.deepcopy(stages)),
                 "the recipe's own stages, exactly as written"),
+        Variant("sft_keyweight", "keyweight", "tags", (dataclasses.replace(sft, key_weight=KEY_WEIGHT),),
+                f"tags, whole response with key tokens weighted {KEY_WEIGHT:g} ({s1}), one stage: sft_tag's compute"),
+        Variant("sft_continue_keyweight", "tags", "tags",
+                (sft, dataclasses.replace(continued, name="continue_keyweight", key_weight=KEY_WEIGHT)),
+                f"sft_continue with key tokens weighted {KEY_WEIGHT:g} in the second stage: the same compute"),
     ]  # fmt: skip
     variants += [Variant(name, "tags", "tags", (sft, stage), f"{PAPER}'s key stage with {what}")
                  for name, (stage, what) in forms.items()]  # fmt: skip

@@ -35,7 +35,7 @@ class Objective:
 
 
 def _completion_weights(completion: torch.Tensor, key: torch.Tensor, stage: Stage) -> torch.Tensor:
-    return completion.float()
+    return completion.float() + (stage.key_weight - 1.0) * (completion & key).float()
 
 
 def _key_weights(completion: torch.Tensor, key: torch.Tensor, stage: Stage) -> torch.Tensor:
@@ -45,8 +45,9 @@ def _key_weights(completion: torch.Tensor, key: torch.Tensor, stage: Stage) -> t
 OBJECTIVES: dict[str, Objective] = {
     "completion": Objective(
         "completion",
-        "every response token, end-of-turn included (stage 1: ordinary completion-only SFT)",
-        ("loss_normalization",),
+        "every response token, end-of-turn included (stage 1: ordinary completion-only SFT); key tokens weigh "
+        "`key_weight`",
+        ("loss_normalization", "key_weight"),
         _completion_weights,
     ),
     "key": Objective(
@@ -66,6 +67,7 @@ class Stage:
     loss_on: str = "completion"
     loss_normalization: str = "supervised_tokens"
     reasoning_weight: float = 0.0
+    key_weight: float = 1.0
     keep_best: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -93,6 +95,10 @@ def _check_option(key: str, value: Any) -> Any:
     if key == "reasoning_weight":
         if isinstance(value, bool) or not isinstance(value, (int, float, str)) or not 0 <= float(value) <= 1:
             raise ValueError("must be a number between 0 and 1")
+        return float(value)
+    if key == "key_weight":
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)) or not 1 <= float(value) <= 100:
+            raise ValueError("must be a number from 1 (no emphasis) to 100")
         return float(value)
     if key == "keep_best" and not isinstance(value, bool):
         raise ValueError("must be true or false")

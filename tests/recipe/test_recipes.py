@@ -265,6 +265,8 @@ def test_a_users_recipe_without_header_passes_dry_run(tmp_path, capsys):
             r"`metric_for_best_model: loss` is not an evaluation metric",
         ),
         ("stages: [{name: a, loss_on: completion, reasoning_weight: 0.1}]\n", r"applies to `loss_on: key`"),
+        ("stages: [{name: a, loss_on: key, key_weight: 3}]\n", r"`key_weight` applies to `loss_on: completion`"),
+        ("stages: [{name: a, loss_on: completion, key_weight: 0.5}]\n", r"from 1 \(no emphasis\) to 100"),
     ],
 )
 def test_checks_stop_dry_run_and_real_run_alike(tmp_path, body, message, monkeypatch, capsys):

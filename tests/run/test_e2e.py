@@ -114,6 +114,15 @@ def test_inspect_json_shows_supervised_text_per_stage():
     )
 
 
+def test_inspect_shows_each_stage_objectives_weights():
+    stages = "[{name: emph, loss_on: completion, key_weight: 5}, {name: mix, loss_on: key, reasoning_weight: 0.1}]"
+    done = run_cli("--inspect", "1", "--json", "--stages", stages)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = {r["stage"]: r for r in map(json.loads, (line for line in done.stdout.splitlines() if line[:1] == "{"))}
+    assert records["emph"]["weights"] == [1.0, 5.0] and records["mix"]["weights"] == [0.1, 1.0]
+    assert records["mix"]["supervised_text"] == records["emph"]["supervised_text"]  # both see the whole response
+
+
 def test_inspect_accepts_recipe_overrides(tmp_path):
     data = tmp_path / "my.jsonl"
     data.write_text(json.dumps({"q": "Start at 1, add 1.", "r": "1 + 1 = 2", "a": "2"}) + "\n")

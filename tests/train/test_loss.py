@@ -126,6 +126,26 @@ def test_collator_weights_on_hand_built_batch():
     assert completion["loss_weights"].tolist() == [[0, 0, 1, 1, 1, 1]]
 
 
+def test_key_weight_emphasises_the_answer_over_the_response_tokens(tiny_model_dir, char_tokenizer, tmp_path, examples):
+    """key_weight w: reasoning tokens weigh 1, key tokens w, divided by the number of response tokens; w = 1 is
+    plain completion SFT."""
+    example = {"input_ids": [5, 6, 7, 8, 9, 10], "completion_mask": [0, 0, 1, 1, 1, 1], "key_mask": [0, 0, 0, 0, 1, 1]}
+    batch = SFTKeyCollator(0, Stage(name="c", loss_on="completion", key_weight=4))([example])
+    assert batch["loss_weights"].tolist() == [[0, 0, 1, 1, 4, 4]]
+    trainers = {
+        w: make_trainer(tiny_model_dir, char_tokenizer, tmp_path, Stage(name="c", key_weight=w)) for w in (1, 4)
+    }
+    batches = {w: trainer.data_collator(examples) for w, trainer in trainers.items()}
+    losses = {w: trainer.compute_loss(trainer.model, dict(batches[w])) for w, trainer in trainers.items()}
+    plain = make_trainer(tiny_model_dir, char_tokenizer, tmp_path, Stage(name="plain"))
+    torch.testing.assert_close(losses[1], plain.compute_loss(plain.model, dict(plain.data_collator(examples))))
+    key = make_trainer(tiny_model_dir, char_tokenizer, tmp_path, Stage(name="k", loss_on="key"))
+    key_loss = key.compute_loss(key.model, dict(key.data_collator(examples)))  # mean over key tokens
+    counts = {name: batches[1][name][:, 1:].sum() for name in ("key_mask", "completion_mask")}
+    expected = losses[1] + 3 * key_loss * counts["key_mask"] / counts["completion_mask"]
+    torch.testing.assert_close(losses[4], expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("weight, same_as", [(0.0, "key"), (1.0, "completion")])
 def test_reasoning_weight_endpoints_reproduce_the_stages(
     tiny_model_dir, char_tokenizer, tmp_path, examples, weight, same_as
