@@ -82,8 +82,12 @@ def test_token_straddling_the_prompt_boundary_counts_as_completion(smollm2_token
     assert supervised_text(tokenizer, ids, key) == "\n<Answer>72</Answer><|im_end|>"
 
 
-@pytest.mark.parametrize("system_prompt", [None, "Answer in the tags."])
-@pytest.mark.parametrize("question", [QUESTION, "Combien font ½ + ¼ ?\n(réponse: 0,75)", "  spaced  ", "x" * 300])
+@pytest.mark.parametrize("system_prompt", [None, "Answer in the tags."], ids=["default-system", "own-system"])
+@pytest.mark.parametrize(
+    "question",
+    [QUESTION, "Combien font ½ + ¼ ?\n(réponse: 0,75)", "  spaced  ", "x" * 300],
+    ids=["plain", "unicode-multiline", "spaces", "long"],
+)
 def test_generation_prompt_ids_are_a_prefix_of_the_training_ids(smollm2_tokenizer, system_prompt, question):
     tokenizer = smollm2_tokenizer
     formatter = Formatter(tokenizer, script_args(system_prompt=system_prompt))
