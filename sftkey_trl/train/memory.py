@@ -56,7 +56,9 @@ MODEL_SHAPES: dict[str, ModelShape] = {
     "Qwen/Qwen2.5-7B": ModelShape(7.62, 3584, 28, 18944, 4 * 128, 152064, False),
     "Qwen/Qwen3-8B-Base": ModelShape(8.19, 4096, 36, 12288, 8 * 128, 151936, False),
     "HuggingFaceTB/SmolLM3-3B-Base": ModelShape(3.08, 2048, 36, 11008, 4 * 128, 128256, True),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ModelShape(0.135, 576, 30, 1536, 3 * 64, 49152, True),
 }
+MODEL_SHAPES["local:smollm2-135m-instruct"] = MODEL_SHAPES["HuggingFaceTB/SmolLM2-135M-Instruct"]  # built locally
 
 # Peak GPU memory measured on one H200 (trl 1.16, random-init Qwen2.5-shaped models, LoRA r=16 on all linear
 # layers, gradient checkpointing, seq 2048): (model, method, batch) -> GiB.

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from ..data.loading import DEMO_PREFIX, cache_root
 from ..errors import SFTKeyError
+from ..models.smollm2 import LOCAL_PREFIX, resolve_local
 from .distributed import detect_launch, quantized_device_map
 
 logger = logging.getLogger(__name__)
@@ -19,7 +20,10 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def resolve_model_path(name: str) -> str:
-    """`demo:tiny-llama` is built locally by the project's own code; anything else is a hub id or a folder."""
+    """`demo:tiny-llama` and `local:smollm2-135m-instruct` are built locally by the project's own code (once, in
+    the cache); anything else is a hub id or a folder."""
+    if name.startswith(LOCAL_PREFIX):
+        return str(resolve_local(name))
     if name.startswith(DEMO_PREFIX):
         from ..models.tiny import build_tiny_model
 

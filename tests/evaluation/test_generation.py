@@ -6,7 +6,7 @@ import pytest
 from conftest import script_args
 
 from sftkey_trl.evaluation.answers import Tags
-from sftkey_trl.evaluation.generation import score
+from sftkey_trl.evaluation.metrics import score
 
 
 def example(gold: str, index: int = 0) -> dict:

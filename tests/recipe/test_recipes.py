@@ -39,6 +39,9 @@ REQUIRED = (
         "recipes/qwen3-8b-base/gsm8k/sftkey_full_8gpu.yaml",
     ]
 )
+# The real-model recipes on SmolLM2-135M-Instruct: its own chat template, full fine-tuning, one of them CPU-sized
+SMOLLM2 = ["recipes/smollm2-135m/arithmetic/sftkey_full_cpu.yaml", "recipes/smollm2-135m/gsm8k/sftkey_full_1gpu.yaml"]
+REQUIRED += SMOLLM2
 
 
 def parse(recipe: str):
@@ -75,7 +78,7 @@ def test_recipe_header_launches_existing_files(recipe):
     assert flag_value(tokens, "--config") == recipe
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("recipe", [recipe for recipe in RECIPES if recipe not in SMOLLM2])
 def test_recipe_conventions(recipe):
     script_args, training_args, model_args, stages = parse(recipe)
     _, model, dataset, file_name = Path(recipe).parts
@@ -104,6 +107,28 @@ def test_recipe_conventions(recipe):
         assert "accelerate_configs/deepspeed_zero3.yaml" in launch
         sft = stages[0].overrides
         assert sft["warmup_steps"] == pytest.approx(0.5 / sft["num_train_epochs"], abs=1e-3)
+
+
+@pytest.mark.parametrize("recipe", SMOLLM2)
+def test_smollm2_recipe_conventions(recipe):
+    script_args, training_args, model_args, stages = parse(recipe)
+    _, model, dataset, file_name = Path(recipe).parts
+    assert training_args.output_dir == f"outputs/{model}/{dataset}/{Path(file_name).stem}"
+    assert script_args.response_format == "tags" and [stage.loss_on for stage in stages] == ["completion", "key"]
+    assert script_args.eval_split or script_args.eval_fraction > 0
+    # An instruct model: its own chat template (default system prompt) and its EOS, <|im_end|>
+    assert script_args.chat_template is None and training_args.eos_token is None
+    assert not model_args.use_peft and not model_args.load_in_4bit and model_args.model_name_or_path in MODEL_SHAPES
+    assert training_args.report_to in ("none", ["none"], [])
+    if "cpu" in file_name:  # offline, small, and its header says how long it took
+        assert model_args.model_name_or_path == "local:smollm2-135m-instruct"
+        assert script_args.dataset_name == script_args.eval_dataset_name == "demo:arithmetic"
+        assert script_args.max_train_samples <= 64 and script_args.max_eval_samples <= 32
+        assert re.search(r"2 cores: about \d+ minutes, measured", header_value(ROOT / recipe, HARDWARE_PREFIX))
+    else:
+        assert model_args.model_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        assert script_args.dataset_format == dataset == "gsm8k"
+        assert "--model_name_or_path local:smollm2-135m-instruct" in (ROOT / recipe).read_text()
 
 
 def test_small_card_recipes_accumulate_to_the_same_global_batch():
