@@ -79,6 +79,27 @@ def tokenised(tokenizer, count: int) -> dict:
     return tokenize_rendered(tokenizer, [formatter.render(t) for t in triples])
 
 
+def build_trainer(kind: str, model, tokenizer, columns, stage: Stage, common: dict, callbacks: list, peft_config=None):
+    """`kind` "trl": a bare `trl.SFTTrainer` given `input_ids` and the stage's labels (-100 outside its mask);
+    "sftkey" / "sftkey-no-part-losses": this project's trainer on the same tokenised columns."""
+    if kind == "trl":
+        mask = columns[f"{stage.loss_on}_mask"]
+        labels = [[t if m else -100 for t, m in zip(ids, ms)] for ids, ms in zip(columns["input_ids"], mask)]
+        data = Dataset.from_dict({"input_ids": columns["input_ids"], "labels": labels})
+        return SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=data, processing_class=tokenizer,
+                          callbacks=callbacks, peft_config=peft_config)  # fmt: skip
+    data = Dataset.from_dict(columns)
+    return SFTKeyTrainer(model=model, args=SFTKeyConfig(**common), train_dataset=data, processing_class=tokenizer,
+                         stage=stage, log_part_losses=(kind == "sftkey"), callbacks=callbacks,
+                         peft_config=peft_config)  # fmt: skip
+
+
+def tokens_per_second(trainer, timer: Timer, steps: int) -> float:
+    """Tokens per second over the timed steps (all but the first), assuming equally long steps."""
+    tokens = trainer._total_train_tokens * (steps - 1) / steps
+    return tokens / (timer.end - timer.start)
+
+
 def run(kind: str, model_dir, tokenizer, columns, stage: Stage, steps: int, batch: int, out: str) -> tuple[float, int]:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -87,21 +108,10 @@ def run(kind: str, model_dir, tokenizer, columns, stage: Stage, steps: int, batc
                   use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(), disable_tqdm=True,
                   dataloader_num_workers=0, seed=0)  # fmt: skip
     timer = Timer()
-    if kind == "trl":
-        mask = columns[f"{stage.loss_on}_mask"]
-        labels = [[t if m else -100 for t, m in zip(ids, ms)] for ids, ms in zip(columns["input_ids"], mask)]
-        data = Dataset.from_dict({"input_ids": columns["input_ids"], "labels": labels})
-        trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=data, processing_class=tokenizer,
-                             callbacks=[timer])  # fmt: skip
-    else:
-        data = Dataset.from_dict(columns)
-        trainer = SFTKeyTrainer(model=model, args=SFTKeyConfig(**common), train_dataset=data,
-                                processing_class=tokenizer, stage=stage, log_part_losses=(kind == "sftkey"),
-                                callbacks=[timer])  # fmt: skip
+    trainer = build_trainer(kind, model, tokenizer, columns, stage, common, [timer])
     with PeakMemory() as memory:
         trainer.train()
-    tokens = trainer._total_train_tokens * (steps - 1) / steps
-    return tokens / (timer.end - timer.start), memory.bytes
+    return tokens_per_second(trainer, timer, steps), memory.bytes
 
 
 def main():
