@@ -65,6 +65,8 @@ class Timer(TrainerCallback):
     """Time the optimisation steps after a warm-up step (excludes trainer setup and the first step)."""
 
     def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the step's kernels may still be queued: time finished work
         if state.global_step == 1:
             self.start = time.perf_counter()
         self.end = time.perf_counter()
