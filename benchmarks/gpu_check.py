@@ -261,7 +261,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"Comma-separated subset of {','.join(PARTS)}.")
     parser.add_argument("--rounds", type=int, default=None, help="Rounds per trainer (default: 2; 1 with --tiny).")
     parser.add_argument("--budget_s", type=float, default=None, help="Stop starting new work after this many s.")
-    parser.add_argument("--launch_timeout_s", type=float, default=300.0)
+    parser.add_argument("--launch_timeout_s", type=float, default=240.0, help="Kill a launch after this many s.")
     keys = ",".join(g.key for g in GPU_GROUPS)
     parser.add_argument("--groups", default=keys, help=f"Models to train and measure, a subset of {keys}.")
     parser.add_argument("--launch_methods", default="lora,qlora", help="Launch each config with these methods.")
