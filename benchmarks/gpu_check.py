@@ -75,6 +75,15 @@ GPU_GROUPS = (
     Group("7B", "qlora", batch=2, seq_len=2048, steps=8, min_seconds=150),
 )
 TINY_GROUPS = tuple(Group(g.shape, g.method, 2, 128, 2, g.liger, g.generation) for g in GPU_GROUPS)
+# Bare trl.SFTTrainer on one H200 (shared reference/anchors.md: trl 1.16, transformers 5.17, seq 2048, LoRA r=16)
+REFERENCE = {
+    ("1.5B-qlora", "completion"): "H200 reference: 18,470 tokens/s, 2.94 GiB (loss on the last 60%)",
+    ("1.5B-qlora", "key"): "H200 reference: 19,320 tokens/s, 2.94 GiB (loss on the last 24 tokens)",
+    ("1.5B-lora", "completion"): "H200 reference: 23,940 tokens/s, 4.94 GiB (loss on the last 60%)",
+    ("7B-qlora", "completion"): "H200 reference: 7,070 tokens/s, 7.36 GiB (loss on the last 60%)",
+    "liger": "H200 reference, bare trainer + Liger: 17,150 tokens/s, 2.74 GiB (loss on the last 60%)",
+    "generation": "H200 reference, plain model.generate: 3,095 tokens/s, 3.66 GiB (batch 64, 128-token prompts)",
+}
 GPU_GENERATION = dict(count=64, batch=64, max_new_tokens=256, single_prompts=2)
 TINY_GENERATION = dict(count=8, batch=8, max_new_tokens=8, single_prompts=2)
 
@@ -186,7 +195,8 @@ class Check:
                     base, self.tokenizer, columns, values, rounds, self.clock, reserve, warm_up=not self.tiny
                 )
                 for stage in runs.STAGES:
-                    self.rows += training_rows(label, stage.loss_on, measured[stage.loss_on], cut)
+                    reference = "" if self.tiny else REFERENCE.get((group.key, stage.loss_on), "")
+                    self.rows += training_rows(label, stage.loss_on, measured[stage.loss_on], cut, reference)
                 peaks = {s.loss_on: self._peak(measured[s.loss_on]["sftkey"]) for s in runs.STAGES}
                 config = models.qwen_config(group.shape, self.tiny, self.tokenizer)
                 shape = f"batch {group.batch} x {seq_len} tokens"
@@ -225,7 +235,8 @@ class Check:
                  f"{result['max_new_tokens']} new tokens, batch {result['batch']}")  # fmt: skip
         return Row("generation", setup, f"{result['batched_tokens_per_s']:,.0f} generated tokens/s (batched)",
                    f"{speedup:.1f}x one at a time ({result['single_tokens_per_s']:,.0f} tokens/s)",
-                   gib(result["batched_peak_gib"]), data=result)  # fmt: skip
+                   gib(result["batched_peak_gib"]), "" if self.tiny else REFERENCE["generation"],
+                   data=result)  # fmt: skip
 
     def liger_rows(self, label: str, base, columns, values: dict) -> list[Row]:
         setup = f"{label}, use_liger_kernel"
@@ -241,10 +252,11 @@ class Check:
                    and r.data.get("loss_on") == loss_on]  # fmt: skip
             off_speed = off[0].data["tokens_per_s"] if off else None
             off_peak = off[0].data["peak_gib"] if off else None
+            note = "" if self.tiny or loss_on != "completion" else REFERENCE["liger"]
             rows.append(Row("liger", f"{label}, {loss_on} stage, sftkey + use_liger_kernel",
                             f"{measured.tokens_per_s:,.0f} tokens/s",
                             f"{ratio(measured.tokens_per_s, off_speed) or 0:.3f}x liger off",
-                            gib(measured.peak_gib, off_peak),
+                            gib(measured.peak_gib, off_peak), note,
                             data={"group": label, "loss_on": loss_on, "tokens_per_s": measured.tokens_per_s,
                                   "peak_gib": measured.peak_gib, "off_tokens_per_s": off_speed,
                                   "off_peak_gib": off_peak}))  # fmt: skip

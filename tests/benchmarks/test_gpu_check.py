@@ -48,14 +48,15 @@ def test_training_rows_compare_median_speed_and_largest_peak_with_the_bare_train
         "trl": [Measured(1000.0, 3.0), Measured(1100.0, 3.2), Measured(900.0, 3.1)],
         "sftkey": [Measured(1045.0, 3.1), Measured(900.0, 3.3), Measured(1200.0, 3.0)],
     }
-    baseline, ours = report.training_rows("1.5B QLoRA nf4", "completion", by_kind, cut=False)
-    assert baseline.comparison == "baseline" and baseline.verdict == ""
+    baseline, ours = report.training_rows("1.5B QLoRA nf4", "completion", by_kind, cut=False, reference="H200: 18k")
+    assert baseline.comparison == "baseline" and baseline.verdict == "H200: 18k"
     assert baseline.data["tokens_per_s"] == 1000.0 and baseline.data["peak_gib"] == 3.2
     assert ours.data["speed_ratio"] == pytest.approx(1.045)
     assert ours.data["memory_ratio"] == pytest.approx(3.3 / 3.2)
     assert ours.verdict == "MISSES target: more memory"
     assert ours.comparison == "1.045x" and ours.memory == "3.30 GiB (1.03x)"
     assert ours.data["runs"] == 3 and ours.data["group"] == "1.5B QLoRA nf4"
+    assert [run["tokens_per_s"] for run in ours.data["each_run"]] == [1045.0, 900.0, 1200.0]
 
 
 def test_training_rows_on_cpu_have_no_memory():
