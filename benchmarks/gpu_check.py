@@ -196,7 +196,8 @@ class Check:
                 )
                 for stage in runs.STAGES:
                     reference = "" if self.tiny else REFERENCE.get((group.key, stage.loss_on), "")
-                    self.rows += training_rows(label, stage.loss_on, measured[stage.loss_on], cut, reference)
+                    by_kind = measured[stage.loss_on]
+                    self.rows += training_rows(label, stage.loss_on, by_kind, cut, reference, judge=not self.tiny)
                 peaks = {s.loss_on: self._peak(measured[s.loss_on]["sftkey"]) for s in runs.STAGES}
                 config = models.qwen_config(group.shape, self.tiny, self.tokenizer)
                 shape = f"batch {group.batch} x {seq_len} tokens"

@@ -55,9 +55,12 @@ def gib(value: float | None, baseline: float | None = None) -> str:
     return text + (f" ({share:.2f}x)" if share is not None else "")
 
 
-def training_rows(label: str, loss_on: str, by_kind: dict[str, list], cut: bool, reference: str = "") -> list[Row]:
+def training_rows(
+    label: str, loss_on: str, by_kind: dict[str, list], cut: bool, reference: str = "", judge: bool = True
+) -> list[Row]:
     """One row per trainer kind: median tokens/s and largest peak over the rounds, each against the bare trainer
-    (whose row carries `reference`: an earlier measurement of the same setup, for orientation)."""
+    (whose row carries `reference`: an earlier measurement of the same setup, for orientation). `judge` False:
+    no verdict (a tiny CPU run checks the logic; one step of a tiny model says nothing about speed)."""
     summary = {}
     for kind, measured in by_kind.items():
         if measured:
@@ -76,7 +79,7 @@ def training_rows(label: str, loss_on: str, by_kind: dict[str, list], cut: bool,
                 f"{speed:,.0f} tokens/s",
                 "baseline" if baseline else f"{speed_ratio:.3f}x" if speed_ratio else "n/a",
                 gib(peak, None if baseline else base_memory),
-                reference if baseline else verdict(speed_ratio, peak, base_memory),
+                reference if baseline else verdict(speed_ratio, peak, base_memory) if judge else "not judged",
                 {"group": label, "loss_on": loss_on, "kind": kind, "tokens_per_s": speed, "peak_gib": peak,
                  "runs": len(measured), "speed_ratio": None if baseline else speed_ratio,
                  "memory_ratio": None if baseline else ratio(peak, base_memory), "rounds_cut_by_budget": cut,

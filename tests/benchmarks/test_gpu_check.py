@@ -65,6 +65,8 @@ def test_training_rows_on_cpu_have_no_memory():
     assert [row.memory for row in rows] == ["n/a (CPU)", "n/a (CPU)"]
     assert rows[1].verdict == "meets speed target (memory not measured on CPU)"
     assert rows[1].data["rounds_cut_by_budget"] is True
+    unjudged = report.training_rows("1.5B (tiny) LoRA", "key", by_kind, cut=False, judge=False)
+    assert unjudged[1].verdict == "not judged" and unjudged[1].data["speed_ratio"] == pytest.approx(0.97)
 
 
 def test_memory_rows_put_the_measured_peak_against_the_estimate():
