@@ -17,8 +17,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sftkey_trl.data.formatting import Formatter
-from sftkey_trl.data.synthetic import build_tiny_model, build_tiny_tokenizer, make_arithmetic_example
+from sftkey_trl.data.synthetic import make_arithmetic_example
 from sftkey_trl.evaluation.generation import generate, stop_token_ids
+from sftkey_trl.models.tiny import build_tiny_model, build_tiny_tokenizer
 from sftkey_trl.recipe.schema import SFTKeyScriptArguments
 
 

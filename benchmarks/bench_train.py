@@ -23,7 +23,8 @@ from trl import SFTConfig, SFTTrainer
 from sftkey_trl.data.adapters import Triple
 from sftkey_trl.data.formatting import Formatter
 from sftkey_trl.data.masks import tokenize_rendered
-from sftkey_trl.data.synthetic import build_tiny_model, build_tiny_tokenizer, make_arithmetic_example
+from sftkey_trl.data.synthetic import make_arithmetic_example
+from sftkey_trl.models.tiny import build_tiny_model, build_tiny_tokenizer
 from sftkey_trl.recipe.schema import SFTKeyConfig, SFTKeyScriptArguments
 from sftkey_trl.train.objectives import Stage
 from sftkey_trl.train.trainer import SFTKeyTrainer
@@ -65,6 +66,8 @@ class Timer(TrainerCallback):
     """Time the optimisation steps after a warm-up step (excludes trainer setup and the first step)."""
 
     def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the step's kernels may still be queued: time finished work
         if state.global_step == 1:
             self.start = time.perf_counter()
         self.end = time.perf_counter()
@@ -79,6 +82,28 @@ def tokenised(tokenizer, count: int) -> dict:
     return tokenize_rendered(tokenizer, [formatter.render(t) for t in triples])
 
 
+def build_trainer(kind: str, model, tokenizer, columns, stage: Stage, common: dict, callbacks: list, peft_config=None):
+    """`kind` "trl": a bare `trl.SFTTrainer` given `input_ids` and the stage's labels (-100 outside its mask);
+    "sftkey" / "sftkey-no-part-losses": this project's trainer on the same tokenised columns."""
+    if kind == "trl":
+        weights = [stage.loss_weights(torch.tensor(c), torch.tensor(k)).tolist()
+                   for c, k in zip(columns["completion_mask"], columns["key_mask"])]  # fmt: skip
+        labels = [[t if w > 0 else -100 for t, w in zip(ids, ws)] for ids, ws in zip(columns["input_ids"], weights)]
+        data = Dataset.from_dict({"input_ids": columns["input_ids"], "labels": labels})
+        return SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=data, processing_class=tokenizer,
+                          callbacks=callbacks, peft_config=peft_config)  # fmt: skip
+    data = Dataset.from_dict(columns)
+    return SFTKeyTrainer(model=model, args=SFTKeyConfig(**common), train_dataset=data, processing_class=tokenizer,
+                         stage=stage, log_part_losses=(kind == "sftkey"), callbacks=callbacks,
+                         peft_config=peft_config)  # fmt: skip
+
+
+def tokens_per_second(trainer, timer: Timer, steps: int) -> float:
+    """Tokens per second over the timed steps (all but the first), assuming equally long steps."""
+    tokens = trainer._total_train_tokens * (steps - 1) / steps
+    return tokens / (timer.end - timer.start)
+
+
 def run(kind: str, model_dir, tokenizer, columns, stage: Stage, steps: int, batch: int, out: str) -> tuple[float, int]:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -87,22 +112,10 @@ def run(kind: str, model_dir, tokenizer, columns, stage: Stage, steps: int, batc
                   use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(), disable_tqdm=True,
                   dataloader_num_workers=0, seed=0)  # fmt: skip
     timer = Timer()
-    if kind == "trl":
-        weights = [stage.loss_weights(torch.tensor(c), torch.tensor(k)).tolist()
-                   for c, k in zip(columns["completion_mask"], columns["key_mask"])]  # fmt: skip
-        labels = [[t if w > 0 else -100 for t, w in zip(ids, ws)] for ids, ws in zip(columns["input_ids"], weights)]
-        data = Dataset.from_dict({"input_ids": columns["input_ids"], "labels": labels})
-        trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=data, processing_class=tokenizer,
-                             callbacks=[timer])  # fmt: skip
-    else:
-        data = Dataset.from_dict(columns)
-        trainer = SFTKeyTrainer(model=model, args=SFTKeyConfig(**common), train_dataset=data,
-                                processing_class=tokenizer, stage=stage, log_part_losses=(kind == "sftkey"),
-                                callbacks=[timer])  # fmt: skip
+    trainer = build_trainer(kind, model, tokenizer, columns, stage, common, [timer])
     with PeakMemory() as memory:
         trainer.train()
-    tokens = trainer._total_train_tokens * (steps - 1) / steps
-    return tokens / (timer.end - timer.start), memory.bytes
+    return tokens_per_second(trainer, timer, steps), memory.bytes
 
 
 def main():
