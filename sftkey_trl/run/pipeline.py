@@ -22,7 +22,7 @@ from ..errors import SFTKeyError
 from ..evaluation.generation import evaluate_model
 from ..files import read_json, write_json, write_jsonl, write_text
 from ..train.distributed import detect_launch
-from ..train.keep_best import KeepBestCallback
+from ..train.keep_best import BEST_DIR, STATE_FILE, KeepBestCallback
 from ..train.modeling import load_model, load_tokenizer, lora_config, resolve_model_path
 from ..train.objectives import Stage
 from ..train.steps import global_batch, stage_training_args
@@ -121,6 +121,8 @@ class Pipeline:
             if main:
                 write_json(self.output_dir / "results.json", results)
             manifest.update(stage.name, status="trained", seconds=training["train_seconds"])
+        if main:  # keep_best's snapshots: the stage's output holds the kept weights now
+            shutil.rmtree(stage_dir / BEST_DIR, ignore_errors=True)
         if evaluate:
             if model is None:  # killed during evaluation, or keep_best kept a snapshot: load the saved stage
                 model = load_model(self.model_args, args, stage_dir, trainable=False)
@@ -149,12 +151,12 @@ class Pipeline:
             log_part_losses=self.training_args.log_part_losses,
         )
         batch = global_batch(args, args.world_size)
-        resume = last_complete_checkpoint(Path(args.output_dir))
+        resume = last_complete_checkpoint(Path(args.output_dir), STATE_FILE if stage.keep_best else None)
         if self.state.is_main_process:
             resuming = f", resuming from {resume}" if resume else ""
             logger.info("stage %s: loss on %s, global batch %d%s", stage.name, stage.loss_on, batch, resuming)
         stage_dir = self.output_dir / stage.name
-        keep_best = self.keep_best_callback(stage, args, trainer, stage_dir) if stage.keep_best else None
+        keep_best = self.keep_best_callback(stage, args, trainer, stage_dir, resume) if stage.keep_best else None
         started = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - started
@@ -179,8 +181,9 @@ class Pipeline:
         del trainer
         return model, summary
 
-    def keep_best_callback(self, stage: Stage, args, trainer, stage_dir: Path) -> KeepBestCallback:
-        """Evaluate on the validation split every `eval_steps` (default: twice an epoch) and keep the best."""
+    def keep_best_callback(self, stage: Stage, args, trainer, stage_dir: Path, resume: str | None) -> KeepBestCallback:
+        """Evaluate on the validation split every `eval_steps` (default: twice an epoch) and keep the best; with
+        `resume`, carry on from the keep_best state saved in that checkpoint."""
         examples = self.data.validation_examples
         if [e["index"] for e in examples] == [e["index"] for e in self.data.eval_examples]:
             logger.warning(
@@ -198,6 +201,7 @@ class Pipeline:
             return metrics
 
         callback = KeepBestCallback(evaluate, "accuracy", stage_dir, every, trainer, self.state.is_main_process)
+        callback.start(resume)
         trainer.add_callback(callback)
         return callback
 
