@@ -22,7 +22,7 @@ from ..errors import SFTKeyError
 from ..evaluation.generation import evaluate_model
 from ..files import read_json, write_json, write_jsonl, write_text
 from ..train.distributed import detect_launch
-from ..train.keep_best import BEST_DIR, STATE_FILE, KeepBestCallback
+from ..train.keep_best import BEST_DIR, STATE_FILE, KeepBestCallback, optimizer_steps
 from ..train.modeling import load_model, load_tokenizer, lora_config, resolve_model_path
 from ..train.objectives import Stage
 from ..train.steps import global_batch, stage_training_args
@@ -172,11 +172,12 @@ class Pipeline:
             "train_tokens": trainer._total_train_tokens,
             "tokens_per_second": trainer._total_train_tokens / seconds if seconds else 0.0,
             "resumed_from": resume,
+            "optimizer_steps": optimizer_steps(trainer.state),
         }
         model = trainer.model
         if keep_best is not None:
-            summary["keep_best"] = keep_best.finalize(stage_dir, start_from, trainer.state.global_step)
-            if summary["keep_best"]["best_step"] != trainer.state.global_step:
+            summary["keep_best"] = keep_best.finalize(stage_dir, start_from, summary["optimizer_steps"])
+            if summary["keep_best"]["best_step"] != summary["optimizer_steps"]:
                 model = None  # the stage's output is an earlier snapshot: evaluate it from disk
         del trainer
         return model, summary

@@ -27,6 +27,11 @@ STATE_FILE = "keep_best.json"  # in each checkpoint-N/ of a keep_best stage
 BEST_DIR = "best"  # <stage>/best/step-N/: snapshots of the best weights so far
 
 
+def optimizer_steps(state) -> int:
+    """The optimizer steps a stage has trained: Trainer's `global_step` (steps before a resume included)."""
+    return int(state.global_step)
+
+
 class KeepBestCallback(TrainerCallback):
     """Track a validation metric during a stage and snapshot the best weights under `<stage>/best/step-N/`.
 

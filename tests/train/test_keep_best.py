@@ -12,7 +12,7 @@ from transformers import TrainerControl, TrainerState
 
 from sftkey_trl.errors import SFTKeyError
 from sftkey_trl.run.plan import last_complete_checkpoint
-from sftkey_trl.train.keep_best import STATE_FILE, KeepBestCallback
+from sftkey_trl.train.keep_best import STATE_FILE, KeepBestCallback, optimizer_steps
 
 
 class FakeTrainer:
@@ -67,7 +67,7 @@ def train(tmp_path: Path, scores: dict[int, float], max_steps: int, resume=None,
     if control.should_save:
         save()
     trainer.save_model(str(stage_dir))  # as Pipeline.train_stage does before finalize
-    report = callback.finalize(stage_dir, None, state.global_step)
+    report = callback.finalize(stage_dir, None, optimizer_steps(state))
     return callback, saved, report, (stage_dir / "model.safetensors").read_text()
 
 
@@ -119,3 +119,9 @@ def test_a_fresh_start_drops_snapshots_of_a_run_killed_before_its_first_checkpoi
     stale.mkdir(parents=True)
     *_, report, _ = train(tmp_path, {0: 0.5, 2: 0.1}, max_steps=2)
     assert not stale.exists() and report["best_step"] == 2
+
+
+def test_optimizer_steps_is_the_global_step():
+    state = TrainerState()
+    state.global_step = 7
+    assert optimizer_steps(state) == 7
