@@ -166,8 +166,8 @@ def check_model(model_args) -> None:
 
 
 def check_stages(script_args, training_args, stages: list[Stage], processes: list[int]) -> None:
-    """Each stage's training arguments resolve for every process count; keep-best has validation data;
-    `restart_from` names a stage; vLLM evaluation runs in one process."""
+    """Each stage's training arguments resolve for every process count; keep-best has validation data and
+    patience has keep-best; `restart_from` names a stage; vLLM evaluation runs in one process."""
     output_dir = Path(training_args.output_dir)
     for stage in stages:
         for count in processes:
@@ -178,6 +178,7 @@ def check_stages(script_args, training_args, stages: list[Stage], processes: lis
                 f"stage `{stage.name}` has keep_best but there is no validation data; set `eval_fraction` "
                 "(held out from train) or `eval_dataset_name`"
             )
+        check_patience(stage)
     names = [stage.name for stage in stages]
     if training_args.restart_from is not None and training_args.restart_from not in names:
         raise SFTKeyError(
@@ -185,6 +186,15 @@ def check_stages(script_args, training_args, stages: list[Stage], processes: lis
         )
     if script_args.eval_backend == "vllm" and max(processes) > 1:
         raise SFTKeyError("`eval_backend: vllm` runs in one process; evaluate with --eval_only and one process")
+
+
+def check_patience(stage: Stage) -> None:
+    """`patience` counts keep_best's validation evaluations, so it needs keep_best."""
+    if stage.patience is not None and not stage.keep_best:
+        raise SFTKeyError(
+            f"stage `{stage.name}` has `patience: {stage.patience}` but not `keep_best: true`; patience counts "
+            "keep_best's validation evaluations: add `keep_best: true` to the stage or remove `patience`"
+        )
 
 
 def processes_of_launch(launch_tokens: list[str], root: Path) -> int | None:

@@ -201,7 +201,8 @@ class Pipeline:
             )
             return metrics
 
-        callback = KeepBestCallback(evaluate, "accuracy", stage_dir, every, trainer, self.state.is_main_process)
+        callback = KeepBestCallback(evaluate, "accuracy", stage_dir, every, trainer, self.state.is_main_process,
+                                    stage.patience)  # fmt: skip
         callback.start(resume)
         trainer.add_callback(callback)
         return callback

@@ -1,9 +1,10 @@
 """Keep the best model of a stage: evaluate on the validation split before the stage starts and every
-`eval_steps` steps, and make the stage's output the best weights by a named metric, the incoming ones included.
+`eval_steps` steps, make the stage's output the best weights by a named metric (the incoming ones included), and
+optionally stop the stage after `patience` evaluations without improvement.
 
-The callback's state (history, best step and score) is written into every Trainer checkpoint as `keep_best.json`
-and restored when the stage resumes from that checkpoint, so a killed and resumed stage keeps what an uninterrupted
-one keeps. Snapshots live in `<stage>/best/step-N/`; the snapshot that the newest
+The callback's state (history, best step and score, evaluations without improvement) is written into every Trainer
+checkpoint as `keep_best.json` and restored when the stage resumes from that checkpoint, so a killed and resumed
+stage keeps what an uninterrupted one keeps. Snapshots live in `<stage>/best/step-N/`; the snapshot that the newest
 checkpoint names is kept until a newer checkpoint names another, so resuming from it always finds its weights.
 """
 
@@ -36,8 +37,9 @@ class KeepBestCallback(TrainerCallback):
     """Track a validation metric during a stage and snapshot the best weights under `<stage>/best/step-N/`.
 
     `evaluate(model) -> metrics` scores the model being trained. Step 0 is the incoming model (the previous
-    stage's output): if the stage never beats it, that is what is kept. Ties keep the earlier (less trained) weights.
-    Call `start` before training.
+    stage's output): if the stage never beats it, that is what is kept. Ties keep the earlier (less trained) weights
+    and count as no improvement. With `patience`, training stops after that many evaluations in a row without
+    improvement (step 0 is the baseline, never counted). Call `start` before training.
     """
 
     def __init__(
@@ -48,12 +50,15 @@ class KeepBestCallback(TrainerCallback):
         every: int,
         trainer,
         is_main_process: bool = True,
+        patience: int | None = None,
     ):
-        self.evaluate, self.metric, self.every = evaluate, metric, max(1, every)
+        self.evaluate, self.metric, self.every, self.patience = evaluate, metric, max(1, every), patience
         self.trainer, self.is_main_process = trainer, is_main_process
         self.best_dir = Path(stage_dir) / BEST_DIR
         self.history: list[tuple[int, float]] = []
         self.best_step, self.best_score = 0, float("-inf")
+        self.without_improvement = 0
+        self.stopped_at: int | None = None
         self.checkpointed_best: int | None = None  # the best step that the newest checkpoint's state names
 
     def snapshot(self, step: int) -> Path:
@@ -67,6 +72,8 @@ class KeepBestCallback(TrainerCallback):
             "history": [[step, score] for step, score in self.history],
             "best_step": self.best_step,
             "best_score": self.best_score,
+            "evaluations_without_improvement": self.without_improvement,
+            "patience": self.patience,
         }
 
     def start(self, checkpoint: str | Path | None) -> None:
@@ -81,6 +88,7 @@ class KeepBestCallback(TrainerCallback):
                 )
             self.history = [(int(step), float(score)) for step, score in saved["history"]]
             self.best_step, self.best_score = int(saved["best_step"]), float(saved["best_score"])
+            self.without_improvement = int(saved["evaluations_without_improvement"])
             self.checkpointed_best = self.best_step
         self._prune()
         if self.best_step > 0 and not self.snapshot(self.best_step).is_dir():
@@ -103,18 +111,32 @@ class KeepBestCallback(TrainerCallback):
         self.history.append((step, score))
         logger.info("keep_best: step %d validation %s %.4f", step, self.metric, score)
         if score > self.best_score:
-            self.best_step, self.best_score = step, score
+            self.best_step, self.best_score, self.without_improvement = step, score, 0
             if step > 0:
                 self.trainer.save_model(str(self.snapshot(step)))
                 self._prune()
+        else:
+            self.without_improvement += 1
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step == 0 and not self.history:
             self._measure(model, 0)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
-            self._measure(model, state.global_step)
+        step = state.global_step
+        if step % self.every != 0 and step != state.max_steps:
+            return
+        self._measure(model, step)
+        if self.patience is not None and self.without_improvement >= self.patience and step < state.max_steps:
+            logger.info("keep_best: %d evaluations without improvement, stopping at step %d", self.patience, step)
+            self.stopped_at = step
+            control.should_training_stop = True
+            # Never checkpoint a stopped stage: Trainer would resume it and train on past the stop
+            control.should_save = False
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.stopped_at is not None:
+            control.should_save = False
 
     def on_save(self, args, state, control, **kwargs):
         # Trainer has written the checkpoint (trainer_state.json last); the state goes next to it, so a checkpoint
@@ -148,4 +170,8 @@ class KeepBestCallback(TrainerCallback):
             f"best_validation_{self.metric}": self.best_score,
             "kept": kept,
             "history": self.history,
+            "patience": self.patience,
+            "stopped_early": self.stopped_at is not None,
+            "stopped_at": self.stopped_at,
+            "steps_trained": final_step,
         }

@@ -206,7 +206,7 @@ def test_same_seed_same_numbers_and_changed_config_is_refused(tmp_path, referenc
 KEEP_BEST = [
     "--max_train_samples", "64", "--max_eval_samples", "8", "--max_new_tokens", "32", "--save_strategy", "steps",
     "--save_steps", "2", "--eval_steps", "2", "--logging_steps", "2",
-    "--stages", "[{name: sft, loss_on: completion, num_train_epochs: 2, keep_best: true}]",
+    "--stages", "[{name: sft, loss_on: completion, num_train_epochs: 3, keep_best: true, patience: 2}]",
 ]  # fmt: skip
 RUN_SPECIFIC = {"train_loss", "train_seconds", "train_tokens", "tokens_per_second", "resumed_from"}
 
@@ -220,8 +220,8 @@ def kept(out: Path) -> tuple[dict, dict]:
 
 @pytest.mark.e2e
 def test_keep_best_stage_killed_after_an_evaluation_resumes_to_the_uninterrupted_result(tmp_path):
-    """Its history and best step come back from the checkpoint, so the rerun keeps exactly what the
-    uninterrupted run does."""
+    """Its history, best step and patience count come back from the checkpoint, so the rerun stops and keeps
+    exactly what the uninterrupted run does."""
     reference = tmp_path / "reference"
     run_to_end(reference, KEEP_BEST)
     out = tmp_path / "killed"

@@ -1,5 +1,5 @@
-"""KeepBestCallback's decisions with a fake evaluate and a fake trainer (no model): what it keeps, and that its state
-saved with a checkpoint makes a resumed stage decide as an uninterrupted one."""
+"""KeepBestCallback's decisions with a fake evaluate and a fake trainer (no model): what it keeps, when patience
+stops a stage, and that its state saved with a checkpoint makes a resumed stage decide as an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -26,14 +26,14 @@ class FakeTrainer:
         (Path(path) / "model.safetensors").write_text(f"step {self.step}")
 
 
-def train(tmp_path: Path, scores: dict[int, float], max_steps: int, resume=None, kill_at=None, save_steps: int = 2,
-          every: int = 2, save_on_epoch_end: bool = True):  # fmt: skip
+def train(tmp_path: Path, scores: dict[int, float], max_steps: int, patience=None, resume=None, kill_at=None,
+          save_steps: int = 2, every: int = 2, save_on_epoch_end: bool = True):  # fmt: skip
     """Drive the callback as Trainer does: on_train_begin, then per optimizer step the default flow's save/stop
     flags, on_step_end, a checkpoint and on_save; on_epoch_end at the end. `kill_at`: stop dead after that step."""
     trainer, stage_dir = FakeTrainer(), tmp_path / "stage"
     checkpoints = stage_dir / "checkpoints"
     callback = KeepBestCallback(lambda model: {"accuracy": scores[trainer.step]}, "accuracy", stage_dir, every,
-                                trainer)  # fmt: skip
+                                trainer, patience=patience)  # fmt: skip
     callback.start(resume)
     args = SimpleNamespace(should_save=True, output_dir=str(checkpoints))
     state, control = TrainerState(max_steps=max_steps), TrainerControl()
@@ -71,16 +71,40 @@ def train(tmp_path: Path, scores: dict[int, float], max_steps: int, resume=None,
     return callback, saved, report, (stage_dir / "model.safetensors").read_text()
 
 
-@pytest.mark.parametrize("kill_at", [2, 3, 4, 5, 7])
+def test_patience_stops_after_n_evaluations_without_improvement_and_does_not_checkpoint_the_stop(tmp_path):
+    scores = {0: 0.1, 2: 0.3, 4: 0.3, 6: 0.2, 8: 0.9, 10: 0.9}
+    callback, saved, report, kept = train(tmp_path, scores, max_steps=10, patience=2)
+    assert [step for step, _ in report["history"]] == [0, 2, 4, 6]  # a tie (step 4) is no improvement
+    assert report["stopped_early"] and report["stopped_at"] == 6 and report["steps_trained"] == 6
+    assert saved == [2, 4]  # neither the stop step nor the epoch end is checkpointed
+    assert report["best_step"] == 2 and kept == "step 2"
+
+
+def test_an_improvement_resets_patience_and_the_last_step_is_no_early_stop(tmp_path):
+    scores = {0: 0.1, 2: 0.1, 4: 0.2, 6: 0.2, 8: 0.3, 10: 0.3}
+    _, _, report, kept = train(tmp_path, scores, max_steps=10, patience=2)
+    assert not report["stopped_early"] and report["stopped_at"] is None and report["steps_trained"] == 10
+    assert report["best_step"] == 8 and kept == "step 8"
+    _, _, report, _ = train(tmp_path / "one", {0: 0.5, 2: 0.6, 4: 0.4}, max_steps=4, patience=1)
+    assert not report["stopped_early"]  # the evaluation without improvement is the last step's
+
+
+def test_without_patience_a_stage_trains_to_the_end(tmp_path):
+    _, _, report, _ = train(tmp_path, {0: 0.5, 2: 0.1, 4: 0.1, 6: 0.1}, max_steps=6)
+    assert report["steps_trained"] == 6 and not report["stopped_early"] and report["patience"] is None
+    assert report["best_step"] == 6 and report["best_validation_accuracy"] == 0.5  # no incoming folder: final
+
+
+@pytest.mark.parametrize("kill_at", [2, 3, 4, 5, 7, 9])
 def test_a_killed_stage_resumed_from_its_checkpoint_decides_as_an_uninterrupted_one(tmp_path, kill_at):
     scores = {0: 0.1, 2: 0.3, 4: 0.2, 6: 0.4, 8: 0.4, 10: 0.4, 12: 0.3}
-    *_, expected, expected_kept = train(tmp_path / "reference", scores, max_steps=12)
-    assert expected_kept == "step 6"
+    *_, expected, expected_kept = train(tmp_path / "reference", scores, max_steps=12, patience=2)
+    assert expected["stopped_at"] == 10 and expected_kept == "step 6"
     out = tmp_path / "killed"
-    train(out, scores, max_steps=12, kill_at=kill_at)
+    train(out, scores, max_steps=12, patience=2, kill_at=kill_at)
     resume = last_complete_checkpoint(out / "stage" / "checkpoints", STATE_FILE)
     assert resume is not None
-    *_, report, kept = train(out, scores, max_steps=12, resume=resume)
+    *_, report, kept = train(out, scores, max_steps=12, patience=2, resume=resume)
     assert json.loads(json.dumps(report)) == json.loads(json.dumps(expected)) and kept == expected_kept
 
 
