@@ -153,7 +153,7 @@ def _convert(gguf_file: Path, output: Path) -> None:
     tokenizer.save_pretrained(output)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_from_command_line(argv: list[str] | None = None) -> int:
     """`python -m sftkey_trl.models.smollm2`: build (or find) the model folder and print its path."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default=None, help="Model folder to write (default: under the project cache).")
@@ -170,4 +170,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(build_from_command_line())

@@ -169,14 +169,15 @@ def check_model(model_args) -> None:
 
 
 def check_stages(script_args, training_args, stages: list[Stage], processes: list[int]) -> None:
-    """Each stage's training arguments resolve for every process count; keep-best has validation data;
-    `restart_from` names a stage; vLLM evaluation runs in one process."""
+    """Each stage's training arguments resolve for every process count; keep-best has validation data and
+    patience has keep-best; `restart_from` names a stage; vLLM evaluation runs in one process."""
     output_dir = Path(training_args.output_dir)
     for stage in stages:
         for count in processes:
             stage_training_args(training_args, stage, str(output_dir / stage.name), count)
         if stage.keep_best:
             check_selection(script_args, stage.name)
+        check_patience(stage)
     metric = training_args.metric_for_best_model or DEFAULT_METRIC
     selectable = [m.name for m in METRICS if m.higher_is_better]
     if any(stage.keep_best for stage in stages) and metric not in selectable:
@@ -265,6 +266,15 @@ def check_local_data(script_args, training_args, model_args, sample: int = 2000)
     lengths = [len(ids) for ids in columns["input_ids"]]
     responses = [sum(mask) for mask in columns["completion_mask"]]
     return notes + length_notes(lengths, responses, training_args.max_length, script_args.max_new_tokens)
+
+
+def check_patience(stage: Stage) -> None:
+    """`patience` counts keep_best's validation evaluations, so it needs keep_best."""
+    if stage.patience is not None and not stage.keep_best:
+        raise SFTKeyError(
+            f"stage `{stage.name}` has `patience: {stage.patience}` but not `keep_best: true`; patience counts "
+            "keep_best's validation evaluations: add `keep_best: true` to the stage or remove `patience`"
+        )
 
 
 def processes_of_launch(launch_tokens: list[str], root: Path) -> int | None:

@@ -122,6 +122,8 @@ def dry_run(
         entry.update(stage.options())
         if stage.keep_best:
             entry["keep_best"] = True
+        if stage.patience is not None:
+            entry["patience"] = stage.patience
         entry["overrides"] = plain(stage.overrides)
         effective = {key: plain(getattr(args, key)) for key in STAGE_SUMMARY_KEYS}
         if effective["max_steps"] in (-1, 0):

@@ -23,7 +23,7 @@ from ..evaluation.generation import evaluate_model
 from ..evaluation.metrics import DEFAULT_METRIC
 from ..files import read_json, write_json, write_jsonl, write_text
 from ..train.distributed import detect_launch
-from ..train.keep_best import KeepBestCallback
+from ..train.keep_best import BEST_DIR, STATE_FILE, KeepBestCallback
 from ..train.modeling import load_model, load_tokenizer, lora_config, resolve_model_path
 from ..train.objectives import Stage
 from ..train.steps import global_batch, stage_training_args
@@ -124,6 +124,8 @@ class Pipeline:
             if main:
                 write_json(self.output_dir / "results.json", results)
             manifest.update(stage.name, status="trained", seconds=training["train_seconds"])
+        if main:  # keep_best's snapshots: the stage's output holds the kept weights now
+            shutil.rmtree(stage_dir / BEST_DIR, ignore_errors=True)
         if evaluate:
             if model is None:  # killed during evaluation, or keep_best kept a snapshot: load the saved stage
                 model = load_model(self.model_args, args, stage_dir, trainable=False)
@@ -152,12 +154,12 @@ class Pipeline:
             log_part_losses=self.training_args.log_part_losses,
         )
         batch = global_batch(args, args.world_size)
-        resume = last_complete_checkpoint(Path(args.output_dir))
+        resume = last_complete_checkpoint(Path(args.output_dir), STATE_FILE if stage.keep_best else None)
         if self.state.is_main_process:
             resuming = f", resuming from {resume}" if resume else ""
             logger.info("stage %s: loss on %s, global batch %d%s", stage.name, stage.loss_on, batch, resuming)
         stage_dir = self.output_dir / stage.name
-        keep_best = self.keep_best_callback(stage, args, trainer, stage_dir) if stage.keep_best else None
+        keep_best = self.keep_best_callback(stage, args, trainer, stage_dir, resume) if stage.keep_best else None
         started = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - started
@@ -167,24 +169,25 @@ class Pipeline:
             write_json(stage_dir / "log_history.json", trainer.state.log_history)
         summary = {
             "train_loss": output.training_loss,
-            "optimizer_steps": trainer.state.global_step,
             "train_seconds": seconds,
             "global_batch_size": batch,
             "world_size": args.world_size,
             "train_tokens": trainer._total_train_tokens,
             "tokens_per_second": trainer._total_train_tokens / seconds if seconds else 0.0,
             "resumed_from": resume,
+            "optimizer_steps": trainer.state.global_step,
         }
         model = trainer.model
         if keep_best is not None:
-            summary["keep_best"] = keep_best.finalize(stage_dir, start_from, trainer.state.global_step)
-            if summary["keep_best"]["best_step"] != trainer.state.global_step:
+            summary["keep_best"] = keep_best.finalize(stage_dir, start_from, summary["optimizer_steps"])
+            if summary["keep_best"]["best_step"] != summary["optimizer_steps"]:
                 model = None  # the stage's output is an earlier snapshot: evaluate it from disk
         del trainer
         return model, summary
 
-    def keep_best_callback(self, stage: Stage, args, trainer, stage_dir: Path) -> KeepBestCallback:
-        """Evaluate on the validation split every `eval_steps` (default: twice an epoch) and keep the best."""
+    def keep_best_callback(self, stage: Stage, args, trainer, stage_dir: Path, resume: str | None) -> KeepBestCallback:
+        """Evaluate on the validation split every `eval_steps` (default: twice an epoch) and keep the best; with
+        `resume`, carry on from the keep_best state saved in that checkpoint."""
         examples = self.data.validation_examples  # never the evaluation set, unless `select_on_test` (checks.py)
         steps_per_epoch = max(1, len(self.data.train) // global_batch(args, args.world_size))
         every = int(args.eval_steps) if args.eval_steps and args.eval_steps >= 1 else max(1, steps_per_epoch // 2)
@@ -197,7 +200,9 @@ class Pipeline:
             return metrics
 
         metric = self.training_args.metric_for_best_model or DEFAULT_METRIC
-        callback = KeepBestCallback(evaluate, metric, stage_dir, every, trainer, self.state.is_main_process)
+        callback = KeepBestCallback(evaluate, metric, stage_dir, every, trainer, self.state.is_main_process,
+                                    stage.patience)  # fmt: skip
+        callback.start(resume)
         trainer.add_callback(callback)
         return callback
 

@@ -132,10 +132,11 @@ def plan_stages(stages: list[Stage], stage_args, script_args, model_args, data_h
     return plan
 
 
-def last_complete_checkpoint(directory: Path) -> str | None:
-    """The newest `checkpoint-N` whose `trainer_state.json` (written last by Trainer) is readable.
+def last_complete_checkpoint(directory: Path, written_after: str | None = None) -> str | None:
+    """The newest `checkpoint-N` whose `trainer_state.json` (written last by Trainer) is readable, and which holds
+    `written_after` when given (a file a callback writes after Trainer's save, e.g. keep_best's state).
 
-    A kill during a checkpoint save leaves a folder without it; such a folder is never resumed from.
+    A kill during a checkpoint save leaves a folder without them; such a folder is never resumed from.
     """
     if not directory.is_dir():
         return None
@@ -147,7 +148,8 @@ def last_complete_checkpoint(directory: Path) -> str | None:
     for candidate in candidates:
         try:
             json.loads((candidate / "trainer_state.json").read_text())
-            return str(candidate)
+            if written_after is None or (candidate / written_after).is_file():
+                return str(candidate)
         except (OSError, ValueError):
             continue
     return None

@@ -1,5 +1,12 @@
 """Keep the best model of a stage: evaluate on the validation split before the stage starts and every
-`eval_steps` steps, and make the stage's output the best weights by a named metric, the incoming ones included."""
+`eval_steps` steps, make the stage's output the best weights by a named metric (the incoming ones included), and
+optionally stop the stage after `patience` evaluations without improvement.
+
+The callback's state (history, best step and score, evaluations without improvement) is written into every Trainer
+checkpoint as `keep_best.json` and restored when the stage resumes from that checkpoint, so a killed and resumed
+stage keeps what an uninterrupted one keeps. Snapshots live in `<stage>/best/step-N/`; the snapshot that the newest
+checkpoint names is kept until a newer checkpoint names another, so resuming from it always finds its weights.
+"""
 
 from __future__ import annotations
 
@@ -7,52 +14,142 @@ import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..errors import SFTKeyError
+from ..files import read_json, write_json
 
 logger = logging.getLogger(__name__)
 
+STATE_FILE = "keep_best.json"  # in each checkpoint-N/ of a keep_best stage
+BEST_DIR = "best"  # <stage>/best/step-N/: snapshots of the best weights so far
+
 
 class KeepBestCallback(TrainerCallback):
-    """Track a validation metric during a stage and snapshot the best weights under `<stage>/best/`.
+    """Track a validation metric during a stage and snapshot the best weights under `<stage>/best/step-N/`.
 
     `evaluate(model) -> metrics` scores the model being trained. Step 0 is the incoming model (the previous
-    stage's output): if the stage never beats it, that is what is kept. Ties keep the earlier (less trained) weights.
+    stage's output): if the stage never beats it, that is what is kept. Ties keep the earlier (less trained) weights
+    and count as no improvement. With `patience`, training stops after that many evaluations in a row without
+    improvement (step 0 is the baseline, never counted). Call `start` before training.
     """
 
     def __init__(
-        self, evaluate: Callable, metric: str, stage_dir: Path, every: int, trainer, is_main_process: bool = True
+        self,
+        evaluate: Callable,
+        metric: str,
+        stage_dir: Path,
+        every: int,
+        trainer,
+        is_main_process: bool = True,
+        patience: int | None = None,
     ):
-        self.evaluate, self.metric, self.every = evaluate, metric, max(1, every)
+        self.evaluate, self.metric, self.every, self.patience = evaluate, metric, max(1, every), patience
         self.trainer, self.is_main_process = trainer, is_main_process
-        self.best_dir = stage_dir / "best"
+        self.best_dir = Path(stage_dir) / BEST_DIR
         self.history: list[tuple[int, float]] = []
         self.best_step, self.best_score = 0, float("-inf")
+        self.without_improvement = 0
+        self.stopped_at: int | None = None
+        self.checkpointed_best: int | None = None  # the best step that the newest checkpoint's state names
+
+    def snapshot(self, step: int) -> Path:
+        """The folder holding the weights of `step` (step > 0) while it is, or a checkpoint says it is, the best."""
+        return self.best_dir / f"step-{step}"
+
+    def saved_state(self) -> dict[str, Any]:
+        """What `keep_best.json` holds: everything the decisions after this step depend on."""
+        return {
+            "metric": self.metric,
+            "history": [[step, score] for step, score in self.history],
+            "best_step": self.best_step,
+            "best_score": self.best_score,
+            "evaluations_without_improvement": self.without_improvement,
+            "patience": self.patience,
+        }
+
+    def start(self, checkpoint: str | Path | None) -> None:
+        """Restore the state saved in `checkpoint` (the one the stage resumes from; None: a fresh start) and drop
+        the snapshots it does not name (they were taken after it and will be taken again)."""
+        if checkpoint is not None:
+            saved = read_json(Path(checkpoint) / STATE_FILE)
+            if saved is None or saved.get("metric") != self.metric:
+                raise SFTKeyError(
+                    f"{checkpoint} has no keep_best state for metric `{self.metric}` to resume from; "
+                    f"delete that checkpoint folder or pass --restart_from {self.best_dir.parent.name}"
+                )
+            self.history = [(int(step), float(score)) for step, score in saved["history"]]
+            self.best_step, self.best_score = int(saved["best_step"]), float(saved["best_score"])
+            self.without_improvement = int(saved["evaluations_without_improvement"])
+            self.checkpointed_best = self.best_step
+        self._prune()
+        if self.best_step > 0 and not self.snapshot(self.best_step).is_dir():
+            raise SFTKeyError(
+                f"keep_best's best weights (step {self.best_step}) are missing from {self.best_dir}; "
+                f"pass --restart_from {self.best_dir.parent.name} to retrain the stage"
+            )
+
+    def _prune(self) -> None:
+        """Delete every snapshot but the current best and the one the newest checkpoint names."""
+        if not self.is_main_process or not self.best_dir.is_dir():
+            return
+        keep = {self.snapshot(step).name for step in (self.best_step, self.checkpointed_best) if step}
+        for folder in self.best_dir.glob("step-*"):
+            if folder.name not in keep:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _measure(self, model, step: int) -> None:
-        score = self.evaluate(model).get(self.metric, 0.0)
+        score = float(self.evaluate(model).get(self.metric, 0.0))
         self.history.append((step, score))
         logger.info("keep_best: step %d validation %s %.4f", step, self.metric, score)
         if score > self.best_score:
-            self.best_step, self.best_score = step, score
+            self.best_step, self.best_score, self.without_improvement = step, score, 0
             if step > 0:
-                self.trainer.save_model(str(self.best_dir))
+                self.trainer.save_model(str(self.snapshot(step)))
+                self._prune()
+        else:
+            self.without_improvement += 1
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step == 0 and not self.history:
             self._measure(model, 0)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
-            self._measure(model, state.global_step)
+        step = state.global_step
+        if step % self.every != 0 and step != state.max_steps:
+            return
+        self._measure(model, step)
+        if self.patience is not None and self.without_improvement >= self.patience and step < state.max_steps:
+            logger.info("keep_best: %d evaluations without improvement, stopping at step %d", self.patience, step)
+            self.stopped_at = step
+            control.should_training_stop = True
+            # Never checkpoint a stopped stage: Trainer would resume it and train on past the stop
+            control.should_save = False
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.stopped_at is not None:
+            control.should_save = False
+
+    def on_save(self, args, state, control, **kwargs):
+        # Trainer has written the checkpoint (trainer_state.json last); the state goes next to it, so a checkpoint
+        # without keep_best.json was interrupted here and is not resumed from (see run.plan.last_complete_checkpoint)
+        if args.should_save:
+            checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            write_json(checkpoint / STATE_FILE, self.saved_state())
+        self.checkpointed_best = self.best_step
+        self._prune()
 
     def finalize(self, stage_dir: Path, incoming: Path | None, final_step: int) -> dict:
-        """Make `stage_dir` hold the best weights; return a report for results.json."""
+        """Make `stage_dir` hold the best weights; return a report for results.json. The snapshots stay (a rerun
+        after a kill here resumes from them); delete `<stage>/best/` once the stage is recorded as trained."""
         if self.best_step == final_step or (self.best_step == 0 and incoming is None):
             kept = f"the final weights (step {final_step})"
             self.best_step = final_step
         else:
-            source = self.best_dir if self.best_step > 0 else incoming
+            source = self.snapshot(self.best_step) if self.best_step > 0 else incoming
             kept = f"step {self.best_step}" if self.best_step > 0 else "the incoming weights (stage did not help)"
             if self.is_main_process and source is not None:
                 for name in ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors"):
@@ -60,8 +157,6 @@ class KeepBestCallback(TrainerCallback):
                         shutil.copy2(source / name, stage_dir / name)
                 for shard in source.glob("model-*.safetensors"):
                     shutil.copy2(shard, stage_dir / shard.name)
-        if self.is_main_process:
-            shutil.rmtree(self.best_dir, ignore_errors=True)
         if self.best_step == 0:
             logger.warning("keep_best: the stage never beat the incoming weights; kept them (%s)", kept)
         return {
@@ -70,4 +165,8 @@ class KeepBestCallback(TrainerCallback):
             f"best_validation_{self.metric}": self.best_score,
             "kept": kept,
             "history": self.history,
+            "patience": self.patience,
+            "stopped_early": self.stopped_at is not None,
+            "stopped_at": self.stopped_at,
+            "steps_trained": final_step,
         }

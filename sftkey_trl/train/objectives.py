@@ -69,6 +69,7 @@ class Stage:
     reasoning_weight: float = 0.0
     key_weight: float = 1.0
     keep_best: bool = False
+    patience: int | None = None  # stop after this many keep_best evaluations without improvement
     overrides: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -102,10 +103,12 @@ def _check_option(key: str, value: Any) -> Any:
         return float(value)
     if key == "keep_best" and not isinstance(value, bool):
         raise ValueError("must be true or false")
+    if key == "patience" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError("must be a whole number of evaluations, at least 1")
     return value
 
 
-COMMON_OPTIONS = ("keep_best",)  # options of every objective
+COMMON_OPTIONS = ("keep_best", "patience")  # options of every objective
 OPTIONS = {f.name for f in dataclasses.fields(Stage)} - {"name", "loss_on", "overrides"}
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(Stage) if f.name in OPTIONS}
 

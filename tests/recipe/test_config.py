@@ -54,6 +54,7 @@ def write(tmp_path: Path, text: str) -> str:
         ("stages: [{name: a}, {name: a}]\n", "stage name `a` repeats"),
         ("stages: [{name: a, num_train_epoch: 1}]\n", "unknown key `num_train_epoch`.*num_train_epochs"),
         ("stages: [{name: a, loss_on: key, reasoning_weight: 2}]\n", "between 0 and 1"),
+        ("stages: [{name: a, keep_best: true, patience: 0}]\n", "`patience: 0` is not valid.*at least 1"),
         ("response_format: tag\n", "`response_format: tag` is not valid.*did you mean `tags`"),
         ("learning_rate: fast\n", "`learning_rate` must be a number"),
         ("answer_template: 'Answer:'\n", "must contain `{answer}`"),

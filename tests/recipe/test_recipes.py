@@ -279,6 +279,7 @@ def test_a_users_recipe_without_header_passes_dry_run(tmp_path, capsys):
             r"does not close the assistant turn",
         ),
         ("stages: [{name: a, loss_on: key, keep_best: true}]\neval_split: null\n", r"keep_best but there is no"),
+        ("stages: [{name: a, loss_on: key, patience: 2}]\n", r"`patience: 2` but not `keep_best: true`"),
         ("restart_from: nope\n", r"`restart_from: nope` is not a stage"),
         ("stages: [{name: a, loss_on: key, keep_best: true}]\n", r"validation data is the evaluation set"),
         (

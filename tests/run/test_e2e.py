@@ -86,6 +86,24 @@ def test_keep_best_keeps_stage_1_weights_when_stage_2_breaks_the_model(tmp_path)
     assert "the incoming weights (stage did not help)" in (output / "results.md").read_text()
 
 
+@pytest.mark.e2e
+def test_patience_stops_a_stage_whose_validation_metric_cannot_improve(tmp_path):
+    """At learning rate 0 the weights never change, so the first evaluation after step 0 ties it: patience 1 stops
+    the stage there, well before its epochs are done, and results.json says so."""
+    output = tmp_path / "patience"
+    stages = "[{name: sft, num_train_epochs: 3, learning_rate: 0.0, keep_best: true, patience: 1}]"
+    args = ["--config", DEMO, "--output_dir", str(output), "--max_train_samples", "64", "--max_eval_samples", "8",
+            "--max_new_tokens", "16", "--eval_steps", "2", "--eval_after_stages", "false",
+            "--stages", stages]  # fmt: skip
+    assert main(args) == 0
+    training = json.loads((output / "results.json").read_text())["stages"]["sft"]["training"]
+    report = training["keep_best"]
+    assert report["stopped_early"] and report["stopped_at"] == 2 and report["steps_trained"] == 2
+    assert [step for step, _ in report["history"]] == [0, 2] and report["patience"] == 1
+    assert training["optimizer_steps"] == 2  # of 12 (64 rows / 16 per step x 3 epochs)
+    assert [e["step"] for e in json.loads((output / "sft" / "log_history.json").read_text())][-1] == 2
+
+
 def test_qlora_model_is_really_4bit(tmp_path, tiny_model_dir):
     import bitsandbytes as bnb
     from trl import ModelConfig

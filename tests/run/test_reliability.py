@@ -114,21 +114,21 @@ def test_trust_remote_code_is_off_unless_the_recipe_says_so():
     assert training_args.trust_remote_code is True
 
 
-def launch(out: Path) -> subprocess.Popen:
+def launch(out: Path, args: list[str] = SMALL) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, str(ROOT / "recipes/run.py"), "--output_dir", str(out), *SMALL]
+    command = [sys.executable, str(ROOT / "recipes/run.py"), "--output_dir", str(out), *args]
     return subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def run_to_end(out: Path) -> str:
-    process = launch(out)
+def run_to_end(out: Path, args: list[str] = SMALL) -> str:
+    process = launch(out, args)
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr[-3000:]
     return stderr
 
 
-def kill_when(out: Path, ready) -> None:
-    process = launch(out)
+def kill_when(out: Path, ready, args: list[str] = SMALL) -> None:
+    process = launch(out, args)
     deadline = time.time() + 300
     while not ready(out):
         assert process.poll() is None, "the run ended before the kill point"
@@ -201,6 +201,41 @@ def test_same_seed_same_numbers_and_changed_config_is_refused(tmp_path, referenc
         main(["--output_dir", str(out), *SMALL[:-2], "--learning_rate", "1e-4", *SMALL[-2:]])
     error = capsys.readouterr().err
     assert "stage `sft`" in error and "training.learning_rate" in error and "--restart_from sft" in error
+
+
+KEEP_BEST = [
+    "--max_train_samples", "64", "--max_eval_samples", "8", "--max_new_tokens", "32", "--save_strategy", "steps",
+    "--save_steps", "2", "--eval_steps", "2", "--logging_steps", "2",
+    "--stages", "[{name: sft, loss_on: completion, num_train_epochs: 3, keep_best: true, patience: 2}]",
+]  # fmt: skip
+RUN_SPECIFIC = {"train_loss", "train_seconds", "train_tokens", "tokens_per_second", "resumed_from"}
+
+
+def kept(out: Path) -> tuple[dict, dict]:
+    """The stage's results.json entry without what depends on the run rather than the result, and its weights."""
+    entry = json.loads((out / "results.json").read_text())["stages"]["sft"]
+    entry["training"] = {k: v for k, v in entry["training"].items() if k not in RUN_SPECIFIC}
+    return entry, load_file(out / "sft" / "model.safetensors")
+
+
+@pytest.mark.e2e
+def test_keep_best_stage_killed_after_an_evaluation_resumes_to_the_uninterrupted_result(tmp_path):
+    """Its history, best step and patience count come back from the checkpoint, so the rerun stops and keeps
+    exactly what the uninterrupted run does."""
+    reference = tmp_path / "reference"
+    run_to_end(reference, KEEP_BEST)
+    out = tmp_path / "killed"
+    kill_when(out, lambda out: any((out / "sft" / "checkpoints").glob("checkpoint-*/keep_best.json")), KEEP_BEST)
+    run_to_end(out, KEEP_BEST)
+    assert json.loads((out / "results.json").read_text())["stages"]["sft"]["training"]["resumed_from"]
+    expected, expected_weights = kept(reference)
+    entry, weights = kept(out)
+    assert len(expected["training"]["keep_best"]["history"]) >= 2
+    assert entry == expected
+    assert weights.keys() == expected_weights.keys()
+    for name, tensor in expected_weights.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-5, atol=1e-6)
+    assert not (out / "sft" / "best").exists()
 
 
 def test_invalid_rows_are_named_by_their_row_in_the_file_after_a_hold_out(tmp_path, capsys):
