@@ -3,6 +3,7 @@ confidence intervals and paired differences against the continuation and compute
 
     python recipes/compare.py                                   # offline demo: 6 arms x 3 seeds
     python recipes/compare.py --config recipes/<...>.yaml --variants sftkey_tag,sft_continue,sft_tag_matched --seeds 5
+    python recipes/compare.py --converged 2 --seeds 5           # stage 1 trained to convergence first (the paper)
 
 Rerunning with other `--variants` and the same output folder adds them to the existing table.
 """
@@ -28,6 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="Number of seeds (0, 1, ..., N-1).")
     parser.add_argument("--metric", default=DEFAULT_METRIC, help="The metric the tables are ranked by.")
     parser.add_argument("--comparison_dir", default=None, help="Where to write (default: <output_dir>/compare).")
+    parser.add_argument(
+        "--converged",
+        type=int,
+        default=None,
+        metavar="PATIENCE",
+        help="Train stage 1 until validation stops improving for PATIENCE evaluations (keeping its "
+        "best checkpoint) before every stage-2 form: the paper's protocol.",
+    )
+    parser.add_argument("--converged_epochs", type=float, default=12, help="With --converged: the epoch cap.")
     options, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     run, rest = run_options(rest)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -35,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         if options.metric not in METRIC_NAMES:
             raise SFTKeyError(f"unknown metric `{options.metric}`{closest(options.metric, METRIC_NAMES)}")
         script_args, training_args, model_args, stages, _ = load_checked_recipe(rest)
-        variants = build_variants(stages, training_args, script_args.response_format)
+        converge = (options.converged, options.converged_epochs) if options.converged else None
+        variants = build_variants(stages, training_args, script_args.response_format, converge)
         names = [name.strip() for name in options.variants.split(",") if name.strip()]
         for name in names:
             if name not in variants:

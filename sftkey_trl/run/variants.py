@@ -43,8 +43,15 @@ def _settings(args) -> str:
     return f"{steps}, lr {args.learning_rate:g}"
 
 
-def build_variants(stages: list[Stage], training_args, recipe_format: str = "tags") -> dict[str, Variant]:
-    """Every arm of the comparison, from the recipe's stage 1 and stage 2 (see the module docstring)."""
+def build_variants(
+    stages: list[Stage], training_args, recipe_format: str = "tags", converge: tuple[int, float] | None = None
+) -> dict[str, Variant]:
+    """Every arm of the comparison, from the recipe's stage 1 and stage 2 (see the module docstring).
+
+    `converge` = (patience, max epochs): the converged-stage-1 protocol. Stage 1 trains until its validation metric
+    has not improved for `patience` evaluations (at most `max epochs`) and keeps its best checkpoint, so the stage-2
+    forms and `sft_continue` start from a converged model, as the paper describes.
+    """
     first = next((s for s in stages if s.loss_on == "completion"), None)
     second = next((s for s in stages if s.loss_on == "key"), None)
     if first is None or second is None:
@@ -56,6 +63,11 @@ def build_variants(stages: list[Stage], training_args, recipe_format: str = "tag
     args_1, args_2 = args_of(first), args_of(second)
     s1, s2 = _settings(args_1), _settings(args_2)
     sft = Stage(name="sft", loss_on="completion", overrides=dict(first.overrides))
+    if converge is not None:
+        patience, epochs = converge
+        s1 = f"to convergence: patience {patience}, at most {epochs:g} ep, lr {args_1.learning_rate:g}"
+        sft = dataclasses.replace(sft, keep_best=True, patience=patience,
+                                  overrides={**sft.overrides, "num_train_epochs": epochs})  # fmt: skip
     key = Stage(name="key", loss_on="key", overrides=dict(second.overrides))  # the paper's: hard mask, no keep_best
     continued = Stage(name="continue", loss_on="completion", overrides=dict(second.overrides))
     matched = Stage(name="sft", loss_on="completion", overrides=dict(first.overrides))

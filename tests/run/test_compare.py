@@ -69,6 +69,16 @@ def test_variants_follow_the_recipe_stages():
     assert variants["sftkey_tag_stage1_lr"].stages[1].overrides["learning_rate"] == 1e-3
 
 
+def test_converged_protocol_trains_stage_1_to_convergence_in_every_arm_that_has_it():
+    stages = [Stage(name="sft", loss_on="completion"), Stage(name="key", loss_on="key")]
+    variants = build_variants(stages, training_args(), converge=(2, 12))
+    for name in ("sft_tag", PAPER, "sft_continue", "sftkey_tag_mix"):
+        first = variants[name].stages[0]
+        assert (first.keep_best, first.patience, first.overrides["num_train_epochs"]) == (True, 2, 12), name
+    assert not variants[PAPER].stages[1].keep_best and variants[PAPER].stages[1].patience is None
+    assert not variants[MATCHED].stages[0].keep_best  # one plain run with the paper arm's recorded steps
+
+
 def test_matched_baseline_takes_the_paper_arms_steps_with_only_top_level_epochs():
     """A recipe with `num_train_epochs: 1` at the top level and none per stage: 1 + 1 epochs, never a fallback."""
     args = training_args(num_train_epochs=1, per_device_train_batch_size=4, gradient_accumulation_steps=2)
