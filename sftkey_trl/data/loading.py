@@ -56,6 +56,27 @@ class InvalidReport:
             for reason, count in sorted(self.counts.items(), key=lambda item: -item[1])
         )
 
+    def summary(self, num_rows: int) -> str:
+        return f"{self.total} of {num_rows} training rows are invalid: {self.describe()}"
+
+
+# The fix to name when every training row is rejected for the same reason (otherwise: the adapter and fields)
+ALL_INVALID_HINTS = {
+    "contains_tags": "the data already carries the response tags: strip them from the reasoning and answers, or "
+    "set other tag strings (`thinking_open`, `thinking_close`, `answer_open`, `answer_close`)",
+}
+
+
+def _invalid_rows_error(report: InvalidReport, num_rows: int, on_invalid: str, nothing_left: bool) -> SFTKeyError:
+    """The one-line error for invalid rows: with the report, and the fix that applies (`on_invalid: skip` only
+    helps when valid rows remain)."""
+    if not nothing_left:
+        return SFTKeyError(f"{report.summary(num_rows)}; fix the data or set `on_invalid: skip` to drop them")
+    reasons = list(report.counts)
+    hint = ALL_INVALID_HINTS.get(reasons[0]) if len(reasons) == 1 else None
+    hint = hint or "fix the data, or check `dataset_format` and the field names (`question_field`, ...)"
+    return SFTKeyError(f"{report.summary(num_rows)}, so no row is left to train on (on_invalid: {on_invalid}); {hint}")
+
 
 def local_path(name: str, what: str = "dataset_name") -> Path | None:
     """The local file or folder that `name` names (None for a hub id or a demo name); a one-line error when it
@@ -69,7 +90,21 @@ def local_path(name: str, what: str = "dataset_name") -> Path | None:
         raise SFTKeyError(f"`{what}`: file `{name}` does not exist; check the path (relative to {Path.cwd()})")
     if path.is_file() and path.suffix not in FILE_LOADERS:
         raise SFTKeyError(f"`{what}`: `{name}` is not a .jsonl, .json, .parquet or .csv file")
+    if path.is_file() and _is_blank(path):
+        raise SFTKeyError(f"`{what}`: `{name}` is empty; point `{what}` at a file with at least one row")
     return path
+
+
+def _is_blank(path: Path) -> bool:
+    """A zero-byte file, or a small text file of whitespace only (which `datasets` reads as 'no data')."""
+    size = path.stat().st_size
+    return size == 0 or (path.suffix in (".jsonl", ".json", ".csv") and size < 4096 and not path.read_text().strip())
+
+
+def _first_line(error: Exception) -> str:
+    """An exception's first line, or its type when it has no message (`StopIteration`, `IndexError`, ...)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_source(name: str, config: str | None, split: str, what: str = "dataset_name") -> Dataset:
@@ -87,19 +122,27 @@ def load_source(name: str, config: str | None, split: str, what: str = "dataset_
         return load_dataset("json", data_files=str(directory / f"{split}.jsonl"), split="train")
     path = local_path(name, what)
     if path is not None:
-        if path.is_dir():
-            return load_dataset(str(path), config, split=split)
         try:
-            return load_dataset(FILE_LOADERS[path.suffix], data_files=str(path), split="train")
+            if path.is_dir():
+                dataset = load_dataset(str(path), config, split=split)
+            else:
+                dataset = load_dataset(FILE_LOADERS[path.suffix], data_files=str(path), split="train")
         except Exception as error:  # datasets raises many types for malformed files
-            raise SFTKeyError(f"`{what}`: could not read `{name}`: {str(error).splitlines()[0]}") from error
+            raise SFTKeyError(
+                f"`{what}`: could not read `{name}` ({_first_line(error)}); check that it is a valid "
+                f"{path.suffix or 'dataset folder'} with at least one row"
+            ) from error
+        if len(dataset) == 0:
+            raise SFTKeyError(f"`{what}`: `{name}` has no rows; point `{what}` at a file with at least one row")
+        return dataset
     try:
         return load_dataset(name, config, split=split)
     except Exception as error:  # network, auth, missing split: all are user-fixable
-        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise SFTKeyError(
-            f"`{what}: {name}` could not be loaded from the Hugging Face Hub ({detail}); check the id, split and "
-            "network, or download it and point `{what}` at a local .jsonl/.parquet copy".replace("{what}", what)
+            f"`{what}: {name}` could not be loaded from the Hugging Face Hub ({_first_line(error)}); check the id, "
+            "split and network, or download it and point `{what}` at a local .jsonl/.parquet copy".replace(
+                "{what}", what
+            )
         ) from error
 
 
@@ -194,6 +237,8 @@ def prepare_data(script_args, training_args, stages, tokenizer, formatter: Forma
             else:
                 kept.append((index, triple))
         triples = kept
+    if not triples:  # every row was rejected: nothing to tokenise
+        raise _invalid_rows_error(report, len(train_rows), script_args.on_invalid, nothing_left=True)
     rendered = [formatter.render(triple) for _, triple in triples]
     digest = hashlib.sha256()
     for key in ("max_length",):
@@ -217,18 +262,17 @@ def prepare_data(script_args, training_args, stages, tokenizer, formatter: Forma
     tokenized = _drop_unknown_tokens(tokenized, [item.text for item in rendered], tokenizer, report)
     tokenized = _validate_lengths(tokenized, training_args.max_length, stages, report, len(train_rows))
     if report.total:
-        message = f"{report.total} of {len(train_rows)} training rows are invalid: {report.describe()}"
-        if script_args.on_invalid == "error":
-            raise SFTKeyError(message + "; fix the data or set `on_invalid: skip` to drop them")
-        logger.warning("%s; skipped (on_invalid: skip)", message)
+        if script_args.on_invalid == "error" or len(tokenized) == 0:
+            raise _invalid_rows_error(report, len(train_rows), script_args.on_invalid, len(tokenized) == 0)
+        logger.warning("%s; skipped (on_invalid: skip)", report.summary(len(train_rows)))
     if cached is not None and not cached.exists():  # only valid data is cached; temp name then rename
         tmp = cached.with_name(cached.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         full = tokenized if len(tokenized) == num_tokenized else Dataset.from_dict(columns)
         full.save_to_disk(str(tmp))
         os.replace(tmp, cached)
-    if len(tokenized) == 0:
-        raise SFTKeyError("no valid training rows are left; check the dataset and its adapter (`dataset_format`)")
+    if len(tokenized) == 0:  # a guard: empty files are refused when loaded, all-invalid data above
+        raise SFTKeyError("no training rows are left; check the dataset and its adapter (`dataset_format`)")
     answer_type = script_args.answer_type or get_adapter(script_args.dataset_format).answer_type
     eval_examples = _eval_examples(eval_rows, script_args, formatter) if eval_rows is not None else []
     validation = _eval_examples(validation_rows, script_args, formatter) if validation_rows is not None else None

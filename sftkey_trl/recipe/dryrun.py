@@ -28,6 +28,7 @@ from .schema import SFTKeyConfig, SFTKeyScriptArguments
 HARDWARE_PREFIX = "# Hardware:"
 LAUNCH_PREFIX = "# Launch:"
 STAGE_SUMMARY_KEYS = (
+    "loss_type",
     "num_train_epochs",
     "max_steps",
     "learning_rate",

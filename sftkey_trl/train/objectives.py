@@ -2,9 +2,11 @@
 
 A stage names its objective with `loss_on`. An objective gives each token of a tokenised example a loss weight
 from the example's two masks (`completion_mask`: the whole response; `key_mask`: what follows `</Thinking>`) and
-declares the stage keys it reads. The loss is `sum(weight * nll) / normaliser`; `loss_normalization` picks the
-normaliser: `supervised_tokens` counts the tokens with a non-zero weight (a plain mean, the paper's reading),
-`completion_tokens` counts the response tokens (so a key token weighs in stage 2 what it weighed in stage 1).
+declares the stage keys it reads. The loss is `sum(weight * token_loss) / normaliser`. The per-token loss is the
+negative log-likelihood, or with `loss_type: dft` (recipe-wide or per stage) its DFT rescaling (`token_losses`).
+`loss_normalization` picks the normaliser: `supervised_tokens` counts the tokens with a non-zero weight (a plain
+mean, the paper's reading), `completion_tokens` counts the response tokens (so a key token weighs in stage 2 what
+it weighed in stage 1).
 
 A new objective is one `Objective` entry in `OBJECTIVES` (plus a field on `Stage` if it has a new key, checked in
 `_check_option`) and its tests; the collator, the trainer, `--inspect` and `--dry_run` read it from here.
@@ -22,6 +24,7 @@ import torch
 from ..errors import SFTKeyError, closest
 
 LOSS_NORMALIZATIONS = ("supervised_tokens", "completion_tokens")
+LOSS_TYPES = ("nll", "dft")  # the `loss_type` values (recipe-wide or per stage) that `token_losses` computes
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,21 @@ class Stage:
     def options(self) -> dict[str, Any]:
         """The objective's keys whose values differ from their defaults (for reports and `--dry_run`)."""
         return {key: getattr(self, key) for key in self.objective.options if getattr(self, key) != DEFAULTS[key]}
+
+
+def token_losses(log_probs: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """Per-token losses from the fused LM head's log-probabilities (zero where a token is not scored).
+
+    `nll` is `-log p`. `dft` (Dynamic Fine-Tuning, arXiv 2508.05629) is `-log p` scaled by the token's own
+    probability `p`, detached so that it only rescales the gradient. The stage's weights and normaliser apply to
+    either the same way.
+    """
+    nll = -log_probs
+    if loss_type == "dft":
+        return nll * log_probs.detach().exp()
+    if loss_type != "nll":
+        raise SFTKeyError(f"`loss_type: {loss_type}` is not supported; use one of {LOSS_TYPES}")
+    return nll
 
 
 def _check_option(key: str, value: Any) -> Any:

@@ -1,10 +1,13 @@
 """`SFTKeyTrainer`: TRL's `SFTTrainer` with per-token loss weights on top of its fused LM head.
 
-The loss is `sum(weight * nll) / normaliser` where the per-token negative log-likelihoods come from TRL's fused
-LM head (`model(..., fused_lm_head=True)`): only labelled positions are projected through the LM head, in tiles,
-so no `(batch, seq, vocab)` logits are ever built. The weights and the normaliser are the stage objective's
-(`train/objectives.py`). Under gradient accumulation and data parallelism the normaliser is summed over all
-micro-batches and ranks, the same way `transformers.Trainer` counts `num_items_in_batch`.
+The loss is `sum(weight * token_loss) / normaliser` where the per-token losses come from TRL's fused LM head
+(`model(..., fused_lm_head=True)`): only labelled positions are projected through the LM head, in tiles, so no
+`(batch, seq, vocab)` logits are ever built. The per-token loss (`nll` or `dft`), the weights and the normaliser
+are the stage objective's (`train/objectives.py`). Under gradient accumulation and data parallelism the normaliser
+is summed over all micro-batches and ranks, the same way `transformers.Trainer` counts `num_items_in_batch`.
+A Mixture-of-Experts model's router load-balancing loss is added as TRL adds it: `router_aux_loss_coef` times the
+micro-batch's auxiliary loss, divided by the accumulation steps when the main loss is normalised over them.
+TRL options this loss does not honour are refused before the model loads (`recipe/checks.py`).
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from __future__ import annotations
 import torch
 from trl import SFTTrainer
 
+from ..errors import SFTKeyError
 from .collator import SFTKeyCollator
-from .objectives import Stage
+from .objectives import Stage, token_losses
 
 MASK_COLUMNS = ["input_ids", "completion_mask", "key_mask"]
 
@@ -23,6 +27,12 @@ class SFTKeyTrainer(SFTTrainer):
 
     def __init__(self, *args, stage: Stage, log_part_losses: bool = True, **kwargs):
         training_args = kwargs["args"]
+        coef, model = training_args.router_aux_loss_coef, kwargs.get("model")
+        if coef and model is not None and not hasattr(model.config.get_text_config(), "output_router_logits"):
+            raise SFTKeyError(
+                f"`router_aux_loss_coef: {coef}` weights a Mixture-of-Experts router loss, but "
+                f"{type(model).__name__} has no router; remove `router_aux_loss_coef`"
+            )
         self.stage = stage
         padding_free = training_args.padding_free
         training_args.padding_free = False  # TRL refuses a custom collator with padding_free; ours does it
@@ -62,16 +72,25 @@ class SFTKeyTrainer(SFTTrainer):
         weights = inputs.pop("loss_weights")[:, 1:]
         completion = inputs.pop("completion_mask")[:, 1:]
         key = inputs.pop("key_mask")[:, 1:]
+        if self.aux_loss_enabled:  # MoE: TRL's __init__ set this from `router_aux_loss_coef` and the model config
+            inputs["output_router_logits"] = True
         outputs = model(**inputs, use_cache=False, fused_lm_head=True)
-        nll = -outputs.log_probs  # zero wherever the label is -100
-        loss = (nll * weights).sum() / torch.as_tensor(normaliser, device=nll.device).clamp(min=1)
+        losses = token_losses(outputs.log_probs, self.args.loss_type)  # zero wherever the label is -100
+        loss = (losses * weights).sum() / torch.as_tensor(normaliser, device=losses.device).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-        self._log_token_metrics(mode, inputs, outputs, nll.detach(), completion & ~key, key)
+        if self.aux_loss_enabled:
+            # As TRL: the aux loss is a per-micro-batch mean that DDP averages across ranks; with
+            # `num_items_in_batch` Trainer leaves accumulation to the loss, so it is averaged over the steps here
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
+            aux = self.accelerator.gather_for_metrics(outputs.aux_loss.detach()[None]).mean().item()
+            self._metrics[mode]["aux_loss"].append(aux)
+        self._log_token_metrics(mode, inputs, outputs, -outputs.log_probs.detach(), completion & ~key, key)
         return (loss, outputs) if return_outputs else loss
 
     def _log_token_metrics(self, mode, inputs, outputs, nll, reasoning, key) -> None:
-        """TRL's entropy / token accuracy / token count, plus the mean loss on reasoning and on key tokens."""
+        """TRL's entropy / token accuracy / token count, plus the mean nll on reasoning and on key tokens."""
         sums = torch.stack(
             [
                 outputs.label_mask.sum(),

@@ -293,6 +293,20 @@ def test_a_users_recipe_without_header_passes_dry_run(tmp_path, capsys):
         ("stages: [{name: a, loss_on: completion, reasoning_weight: 0.1}]\n", r"applies to `loss_on: key`"),
         ("stages: [{name: a, loss_on: key, key_weight: 3}]\n", r"`key_weight` applies to `loss_on: completion`"),
         ("stages: [{name: a, loss_on: completion, key_weight: 0.5}]\n", r"from 1 \(no emphasis\) to 100"),
+        # TRL / transformers options that SFTKey's data path or loss would drop (checks.UNSUPPORTED_OPTIONS)
+        ("label_smoothing_factor: 0.1\n", r"^error: `label_smoothing_factor: 0.1` is not supported: .*set it to 0"),
+        ("stages: [{name: a, loss_on: key, loss_type: focal}]\n", r"stage `a`: `loss_type: focal` is not supported"),
+        ("stages: [{name: a, loss_on: key, label_smoothing_factor: 0.2}]\n", r"stage `a`: `label_smoothing_f"),
+        ("packing: true\n", r"`packing: True` is not supported: .*`padding_free: true`"),
+        ("completion_only_loss: false\n", r"`completion_only_loss: False` is not supported"),
+        ("assistant_only_loss: true\n", r"`assistant_only_loss: True` is not supported"),
+        ("dataset_text_field: body\n", r"`dataset_text_field: body` is not supported.*`question_field`"),
+        ("chat_template_path: t.jinja\n", r"`chat_template_path: t.jinja` is not supported.*set `chat_template`"),
+        ("truncation_mode: keep_end\n", r"`truncation_mode: keep_end` is not supported.*raise `max_length`"),
+        ("model_init_kwargs: {attn_implementation: sdpa}\n", r"`model_init_kwargs: .*` is not supported"),
+        ("eval_strategy: steps\n", r"`eval_strategy: steps` is not supported: .*by generating answers"),
+        ("eval_on_start: true\n", r"`eval_on_start: True` is not supported"),
+        ("liger_kernel_config: {fused_linear_cross_entropy: true}\n", r"`liger_kernel_config: .*replaces the forward"),
     ],
 )
 def test_checks_stop_dry_run_and_real_run_alike(tmp_path, body, message, monkeypatch, capsys):
@@ -306,6 +320,40 @@ def test_selection_on_test_is_an_explicit_opt_in(tmp_path):
     assert "every check passed" in run_dry(write_recipe(tmp_path, body + "select_on_test: true\n"))
     body = "stages: [{name: a, loss_on: key, keep_best: true}]\neval_fraction: 0.1\n"  # validation + test
     assert "every check passed" in run_dry(write_recipe(tmp_path, body + "metric_for_best_model: strict_accuracy\n"))
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("liger_missing", r"`use_liger_kernel: true` needs liger-kernel: `pip install liger-kernel`"),
+        ("sequence_parallel", r"`sp_size: 2` splits each sequence across GPUs.*launch without"),
+    ],
+)
+def test_checks_refuse_the_launch_environment_alike(tmp_path, case, message, monkeypatch, capsys):
+    """Options whose failure depends on the environment: Liger not installed, an accelerate launch with sequence
+    parallelism (its config reaches the process as environment variables)."""
+    import importlib.util
+
+    body = ""
+    if case == "liger_missing":
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "liger_kernel" else real(name))
+        body = "use_liger_kernel: true\n"
+    else:
+        monkeypatch.setenv("ACCELERATE_USE_PARALLELISM_CONFIG", "true")
+        monkeypatch.setenv("PARALLELISM_CONFIG_SP_SIZE", "2")
+    dry, real_run = run_both(write_recipe(tmp_path, body), monkeypatch, capsys)
+    assert re.search(message, dry), dry
+    assert dry == real_run
+
+
+def test_options_without_effect_are_noted_not_refused(tmp_path):
+    path = write_recipe(tmp_path, "dataset_num_proc: 4\nshuffle_dataset: true\nloss_type: dft\n")
+    checked = cli.load_checked_recipe(["--config", path], dry_run=True)
+    report = yaml.safe_load(dry_run(*checked[:4], path, checked[4]))
+    assert any(note.startswith("`dataset_num_proc` has no effect") for note in report["notes"])
+    assert any(note.startswith("`shuffle_dataset` has no effect") for note in report["notes"])
+    assert [stage["effective"]["loss_type"] for stage in report["stages"]] == ["dft", "dft"]
 
 
 def test_dry_run_rejects_both_quantisations():

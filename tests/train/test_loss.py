@@ -1,5 +1,6 @@
 """The stage losses: fused-head loss equals a reference computed from full logits, padded equals padding-free,
-the key stage learns only through key tokens, and the normalisation/weight options give the documented weights."""
+the key stage learns only through key tokens, the normalisation/weight options give the documented weights, and
+`loss_type: dft` rescales each token's nll by its own detached probability in any stage."""
 
 from __future__ import annotations
 
@@ -51,12 +52,16 @@ def make_trainer(tiny_model_dir, tokenizer, tmp_path, stage, **config):
     return SFTKeyTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, stage=stage)
 
 
-def reference_loss(model, batch, weights, normaliser):
-    """Cross-entropy from the model's full logits (the slow path the fused head avoids), weighted per token."""
+def reference_loss(model, batch, weights, normaliser, loss_type="nll"):
+    """Cross-entropy from the model's full logits (the slow path the fused head avoids), weighted per token; with
+    `dft`, each token's nll times its own probability, detached (arXiv 2508.05629)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     nll = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.size(-1)), batch["input_ids"][:, 1:].reshape(-1), reduction="none"
     ).view(logits.shape[:2])
+    if loss_type == "dft":
+        probability = torch.softmax(logits, -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+        nll = nll * probability.detach()
     return (nll * weights[:, 1:]).sum() / normaliser
 
 
@@ -184,3 +189,67 @@ def test_gradient_accumulation_normaliser_counts_the_stage_tokens(
     total = sum(trainer.compute_loss(trainer.model, dict(b), num_items_in_batch=expected) for b in batches)
     whole = trainer.compute_loss(trainer.model, dict(trainer.data_collator(examples)))
     torch.testing.assert_close(total, whole, rtol=1e-5, atol=1e-6)
+
+
+# A hand-built batch: explicit token ids and masks (prompt, reasoning, key), two lengths so that padding is exercised
+HAND_BUILT = [
+    {"input_ids": [5, 6, 7, 8, 9, 10, 11, 12, 13], "completion_mask": [0, 0, 0, 1, 1, 1, 1, 1, 1],
+     "key_mask": [0, 0, 0, 0, 0, 0, 1, 1, 1]},
+    {"input_ids": [20, 21, 22, 23, 24, 25], "completion_mask": [0, 0, 1, 1, 1, 1], "key_mask": [0, 0, 0, 0, 1, 1]},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "stage",
+    [Stage(name="sft", loss_on="completion"), Stage(name="key", loss_on="key", reasoning_weight=0.25)],
+    ids=["completion", "key_with_reasoning_weight"],
+)
+def test_dft_loss_equals_the_reference_formula(tiny_model_dir, char_tokenizer, tmp_path, stage):
+    trainer = make_trainer(tiny_model_dir, char_tokenizer, tmp_path, stage, loss_type="dft")
+    batch = trainer.data_collator(HAND_BUILT)
+    weights, normaliser = batch["loss_weights"], trainer._normaliser_mask(batch).sum()
+    model = trainer.model
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    fused_grads = grads(model)
+    model.zero_grad()
+    ref = reference_loss(model, batch, weights, normaliser, "dft")
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for name, grad in grads(model).items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    assert all(torch.isfinite(grad).all() for grad in fused_grads.values())
+    with torch.no_grad():  # DFT is not the nll: p < 1 scales every token down
+        assert loss < reference_loss(model, batch, weights, normaliser, "nll")
+
+
+def test_dft_in_a_key_stage_only_touches_key_tokens(tiny_model_dir, char_tokenizer, tmp_path):
+    trainer = make_trainer(tiny_model_dir, char_tokenizer, tmp_path, Stage(name="key", loss_on="key"), loss_type="dft")
+    batch = trainer.data_collator(HAND_BUILT)
+    key = batch["key_mask"]
+    assert (batch["loss_weights"] > 0).equal(key) and key.sum() < batch["completion_mask"].sum()
+    model = trainer.model
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    fused_grads = grads(model)
+    model.zero_grad()
+    ref = reference_loss(model, batch, key.float(), key[:, 1:].sum(), "dft")  # key tokens only
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for name, grad in grads(model).items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+        assert torch.isfinite(fused_grads[name]).all(), name
+    # reasoning tokens are scored (for the logged reasoning loss) but carry no weight
+    completion_only = reference_loss(model, batch, batch["completion_mask"].float(), key[:, 1:].sum(), "dft")
+    assert not torch.isclose(loss, completion_only)
+    assert trainer._metrics["eval"]["reasoning_loss"] and trainer._metrics["eval"]["key_loss"]
+
+
+def test_loss_type_can_be_set_per_stage(tmp_path):
+    from sftkey_trl.recipe.parsing import parse_config
+    from sftkey_trl.train.steps import stage_training_args
+
+    stages = "[{name: sft, loss_on: completion}, {name: key, loss_on: key, loss_type: dft}]"
+    _, training_args, _, parsed = parse_config(["--output_dir", str(tmp_path), "--stages", stages])
+    resolved = [stage_training_args(training_args, stage, str(tmp_path / stage.name)).loss_type for stage in parsed]
+    assert training_args.loss_type == "nll" and resolved == ["nll", "dft"]
