@@ -80,6 +80,8 @@ def build_variants(
                             "loss divided by the response tokens (loss_normalization: completion_tokens)"),
         "sftkey_tag_mix": (dataclasses.replace(key, name="key_mix", reasoning_weight=0.1),
                            "reasoning tokens weighted 0.1 (reasoning_weight: 0.1)"),
+        "sftkey_tag_dft": (dataclasses.replace(key, name="key_dft", overrides={**key.overrides, "loss_type": "dft"}),
+                           "DFT on the key tokens: each token's loss scaled by its own probability (loss_type: dft)"),
         "sftkey_tag_best": (dataclasses.replace(key, name="key_best", keep_best=True),
                             "keeping the best checkpoint on validation, the incoming weights included (keep_best)"),
         "sftkey_tag_stage1_lr": (dataclasses.replace(key, name="key_stage1_lr", overrides=same_lr),

@@ -66,6 +66,7 @@ def test_variants_follow_the_recipe_stages():
     assert variants["sftkey_tag_norm"].stages[1].loss_normalization == "completion_tokens"
     assert variants["sftkey_tag_mix"].stages[1].reasoning_weight == 0.1
     assert variants["sftkey_tag_best"].stages[1].keep_best
+    assert variants["sftkey_tag_dft"].stages[1].overrides["loss_type"] == "dft"
     assert variants["sftkey_tag_stage1_lr"].stages[1].overrides["learning_rate"] == 1e-3
 
 
