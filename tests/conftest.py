@@ -53,14 +53,25 @@ def char_tokenizer():
     return build_tiny_tokenizer()
 
 
+# GPT-2's pre-tokenisation, except that a run of punctuation keeps one newline after it: byte-level BPE never merges
+# across pre-tokens, so with GPT-2's own pattern `>` and `\n` could never form one token
+STRADDLING_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+\n?|\s+(?!\S)|\s+"
+
+
 @pytest.fixture(scope="session")
 def bpe_tokenizer():
-    """A byte-level BPE tokenizer trained on a few sentences: merges like `>\\n` straddle the key boundary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A byte-level BPE tokenizer trained on a few sentences where `>\\n<` is frequent, so that it learns the merge
+    `>\\n`: the token for `</Thinking>`'s `>` and the newline after it straddles the key boundary."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(STRADDLING_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     backend.decoder = decoders.ByteLevel()
     corpus = [
         "<Thinking>48/2 = 24 and 48+24 = 72</Thinking>\n<Answer>72</Answer>",

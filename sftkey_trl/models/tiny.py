@@ -48,6 +48,7 @@ def build_tiny_tokenizer():
 def build_tiny_model(directory: str | Path, hidden_size: int = 192, num_layers: int = 3, seed: int = 0) -> Path:
     """Save a randomly initialised tiny Llama and its tokenizer under `directory` (idempotent); return it."""
     import torch
+    from safetensors.torch import save_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     directory = Path(directory)
@@ -72,7 +73,12 @@ def build_tiny_model(directory: str | Path, hidden_size: int = 192, num_layers: 
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")  # several ranks may build it at once
-    model.save_pretrained(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    # Not `model.save_pretrained`: once torch.distributed is up it writes nothing on ranks other than 0, and a rank
+    # whose copy lacks the weights and config could win the rename below
+    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if not (tmp / "config.json").exists():
         # Once a process group exists, transformers writes the weights on rank 0 only: wait for its copy rather
