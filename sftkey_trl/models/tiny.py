@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import string
-import time
 from pathlib import Path
 
 CHAT_TEMPLATE = (
@@ -80,22 +79,8 @@ def build_tiny_model(directory: str | Path, hidden_size: int = 192, num_layers: 
     model.config.save_pretrained(tmp)
     model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    if not (tmp / "config.json").exists():
-        # Once a process group exists, transformers writes the weights on rank 0 only: wait for its copy rather
-        # than publish a folder that holds just the tokenizer
-        shutil.rmtree(tmp, ignore_errors=True)
-        return _wait_until_built(directory)
     try:
         tmp.replace(directory)
     except OSError:  # another process finished first: its copy is identical (same seed)
         shutil.rmtree(tmp, ignore_errors=True)
-    return directory
-
-
-def _wait_until_built(directory: Path, timeout: float = 600.0) -> Path:
-    deadline = time.monotonic() + timeout
-    while not ((directory / "config.json").exists() and (directory / "tokenizer.json").exists()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the tiny demo model was not written to {directory} by the main process")
-        time.sleep(0.2)
     return directory
