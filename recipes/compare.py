@@ -16,23 +16,30 @@ from pathlib import Path
 
 from sftkey_trl.errors import SFTKeyError, closest
 from sftkey_trl.files import read_json
-from sftkey_trl.recipe.config import parse_config
-from sftkey_trl.run.cli import run_options, user_errors
-from sftkey_trl.run.compare import DEFAULT_VARIANTS, build_variants, run_variant, write_comparison
+from sftkey_trl.run.cli import config_path, run_options, user_errors
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="Comma-separated variant names.")
+    parser.add_argument("--variants", default=None, help="Comma-separated variant names (default: 5 variants).")
     parser.add_argument("--seeds", type=int, default=3, help="Number of seeds (0, 1, ..., N-1).")
     parser.add_argument("--comparison_dir", default=None, help="Where to write (default: <output_dir>/compare).")
     options, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    run, rest = run_options(rest)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if argv is None:  # as the program: before the recipe parser imports the ML libraries (see run/process.py)
+        from sftkey_trl.run.process import prepare_process
+
+        prepare_process(rest, config_path(rest))
+    run, rest = run_options(rest)
+    from sftkey_trl.recipe.config import parse_config
+    from sftkey_trl.run.compare import DEFAULT_VARIANTS, build_variants, run_variant, write_comparison
+
     with user_errors(run.debug):
         script_args, training_args, model_args, stages = parse_config(rest)
+        if training_args.push_to_hub:
+            raise SFTKeyError("compare.py trains many variants and pushes none; remove `push_to_hub` (run.py pushes)")
         variants = build_variants(stages)
-        names = [name.strip() for name in options.variants.split(",") if name.strip()]
+        names = [name.strip() for name in (options.variants or ",".join(DEFAULT_VARIANTS)).split(",") if name.strip()]
         for name in names:
             if name not in variants:
                 raise SFTKeyError(f"unknown variant `{name}`{closest(name, variants)}; choose from {list(variants)}")

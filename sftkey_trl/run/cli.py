@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 
 from ..errors import SFTKeyError
-from ..recipe.config import DEMO_RECIPE, parse_config
 
 logger = logging.getLogger("sftkey_trl")
 
 
 def run_options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Split the flags of `run.py` itself from the recipe keys (which go to `parse_config`)."""
+    from ..recipe.config import DEMO_RECIPE
+
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--inspect", type=int, default=None, help="Show what each stage trains on; train nothing.")
     parser.add_argument("--json", action="store_true", help="With --inspect: one JSON object per line.")
@@ -90,9 +91,19 @@ def inspect(script_args, training_args, model_args, stages, count: int, as_json:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse flags and the recipe, then inspect, dry-run, evaluate or train."""
-    options, rest = run_options(list(sys.argv[1:] if argv is None else argv))
+    """Parse flags and the recipe, then inspect, dry-run, evaluate or train.
+
+    Called as the program (no `argv`), it first sets up the process (`process.prepare_process`: CPU threads, and
+    bitsandbytes hidden unless the run quantises); called from Python, it leaves the process as it is.
+    """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if argv is None:
+        from .process import prepare_process
+
+        prepare_process(sys.argv[1:], config_path(sys.argv[1:]))
+    options, rest = run_options(list(sys.argv[1:] if argv is None else argv))
+    from ..recipe.config import parse_config
+
     with user_errors(options.debug):
         script_args, training_args, model_args, stages = parse_config(rest)
         if options.inspect is not None:
