@@ -30,15 +30,33 @@ def _cell(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def print_results(results: dict, output_dir: Path) -> None:
-    """Print one row per evaluated model with the main metrics."""
-    table = Table(title=f"SFTKey results ({output_dir / 'results.json'})")
-    table.add_column("stage")
-    for _, title in COLUMNS:
-        table.add_column(title, justify="right")
-    for name, metrics in result_rows(results):
-        table.add_row(name, *(_cell(metrics.get(key)) for key, _ in COLUMNS))
-    Console().print(table)
+# Row labels of the terminal table: one row per metric, one column per evaluated model, so it fits in 80 columns
+METRIC_LABELS = {
+    "accuracy": "accuracy",
+    "format_accuracy": "format accuracy",
+    "composite": "composite (0.7 acc + 0.3 fmt)",
+    "reasoning_final_accuracy": "reasoning reaches gold answer",
+    "answer_reasoning_consistency": "answer follows reasoning",
+    "mean_generated_tokens": "generated tokens (mean)",
+    "num_examples": "examples",
+}
+
+
+def results_table(results: dict, output_dir: Path) -> Table:
+    """The metrics as rows and the evaluated models (base, then each stage) as columns."""
+    table = Table(title="SFTKey results", caption=str(output_dir / "results.json"), expand=False)
+    table.add_column("metric", no_wrap=True)
+    rows = result_rows(results)
+    for name, _ in rows:
+        table.add_column(name, justify="right", no_wrap=True)
+    for key, label in METRIC_LABELS.items():
+        table.add_row(label, *(_cell(metrics.get(key)) for _, metrics in rows))
+    return table
+
+
+def print_results(results: dict, output_dir: Path, console: Console | None = None) -> None:
+    """Print the results table (80 columns wide with up to five evaluated models)."""
+    (console or Console()).print(results_table(results, output_dir))
 
 
 def results_markdown(results: dict) -> str:
