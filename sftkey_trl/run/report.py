@@ -42,20 +42,26 @@ METRIC_LABELS = {
 }
 
 
+def _short(key: str, value) -> str:
+    return f"{value:.1f}" if key == "mean_generated_tokens" and isinstance(value, float) else _cell(value)
+
+
 def results_table(results: dict, output_dir: Path) -> Table:
-    """The metrics as rows and the evaluated models (base, then each stage) as columns."""
-    table = Table(title="SFTKey results", caption=str(output_dir / "results.json"), expand=False)
-    table.add_column("metric", no_wrap=True)
+    """The metrics as rows and the evaluated models (base, then each stage) as columns. Labels and numbers are
+    never cut; a model name too long for the width wraps onto a second header line."""
     rows = result_rows(results)
+    cells = {name: [_short(key, metrics.get(key)) for key in METRIC_LABELS] for name, metrics in rows}
+    table = Table(title="SFTKey results", caption=str(output_dir / "results.json"), expand=False)
+    table.add_column("metric", no_wrap=True, min_width=max(map(len, METRIC_LABELS.values())))
     for name, _ in rows:
-        table.add_column(name, justify="right", no_wrap=True)
-    for key, label in METRIC_LABELS.items():
-        table.add_row(label, *(_cell(metrics.get(key)) for _, metrics in rows))
+        table.add_column(name, justify="right", overflow="fold", min_width=max(map(len, cells[name])))
+    for index, label in enumerate(METRIC_LABELS.values()):
+        table.add_row(label, *(cells[name][index] for name, _ in rows))
     return table
 
 
 def print_results(results: dict, output_dir: Path, console: Console | None = None) -> None:
-    """Print the results table (80 columns wide with up to five evaluated models)."""
+    """Print the results table: 80 columns hold the base model and three stages with names of up to 7 characters."""
     (console or Console()).print(results_table(results, output_dir))
 
 
