@@ -26,6 +26,7 @@ from ..train.modeling import check_quantization, load_model, load_tokenizer, lor
 from ..train.trainer import SFTKeyTrainer
 from .manifest import Manifest, changed_keys, config_hash, resolved_config
 from .report import plot_results, results_markdown
+from .tracking import stage_run_name, track_stage
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,8 @@ class Pipeline:
     def stage_args(self, stage: Stage):
         args = stage_training_args(self.training_args, stage, str(self.output_dir / stage.name / "checkpoints"))
         apply_global_batch_size(args, args.world_size)
+        args.run_name = stage_run_name(args, self.output_dir, stage.name)  # one tracked run per stage
+        args.push_to_hub = False  # the Trainer would push every stage; run/hub.py pushes one, once, with a card
         return args
 
     def train_stage(self, stage: Stage, args, start_from: Path | None):
@@ -108,6 +111,7 @@ class Pipeline:
             stage=stage,
             log_part_losses=self.training_args.log_part_losses,
         )
+        track_stage(trainer, self.output_dir)
         global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
         resume = last_complete_checkpoint(Path(args.output_dir))
         if self.state.is_main_process:
