@@ -91,6 +91,12 @@ class SFTKeyConfig(SFTConfig):
     restart_from: str | None = field(
         default=None, metadata={"help": "Retrain from this stage on; earlier finished stages are kept."}
     )
+    hub_stage: str | None = field(
+        default=None, metadata={"help": "With push_to_hub: the stage to push (default: the last), once, with a card."}
+    )
+    hub_merge: bool = field(
+        default=False, metadata={"help": "With push_to_hub: push a LoRA/QLoRA stage merged into its base model."}
+    )
     # TRL defaults the deprecated `gradient_checkpointing` to True, which makes transformers warn on every run; the
     # same default is applied to `activation_checkpointing` in __post_init__ instead
     gradient_checkpointing: bool | None = field(

@@ -24,6 +24,8 @@ def run_options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--eval_only", action="store_true", help="Evaluate a checkpoint (or the base model).")
     parser.add_argument("--checkpoint", default=None, help="With --eval_only: a saved stage folder.")
     parser.add_argument("--dry_run", action="store_true", help="Check the recipe offline and print it resolved.")
+    parser.add_argument("--merge", default=None, metavar="STAGE", help="Merge a LoRA/QLoRA stage into its base.")
+    parser.add_argument("--merge_dir", default=None, help="With --merge: where to write (default: <stage>/merged).")
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks.")
     options, rest = parser.parse_known_args(argv)
     if config_path(rest) is None:
@@ -114,9 +116,15 @@ def main(argv: list[str] | None = None) -> int:
 
             print(dry_run(script_args, training_args, model_args, stages, config_path(rest)))
             return 0
+        recipe, overrides = config_path(rest), recipe_overrides(rest)
+        if options.merge is not None:
+            export(options.merge, options.merge_dir, script_args, training_args, model_args, stages, recipe, overrides)
+            return 0
+        from .hub import check_push, push_run
         from .pipeline import Pipeline
         from .report import print_results
 
+        check_push(training_args, stages)
         pipeline = Pipeline(script_args, training_args, model_args, stages)
         if options.eval_only:
             results = pipeline.evaluate_only(options.checkpoint)
@@ -124,4 +132,32 @@ def main(argv: list[str] | None = None) -> int:
             results = pipeline.run()
         if pipeline.state.is_main_process:
             print_results(results, Path(training_args.output_dir))
+            if training_args.push_to_hub and not options.eval_only:
+                print(f"pushed to {push_run(script_args, training_args, model_args, stages, recipe, overrides)}")
     return 0
+
+
+def recipe_overrides(argv: list[str]) -> list[str]:
+    """The command-line recipe keys, recorded in the model card: without `--config PATH` and any `--hub_token`."""
+    rest, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item in ("--config", "--hub_token"):
+            skip = True
+        elif not item.startswith(("--config=", "--hub_token=")):
+            rest.append(item)
+    return rest
+
+
+def export(stage: str, merge_dir, script_args, training_args, model_args, stages, recipe, overrides) -> None:
+    """`--merge STAGE`: write the stage merged into its base as a standalone model, with its model card."""
+    from .card import write_card
+    from .export import merge_stage, stage_folder
+
+    folder = stage_folder(training_args.output_dir, stage, [s.name for s in stages])
+    merged = merge_stage(folder, model_args, training_args, training_args.eos_token, merge_dir)
+    name = training_args.hub_model_id or f"{Path(training_args.output_dir).name}-{stage}"
+    write_card(merged, training_args.output_dir, stage, "merged", name,
+               script_args, training_args, model_args, stages, recipe, overrides)  # fmt: skip
+    print(f"standalone model (stage `{stage}` merged into {model_args.model_name_or_path}): {merged}")

@@ -112,7 +112,8 @@ def use_available_cores() -> int | None:
 
 def prepare_process(argv: list[str], recipe: str | Path | None) -> None:
     """Set up this process for one run of a recipe, before the recipe parser imports the ML libraries."""
-    if "--merge" not in argv and not quantizes(argv, recipe):  # merging loads the base unquantised
+    merging = any(item == "--merge" or item.startswith("--merge=") for item in argv)  # loads the base unquantised
+    if merging or not quantizes(argv, recipe):
         hide_bitsandbytes()
     threads = use_available_cores()
     if threads is not None:
