@@ -38,6 +38,10 @@ def check_push(training_args, stages) -> None:
             f"`hub_strategy: {strategy}` would push Trainer checkpoints of every stage; SFTKey pushes one stage "
             "once at the end, so remove `hub_strategy`"
         )
+    from huggingface_hub import get_token
+
+    if not (training_args.hub_token or get_token()):  # found now, not after hours of training
+        raise SFTKeyError("`push_to_hub: true` needs a Hugging Face token; run `hf auth login` or set HF_TOKEN")
 
 
 def repo_id(training_args) -> str:

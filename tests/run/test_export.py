@@ -45,6 +45,7 @@ def lora_run(tmp_path_factory):
     calls: list = []
     with pytest.MonkeyPatch.context() as monkeypatch:
         mock_hub(monkeypatch, calls)
+        monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
         assert main([*args, "--push_to_hub", "true", "--hub_model_id", "me/sftkey-demo"]) == 0
     return SimpleNamespace(out=out, args=args, calls=calls)
 
@@ -137,11 +138,14 @@ def test_merged_push_records_the_comparison_intervals(lora_run, monkeypatch):
         (["--stages", "[{name: a, loss_on: completion, push_to_hub: true}]"], "move `push_to_hub` to the top level"),
         (["--push_to_hub", "true", "--hub_strategy", "checkpoint"], "remove `hub_strategy`"),
         (["--push_to_hub", "true", "--hub_stage", "nope"], "`hub_stage: nope` is not a stage"),
+        (["--push_to_hub", "true"], "needs a Hugging Face token"),
     ],
 )
-def test_push_settings_that_would_push_per_stage_are_refused(extra, needle):
+def test_push_settings_that_would_push_per_stage_are_refused(extra, needle, monkeypatch, tmp_path):
     from sftkey_trl.run.hub import check_push
 
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "token"))  # no stored token
     _, training_args, _, stages = parse_config(["--config", DEMO, *extra])
     with pytest.raises(SFTKeyError) as error:
         check_push(training_args, stages)
