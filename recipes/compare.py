@@ -16,18 +16,16 @@ import sys
 from pathlib import Path
 
 from sftkey_trl.errors import SFTKeyError, closest
-from sftkey_trl.evaluation.metrics import DEFAULT_METRIC, METRIC_NAMES
 from sftkey_trl.files import read_json
+from sftkey_trl.recipe.flags import flag_value
 from sftkey_trl.run.cli import load_checked_recipe, run_options, user_errors
-from sftkey_trl.run.compare import write_comparison
-from sftkey_trl.run.variants import DEFAULT_VARIANTS, MATCHED, PAPER, build_variants, run_variant
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="Comma-separated variant names.")
+    parser.add_argument("--variants", default=None, help="Comma-separated variant names (default: the 6 main arms).")
     parser.add_argument("--seeds", type=int, default=3, help="Number of seeds (0, 1, ..., N-1).")
-    parser.add_argument("--metric", default=DEFAULT_METRIC, help="The metric the tables are ranked by.")
+    parser.add_argument("--metric", default="accuracy", help="The metric the tables are ranked by.")
     parser.add_argument("--comparison_dir", default=None, help="Where to write (default: <output_dir>/compare).")
     parser.add_argument(
         "--converged",
@@ -39,15 +37,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--converged_epochs", type=float, default=12, help="With --converged: the epoch cap.")
     options, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    run, rest = run_options(rest)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if argv is None:  # as the program: before the recipe parser imports the ML libraries (see run/process.py)
+        from sftkey_trl.run.process import prepare_process
+
+        prepare_process(rest, flag_value(rest, "--config"))
+    run, rest = run_options(rest)
+    from sftkey_trl.evaluation.metrics import METRIC_NAMES
+    from sftkey_trl.run.compare import write_comparison
+    from sftkey_trl.run.variants import DEFAULT_VARIANTS, MATCHED, PAPER, build_variants, run_variant
+
     with user_errors(run.debug):
         if options.metric not in METRIC_NAMES:
             raise SFTKeyError(f"unknown metric `{options.metric}`{closest(options.metric, METRIC_NAMES)}")
         script_args, training_args, model_args, stages, _ = load_checked_recipe(rest)
+        if training_args.push_to_hub:
+            raise SFTKeyError("compare.py trains many variants and pushes none; remove `push_to_hub` (run.py pushes)")
         converge = (options.converged, options.converged_epochs) if options.converged else None
         variants = build_variants(stages, training_args, script_args.response_format, converge)
-        names = [name.strip() for name in options.variants.split(",") if name.strip()]
+        names = [name.strip() for name in (options.variants or ",".join(DEFAULT_VARIANTS)).split(",") if name.strip()]
         for name in names:
             if name not in variants:
                 raise SFTKeyError(f"unknown variant `{name}`{closest(name, variants)}; choose from {list(variants)}")

@@ -30,9 +30,20 @@ def test_named_files_exist():
 
 
 def test_quick_start_is_what_ci_runs():
-    assert "pip install -r requirements.txt && accelerate launch recipes/run.py" in README
-    ci = (ROOT / ".ci/run").read_text()
-    assert "python -m pytest" in README and "python -m pytest" in ci and "requirements.txt" in ci
+    """CI runs the README's quick-start lines verbatim and installs nothing else."""
+    quick_start = [c.split("#")[0].strip() for c in COMMANDS[:2]]
+    assert quick_start == ["pip install -r requirements.txt && accelerate launch recipes/run.py", "python -m pytest"]
+    ci_lines = [line.strip() for line in (ROOT / ".ci/run").read_text().splitlines()]
+    assert all(line in ci_lines for line in quick_start)
+    installs = [line for line in ci_lines if "pip install" in line]
+    assert installs == [quick_start[0]], installs
+
+
+def test_requirements_pin_the_tested_torch():
+    """An unpinned torch pulls PyPI's multi-GB CUDA build on a CPU machine; the tested version must be pinned."""
+    lines = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    assert "torch==2.13.0" in lines
+    assert "https://download.pytorch.org/whl/cpu" in README
 
 
 CHEAP = [c for c in COMMANDS if c.startswith("python recipes/run.py") and ("--inspect" in c or "--dry_run" in c)]

@@ -370,7 +370,7 @@ def processes_of_launch(launch_tokens: list[str], root: Path) -> int | None:
     """`num_processes` of the accelerate config a launch command names with `--config_file` (None: not said)."""
     import yaml
 
-    from .parsing import flag_value
+    from .flags import flag_value
 
     config_file = flag_value(launch_tokens, "--config_file")
     path = root / config_file if config_file else None

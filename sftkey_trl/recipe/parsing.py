@@ -15,22 +15,8 @@ from trl import ModelConfig, TrlParser
 
 from ..errors import SFTKeyError, closest
 from ..train.objectives import parse_stages
+from .flags import flag_value
 from .schema import SFTKeyConfig, SFTKeyScriptArguments
-
-
-def flag_value(argv: list[str], flag: str, remove: bool = False) -> str | None:
-    """The value of `flag` given as `--flag value` or `--flag=value` in `argv` (removed from it with `remove`)."""
-    for index, item in enumerate(argv):
-        if item == flag and index + 1 < len(argv):
-            value = argv[index + 1]
-            if remove:
-                del argv[index : index + 2]
-            return value
-        if item.startswith(flag + "="):
-            if remove:
-                del argv[index]
-            return item.split("=", 1)[1]
-    return None
 
 
 def parse_config(argv: list[str] | None = None):

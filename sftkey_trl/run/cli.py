@@ -10,20 +10,23 @@ import sys
 from pathlib import Path
 
 from ..errors import SFTKeyError
-from ..recipe.parsing import flag_value, parse_config
-from ..recipe.schema import DEMO_RECIPE
+from ..recipe.flags import flag_value
 
 logger = logging.getLogger("sftkey_trl")
 
 
 def run_options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Split the flags of `run.py` itself from the recipe keys (which go to `parse_config`)."""
+    from ..recipe.schema import DEMO_RECIPE
+
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--inspect", type=int, default=None, help="Show what each stage trains on; train nothing.")
     parser.add_argument("--json", action="store_true", help="With --inspect: one JSON object per line.")
     parser.add_argument("--eval_only", action="store_true", help="Evaluate a checkpoint (or the base model).")
     parser.add_argument("--checkpoint", default=None, help="With --eval_only: a saved stage folder.")
     parser.add_argument("--dry_run", action="store_true", help="Check the recipe offline and print it resolved.")
+    parser.add_argument("--merge", default=None, metavar="STAGE", help="Merge a LoRA/QLoRA stage into its base.")
+    parser.add_argument("--merge_dir", default=None, help="With --merge: where to write (default: <stage>/merged).")
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks.")
     options, rest = parser.parse_known_args(argv)
     if flag_value(rest, "--config") is None:
@@ -92,6 +95,7 @@ def load_checked_recipe(rest: list[str], dry_run: bool = False):
     """
     from ..recipe.checks import check_recipe
     from ..recipe.dryrun import launch_processes
+    from ..recipe.parsing import parse_config
     from ..train.distributed import world_size
 
     script_args, training_args, model_args, stages = parse_config(rest)
@@ -101,9 +105,17 @@ def load_checked_recipe(rest: list[str], dry_run: bool = False):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse flags and the recipe, check it, then inspect, dry-run, evaluate or train."""
-    options, rest = run_options(list(sys.argv[1:] if argv is None else argv))
+    """Parse flags and the recipe, check it, then inspect, dry-run, evaluate, merge or train.
+
+    Called as the program (no `argv`), it first sets up the process (`process.prepare_process`: CPU threads, and
+    bitsandbytes hidden unless the run quantises); called from Python, it leaves the process as it is.
+    """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if argv is None:
+        from .process import prepare_process
+
+        prepare_process(sys.argv[1:], flag_value(sys.argv[1:], "--config"))
+    options, rest = run_options(list(sys.argv[1:] if argv is None else argv))
     with user_errors(options.debug):
         script_args, training_args, model_args, stages, notes = load_checked_recipe(rest, options.dry_run)
         if options.dry_run:
@@ -111,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
             from ..recipe.dryrun import dry_run
 
             notes += check_local_data(script_args, training_args, model_args)
-
             print(dry_run(script_args, training_args, model_args, stages, flag_value(rest, "--config"), notes))
             return 0
         if options.inspect is not None:
@@ -119,9 +130,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         for note in notes:
             logger.warning("note: %s", note)
+        recipe, overrides = flag_value(rest, "--config"), recipe_overrides(rest)
+        if options.merge is not None:
+            export(options.merge, options.merge_dir, script_args, training_args, model_args, stages, recipe, overrides)
+            return 0
+        from .hub import check_push, push_run
         from .pipeline import Pipeline
         from .report import print_results
 
+        check_push(training_args, stages)
         pipeline = Pipeline(script_args, training_args, model_args, stages)
         if options.eval_only:
             results = pipeline.evaluate_only(options.checkpoint)
@@ -129,4 +146,32 @@ def main(argv: list[str] | None = None) -> int:
             results = pipeline.run()
         if pipeline.state.is_main_process:
             print_results(results, Path(training_args.output_dir))
+            if training_args.push_to_hub and not options.eval_only:
+                print(f"pushed to {push_run(script_args, training_args, model_args, stages, recipe, overrides)}")
     return 0
+
+
+def recipe_overrides(argv: list[str]) -> list[str]:
+    """The command-line recipe keys, recorded in the model card: without `--config PATH` and any `--hub_token`."""
+    rest, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item in ("--config", "--hub_token"):
+            skip = True
+        elif not item.startswith(("--config=", "--hub_token=")):
+            rest.append(item)
+    return rest
+
+
+def export(stage: str, merge_dir, script_args, training_args, model_args, stages, recipe, overrides) -> None:
+    """`--merge STAGE`: write the stage merged into its base as a standalone model, with its model card."""
+    from .card import write_card
+    from .export import merge_stage, stage_folder
+
+    folder = stage_folder(training_args.output_dir, stage, [s.name for s in stages])
+    merged = merge_stage(folder, model_args, training_args, training_args.eos_token, merge_dir)
+    name = training_args.hub_model_id or f"{Path(training_args.output_dir).name}-{stage}"
+    write_card(merged, training_args.output_dir, stage, "merged", name,
+               script_args, training_args, model_args, stages, recipe, overrides)  # fmt: skip
+    print(f"standalone model (stage `{stage}` merged into {model_args.model_name_or_path}): {merged}")

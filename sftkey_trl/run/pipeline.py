@@ -30,6 +30,7 @@ from ..train.steps import global_batch, stage_training_args
 from ..train.trainer import SFTKeyTrainer
 from .plan import Manifest, PlannedStage, last_complete_checkpoint, plan_stages
 from .report import plot_results, results_markdown
+from .tracking import stage_run_name, track_stage
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +61,12 @@ class Pipeline:
 
     def stage_args(self, stage: Stage):
         """The stage's training arguments; its Trainer checkpoints go to `<output_dir>/<stage>/checkpoints`."""
-        return stage_training_args(
+        args = stage_training_args(
             self.training_args, stage, str(self.output_dir / stage.name / "checkpoints"), self.state.num_processes
         )
+        args.run_name = stage_run_name(args, self.output_dir, stage.name)  # one tracked run per stage
+        args.push_to_hub = False  # the Trainer would push every stage; run/hub.py pushes one, once, with a card
+        return args
 
     def run(self) -> dict:
         """Train and evaluate every stage that is not already done; return the contents of `results.json`."""
@@ -153,6 +157,7 @@ class Pipeline:
             stage=stage,
             log_part_losses=self.training_args.log_part_losses,
         )
+        track_stage(trainer, self.output_dir)
         batch = global_batch(args, args.world_size)
         resume = last_complete_checkpoint(Path(args.output_dir), STATE_FILE if stage.keep_best else None)
         if self.state.is_main_process:

@@ -24,15 +24,39 @@ def _cell(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def print_results(results: dict, output_dir: Path) -> None:
-    """Print one row per evaluated model with the main metrics."""
-    table = Table(title=f"SFTKey results ({output_dir / 'results.json'})")
-    table.add_column("stage")
-    for _, title in COLUMNS:
-        table.add_column(title, justify="right")
-    for name, metrics in result_rows(results):
-        table.add_row(name, *(_cell(metrics.get(key)) for key, _ in COLUMNS))
-    Console().print(table)
+# Row labels of the terminal table: one row per metric, one column per evaluated model, so it fits in 80 columns
+METRIC_LABELS = {
+    "accuracy": "accuracy",
+    "format_accuracy": "format accuracy",
+    "composite": "composite (0.7 acc + 0.3 fmt)",
+    "reasoning_final_accuracy": "reasoning reaches gold answer",
+    "answer_reasoning_consistency": "answer follows reasoning",
+    "mean_generated_tokens": "generated tokens (mean)",
+    "num_examples": "examples",
+}
+
+
+def _short(key: str, value) -> str:
+    return f"{value:.1f}" if key == "mean_generated_tokens" and isinstance(value, float) else _cell(value)
+
+
+def results_table(results: dict, output_dir: Path) -> Table:
+    """The metrics as rows and the evaluated models (base, then each stage) as columns. Labels and numbers are
+    never cut; a model name too long for the width wraps onto a second header line."""
+    rows = result_rows(results)
+    cells = {name: [_short(key, metrics.get(key)) for key in METRIC_LABELS] for name, metrics in rows}
+    table = Table(title="SFTKey results", caption=str(output_dir / "results.json"), expand=False)
+    table.add_column("metric", no_wrap=True, min_width=max(map(len, METRIC_LABELS.values())))
+    for name, _ in rows:
+        table.add_column(name, justify="right", overflow="fold", min_width=max(map(len, cells[name])))
+    for index, label in enumerate(METRIC_LABELS.values()):
+        table.add_row(label, *(cells[name][index] for name, _ in rows))
+    return table
+
+
+def print_results(results: dict, output_dir: Path, console: Console | None = None) -> None:
+    """Print the results table: 80 columns hold the base model and three stages with names of up to 7 characters."""
+    (console or Console()).print(results_table(results, output_dir))
 
 
 def results_markdown(results: dict) -> str:

@@ -17,7 +17,8 @@ from conftest import ROOT
 from sftkey_trl.errors import SFTKeyError
 from sftkey_trl.recipe.checks import check_model
 from sftkey_trl.recipe.dryrun import HARDWARE_PREFIX, LAUNCH_PREFIX, dry_run, header_value
-from sftkey_trl.recipe.parsing import flag_value, parse_config
+from sftkey_trl.recipe.flags import flag_value
+from sftkey_trl.recipe.parsing import parse_config
 from sftkey_trl.run import cli
 from sftkey_trl.train.memory import MEASURED, MODEL_SHAPES, calibration, estimate_for_model, estimate_memory_gib
 

@@ -40,8 +40,7 @@ def test_demo_end_to_end(tmp_path, sftkey_cache):
     most common answer (answers are single digits, so 0.1 would be chance)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
-               str(ROOT / "recipes/run.py"),
-               "--output_dir", str(tmp_path / "demo")]  # fmt: skip
+               str(ROOT / "recipes/run.py"), "--output_dir", str(tmp_path / "demo")]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "demo/results.json").read_text())
@@ -109,6 +108,14 @@ def test_qlora_two_stages_on_cpu(tmp_path, monkeypatch):
     reproduced = json.loads((output / "eval_only" / "key" / "metrics.json").read_text())
     stage = results["stages"]["key"]
     assert {k: reproduced[k] for k in reproduced} == {k: stage[k] for k in reproduced}
+    # --merge: the adapter merged into the base loaded unquantised (float32 on a CPU), a standalone model
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    assert main([*args, "--merge", "key"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(output / "key" / "merged")
+    assert merged.dtype == torch.float32 and "quantization_config" not in merged.config.to_dict()
+    assert not any("4bit" in type(module).__name__ or "lora" in name for name, module in merged.named_modules())
 
 
 @pytest.mark.e2e

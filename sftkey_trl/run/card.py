@@ -1,0 +1,194 @@
+"""The model card (README.md) of an exported or pushed stage: the base model, the recipe, each stage's objective and
+settings, and the results, with 95% intervals when `recipes/compare.py` was run in the same output folder."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from ..errors import SFTKeyError
+from ..files import read_json
+from .report import METRIC_LABELS, _cell, result_rows
+
+TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}\n"
+FORMS = {
+    "adapter": "a LoRA adapter (load it on the base model)",
+    "merged": "a standalone model: the LoRA adapter merged into the base model",
+    "full": "a standalone model (full fine-tuning)",
+}
+SETTINGS = [  # (resolved training argument, column title)
+    ("num_train_epochs", "epochs"),
+    ("learning_rate", "learning rate"),
+    ("lr_scheduler_type", "schedule"),
+    ("warmup_steps", "warm-up"),
+    ("weight_decay", "weight decay"),
+    ("max_length", "max length"),
+]
+
+
+def _setting(value) -> str:
+    return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def redacted(recipe_text: str) -> str:
+    """The recipe as written, without a `hub_token` value."""
+    return re.sub(r"(?m)^(\s*hub_token\s*:).*$", r"\1 <redacted>", recipe_text)
+
+
+def is_hub_id(name: str | None) -> bool:
+    """A Hugging Face Hub id (`org/name`), not a local folder or a demo model."""
+    return bool(name) and ":" not in name and name.count("/") == 1 and not Path(name).exists()
+
+
+def objective(stage: dict) -> str:
+    """What a stage's loss is on, in words, from its resolved `Stage` entry in the manifest."""
+    if stage.get("loss_on") == "completion":
+        text = "the whole response (reasoning and answer)"
+    else:
+        text = "the final-answer (key) tokens only"
+        if stage.get("reasoning_weight"):
+            text += f", reasoning tokens at weight {stage['reasoning_weight']:g}"
+        if stage.get("loss_normalization") == "completion_tokens":
+            text += ", summed over the response's token count"
+    return text + ("; best checkpoint kept (keep_best)" if stage.get("keep_best") else "")
+
+
+def stages_section(output_dir: Path, results: dict) -> list[str]:
+    manifest = read_json(output_dir / "manifest.json", {}) or {}
+    lines = ["| stage | loss on | " + " | ".join(title for _, title in SETTINGS) + " | global batch | kept |"]
+    lines.append("| --- " * (len(SETTINGS) + 4) + "|")
+    for name, entry in manifest.get("stages", {}).items():
+        config = entry.get("config", {})
+        training = config.get("training", {})
+        summary = results.get("stages", {}).get(name, {}).get("training", {})
+        kept = summary.get("keep_best", {}).get("kept", "final weights")
+        settings = " | ".join(_setting(training.get(key)) for key, _ in SETTINGS)
+        batch = _cell(summary.get("global_batch_size"))
+        lines.append(f"| {name} | {objective(config.get('stage', {}))} | {settings} | {batch} | {kept} |")
+    return lines
+
+
+def results_section(results: dict) -> list[str]:
+    rows = result_rows(results)
+    if not any("accuracy" in metrics for _, metrics in rows):
+        return ["No evaluation was run (`eval_after_stages: false` or no evaluation data)."]
+    lines = ["| metric | " + " | ".join(name for name, _ in rows) + " |", "| --- " * (len(rows) + 1) + "|"]
+    for key, label in METRIC_LABELS.items():
+        lines.append(f"| {label} | " + " | ".join(_cell(metrics.get(key)) for _, metrics in rows) + " |")
+    return lines
+
+
+def comparison_section(output_dir: Path, stages) -> list[str]:
+    """The variants table with 95% intervals from `<output_dir>/compare/comparison.json`, if it exists."""
+    summary = read_json(output_dir / "compare" / "comparison.json", None)
+    if not summary:
+        return []
+    from .compare import build_variants, markdown
+
+    try:
+        descriptions = {name: v.description for name, v in build_variants(stages).items()}
+    except SFTKeyError:
+        descriptions = {}
+    table = markdown(summary, descriptions, summary.get("seeds", [])).replace("\n## ", "\n### ")
+    return ["", "### Comparison of the variants (`recipes/compare.py`)", "", table.removeprefix("## ").strip()]
+
+
+def usage(repo_id: str, form: str, prompt_template: str | None, end_of_turn: str | None) -> list[str]:
+    """A generation snippet; `prompt_template` None means the tokenizer's chat template renders the prompt."""
+    loader = "AutoPeftModelForCausalLM" if form == "adapter" else "AutoModelForCausalLM"
+    prompt = (
+        f'inputs = tokenizer({prompt_template!r}.format(question=question), return_tensors="pt")'
+        if prompt_template
+        else 'messages = [{"role": "user", "content": question}]\n'
+        'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", '
+        "return_dict=True)"
+    )
+    stop = f', eos_token_id=tokenizer.convert_tokens_to_ids("{end_of_turn}")' if end_of_turn else ""
+    return [
+        "```python",
+        *([f"from peft import {loader}"] if form == "adapter" else []),
+        f"from transformers import {'AutoTokenizer' if form == 'adapter' else 'AutoModelForCausalLM, AutoTokenizer'}",
+        "",
+        f'model = {loader}.from_pretrained("{repo_id}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+        prompt,
+        f"output = model.generate(**inputs, max_new_tokens=512, do_sample=False{stop})",
+        'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+        "```",
+    ]
+
+
+def model_card(folder: Path, output_dir: Path, stage: str, form: str, repo_id: str, script_args, training_args,
+               model_args, stages, recipe: str | None, overrides: list[str]) -> ModelCard:  # fmt: skip
+    """Build the card for `folder` (the stage or its merged copy) from the run's files in `output_dir`."""
+    output_dir = Path(output_dir)
+    results = read_json(output_dir / "results.json", {}) or {}
+    base = model_args.model_name_or_path
+    quantized = model_args.load_in_4bit or model_args.load_in_8bit
+    tags = ["sftkey", "trl", "sft", "chain-of-thought"]
+    tags += ["qlora"] if quantized else (["lora"] if model_args.use_peft else [])
+    data = ModelCardData(
+        base_model=base if is_hub_id(base) else None,
+        datasets=[script_args.dataset_name] if is_hub_id(script_args.dataset_name) else None,
+        library_name="peft" if form == "adapter" else "transformers",
+        pipeline_tag="text-generation",
+        tags=tags,
+    )
+    tokenizer_config = read_json(folder / "tokenizer_config.json", {}) or {}
+    chat = (folder / "chat_template.jinja").exists() or bool(tokenizer_config.get("chat_template"))
+    method = "full fine-tuning"
+    if model_args.use_peft:
+        method = f"{'QLoRA (4-bit nf4 base)' if quantized else 'LoRA'}, r={model_args.lora_r}, "
+        method += f"alpha={model_args.lora_alpha}, dropout={model_args.lora_dropout}"
+    response = (
+        f"`{script_args.thinking_open}reasoning{script_args.thinking_close}\\n"
+        f"{script_args.answer_open}answer{script_args.answer_close}`"
+        if script_args.response_format == "tags"
+        else f"the reasoning, then `{script_args.answer_template}`"
+    )
+    dataset = script_args.dataset_name + (f" ({script_args.dataset_config})" if script_args.dataset_config else "")
+    body = [
+        f"# {repo_id.split('/')[-1]}",
+        "",
+        f"`{base}` fine-tuned with [SFTKey](https://arxiv.org/abs/2512.21017), two-stage chain-of-thought SFT on "
+        "TRL (sftkey-trl): stage 1 trains on the whole response, the key stage on the final answer only.",
+        "",
+        f"This repository holds stage `{stage}` (of {', '.join(f'`{s.name}`' for s in stages)}) as {FORMS[form]}. "
+        f"Responses are formatted as {response}.",
+        "",
+        "## Use",
+        "",
+        *usage(repo_id, form, None if chat else script_args.prompt_template, training_args.eos_token),
+        "",
+        "## Training",
+        "",
+        f"- Base model: `{base}`; {method}",
+        f"- Data: `{dataset}`, format `{script_args.dataset_format}`",
+        f"- Recipe: `{recipe or 'built-in defaults'}`" + (f" with `{' '.join(overrides)}`" if overrides else ""),
+        "",
+        *stages_section(output_dir, results),
+        "",
+        "## Results",
+        "",
+        "Greedy generation on the evaluation data after each stage (`results.json`):",
+        "",
+        *results_section(results),
+        *comparison_section(output_dir, stages),
+    ]
+    if recipe and Path(recipe).is_file():
+        text = redacted(Path(recipe).read_text()).rstrip()
+        body += ["", "<details><summary>The recipe</summary>", "", "```yaml", text, "```", "", "</details>"]
+    versions = (read_json(output_dir / "manifest.json", {}) or {}).get("library_versions", {})
+    if versions:
+        body += ["", "Framework versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v)]
+    return ModelCard.from_template(data, template_str=TEMPLATE, body="\n".join(body))
+
+
+def write_card(folder: Path, *args, **kwargs) -> Path:
+    """Write the card to `<folder>/README.md` (replacing peft's placeholder card) and return its path."""
+    card = model_card(Path(folder), *args, **kwargs)
+    path = Path(folder) / "README.md"
+    card.save(path)
+    return path

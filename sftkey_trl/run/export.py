@@ -1,0 +1,74 @@
+"""Export a LoRA or QLoRA stage as a standalone model: the adapter merged into its base with peft's
+`merge_and_unload`, saved with the stage's tokenizer, chat template and stop tokens.
+
+    python recipes/run.py --config recipes/<...>.yaml --merge key [--merge_dir DIR]
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..errors import SFTKeyError
+
+logger = logging.getLogger(__name__)
+
+
+def merge_dtype(model_args) -> str:
+    """The dtype the base is loaded in for merging: the recipe's `dtype` when it names one; for a quantised base
+    (QLoRA), bf16 where the GPU supports it and float32 otherwise, as peft documents (an adapter cannot be merged
+    into 4-bit weights without rounding it away); else the checkpoint's own dtype."""
+    if model_args.dtype in ("bfloat16", "float16", "float32"):
+        return model_args.dtype
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    return "auto"
+
+
+def stage_folder(output_dir: str | Path, stage: str, stage_names: list[str]) -> Path:
+    """`<output_dir>/<stage>/`, checked to be a stage of the recipe that has been trained."""
+    if stage not in stage_names:
+        raise SFTKeyError(f"`{stage}` is not a stage of this recipe; stages are {stage_names}")
+    folder = Path(output_dir) / stage
+    if not (folder / "adapter_config.json").exists() and not (folder / "config.json").exists():
+        raise SFTKeyError(f"stage `{stage}` has not been trained in {output_dir}; run the recipe first")
+    return folder
+
+
+def merge_stage(stage_dir: Path, model_args, training_args, end_of_turn: str | None, merge_dir: Path | None = None):
+    """Merge the adapter saved in `stage_dir` into its base and save a standalone model (default:
+    `<stage_dir>/merged`, which goes away with the stage when it is retrained). Returns the folder."""
+    from ..evaluation.generation import stop_token_ids
+    from ..train.modeling import load_model
+
+    if not (stage_dir / "adapter_config.json").exists():
+        raise SFTKeyError(
+            f"{stage_dir} holds full weights, not an adapter: it is already a standalone model; use it as it is"
+        )
+    merge_dir = Path(merge_dir) if merge_dir else stage_dir / "merged"
+    unquantized = copy.copy(model_args)
+    unquantized.load_in_4bit = unquantized.load_in_8bit = False
+    unquantized.dtype = merge_dtype(model_args)
+    model = load_model(unquantized, training_args, stage_dir, trainable=False).merge_and_unload()
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(stage_dir))  # carries the chat template the stage trained with
+    # `generate` then stops at the end-of-turn token the stage learned to emit, as the evaluation did
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer, end_of_turn or tokenizer.eos_token)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    tmp = merge_dir.with_name(f".{merge_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(merge_dir, ignore_errors=True)
+    tmp.replace(merge_dir)
+    logger.info(
+        "merged %s into %s (%s): %s", stage_dir.name, model_args.model_name_or_path, unquantized.dtype, merge_dir
+    )
+    return merge_dir

@@ -1,0 +1,76 @@
+"""`push_to_hub` for a multi-stage run: one stage (the last, or `hub_stage`) is pushed once, after the run, as an
+adapter, merged (`hub_merge: true`) or as full weights, with a model card. The Trainer's own push, which would
+fire for every stage and checkpoint, is switched off per stage (`Pipeline.stage_args`)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..errors import SFTKeyError
+from .card import write_card
+from .export import merge_stage, stage_folder
+
+logger = logging.getLogger(__name__)
+
+PUSH_KEYS = ("push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo", "hub_stage", "hub_merge")
+# Never uploaded from a stage folder: Trainer checkpoints, the merged copy, evaluation outputs, temporary files
+IGNORE = ["checkpoints/**", "merged/**", "predictions.jsonl", ".*"]
+
+
+def check_push(training_args, stages) -> None:
+    """Refuse push settings that would push per stage, or name no stage, before anything is trained."""
+    for stage in stages:
+        for key in PUSH_KEYS:
+            if key in stage.overrides:
+                raise SFTKeyError(
+                    f"stage `{stage.name}` sets `{key}`, but a run is pushed once after its last stage; move "
+                    f"`{key}` to the top level of the recipe (`hub_stage` picks the stage to push)"
+                )
+    if not training_args.push_to_hub:
+        return
+    names = [stage.name for stage in stages]
+    if training_args.hub_stage is not None and training_args.hub_stage not in names:
+        raise SFTKeyError(f"`hub_stage: {training_args.hub_stage}` is not a stage of this recipe; stages are {names}")
+    strategy = str(getattr(training_args.hub_strategy, "value", training_args.hub_strategy))
+    if strategy not in ("every_save", "end"):
+        raise SFTKeyError(
+            f"`hub_strategy: {strategy}` would push Trainer checkpoints of every stage; SFTKey pushes one stage "
+            "once at the end, so remove `hub_strategy`"
+        )
+    from huggingface_hub import get_token
+
+    if not (training_args.hub_token or get_token()):  # found now, not after hours of training
+        raise SFTKeyError("`push_to_hub: true` needs a Hugging Face token; run `hf auth login` or set HF_TOKEN")
+
+
+def repo_id(training_args) -> str:
+    """`hub_model_id`, or the output folder's name under the token's account (as the Trainer does)."""
+    return training_args.hub_model_id or Path(training_args.output_dir).name
+
+
+def push_run(script_args, training_args, model_args, stages, recipe: str | None, overrides: list[str]) -> str:
+    """Push the chosen stage of a finished run with its model card (also written to `<folder>/README.md`).
+    Returns the repository URL."""
+    from huggingface_hub import HfApi
+
+    output_dir = Path(training_args.output_dir)
+    stage = training_args.hub_stage or stages[-1].name
+    folder = stage_folder(output_dir, stage, [s.name for s in stages])
+    form = "adapter" if (folder / "adapter_config.json").exists() else "full"
+    if form == "adapter" and training_args.hub_merge:
+        folder, form = merge_stage(folder, model_args, training_args, training_args.eos_token), "merged"
+    repo = repo_id(training_args)
+    card = write_card(folder, output_dir, stage, form, repo, script_args, training_args, model_args, stages,
+                      recipe, overrides)  # fmt: skip
+    api = HfApi(token=training_args.hub_token)
+    url = api.create_repo(repo, private=training_args.hub_private_repo, exist_ok=True)
+    api.upload_folder(
+        repo_id=url.repo_id,
+        folder_path=str(folder),
+        commit_message=f"SFTKey: stage {stage} ({form})",
+        revision=training_args.hub_revision,
+        ignore_patterns=IGNORE,
+    )
+    logger.info("pushed stage %s (%s) with its model card %s to %s", stage, form, card, url)
+    return str(url)

@@ -1,0 +1,123 @@
+"""Process-wide set-up for the entry points (`recipes/run.py`, `recipes/compare.py`), done before the ML libraries
+are imported: how many CPU threads torch uses, and bitsandbytes kept out of runs that do not quantise."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("sftkey_trl")
+
+QUANTIZATION_KEYS = ("load_in_4bit", "load_in_8bit")
+FALSE_WORDS = {"false", "f", "no", "n", "0", "off", ""}
+
+
+def _truthy(value) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() not in FALSE_WORDS
+    return bool(value)
+
+
+def quantizes(argv: list[str], recipe: str | Path | None) -> bool:
+    """Whether a run quantises the model (`load_in_4bit`/`load_in_8bit` in the recipe or on the command line).
+
+    Read without the recipe parser, which imports transformers and with it peft and bitsandbytes. Anything
+    unclear (an unreadable recipe, a value that is not plainly false) counts as quantising, so that bitsandbytes
+    is never hidden from a run that needs it; the parser then reports the actual problem.
+    """
+    import yaml
+
+    values: dict[str, object] = {}
+    if recipe is not None:
+        try:
+            config = yaml.safe_load(Path(recipe).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return True
+        if not isinstance(config, dict):
+            return True
+        values = {key: config.get(key) for key in QUANTIZATION_KEYS}
+    for index, item in enumerate(argv):
+        for key in QUANTIZATION_KEYS:
+            if item == f"--{key}":  # a bare boolean flag means true
+                following = argv[index + 1] if index + 1 < len(argv) else "--"
+                values[key] = True if following.startswith("--") else following
+            elif item.startswith(f"--{key}="):
+                values[key] = item.split("=", 1)[1]
+    return any(_truthy(value) for value in values.values() if value is not None)
+
+
+def hide_bitsandbytes() -> bool:
+    """Make bitsandbytes look uninstalled to this process; return whether it was hidden.
+
+    `import peft` imports bitsandbytes whenever it is installed (peft/helpers.py), and transformers imports peft
+    for `TrainingArguments`, so every run would load it and its CPU backend would log a warning about the optional
+    `kernels` package. A `None` entry in `sys.modules` makes `import bitsandbytes` raise ImportError and
+    `importlib.util.find_spec` return None: peft and transformers then take their documented no-bitsandbytes path.
+    """
+    if "bitsandbytes" in sys.modules:  # already imported (or already hidden): too late, or nothing to do
+        return False
+    sys.modules["bitsandbytes"] = None
+    return True
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity, at most the physical cores (torch's own default)."""
+    import psutil
+
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(available, psutil.cpu_count(logical=False) or available))
+
+
+def threads_set_by_accelerate() -> bool:
+    """True when OMP_NUM_THREADS=1 in this process is `accelerate launch`'s default rather than the user's choice.
+
+    accelerate's launcher always writes OMP_NUM_THREADS into the training process's environment: the launcher's
+    own OMP_NUM_THREADS if it had one, else `--num_cpu_threads_per_process` if given, else 1 (more only with `--cpu`
+    and several physical cores). So the value is the user's exactly when the launcher process (our parent) had the
+    variable in its environment or the flag on its command line.
+    """
+    import psutil
+
+    if os.environ.get("OMP_NUM_THREADS") != "1" or "ACCELERATE_DYNAMO_BACKEND" not in os.environ:
+        return False  # not 1, or not started by `accelerate launch` (which sets ACCELERATE_DYNAMO_BACKEND)
+    try:
+        launcher = psutil.Process().parent()
+        environment, command = launcher.environ(), launcher.cmdline()
+    except (psutil.Error, OSError, AttributeError):  # unreadable: assume the user chose
+        return False
+    if not any("accelerate" in part for part in command):
+        return False
+    chosen_by_flag = any(part.startswith("--num_cpu_threads_per_process") for part in command)
+    return "OMP_NUM_THREADS" not in environment and not chosen_by_flag
+
+
+def use_available_cores() -> int | None:
+    """When this is the only process and it trains on the CPU, undo `accelerate launch`'s OMP_NUM_THREADS=1 so
+    torch uses the cores `python recipes/run.py` would use. A user's OMP_NUM_THREADS is left alone. Returns the
+    number of threads set, or None when nothing was changed."""
+    if os.environ.get("WORLD_SIZE", "1") != "1" or not threads_set_by_accelerate():
+        return None  # several processes share the cores (accelerate splits them), or the value is the user's
+    import torch
+
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" or not torch.accelerator.is_available()
+    if not on_cpu:
+        return None
+    threads = usable_cores()
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # for anything started from here
+    return threads
+
+
+def prepare_process(argv: list[str], recipe: str | Path | None) -> None:
+    """Set up this process for one run of a recipe, before the recipe parser imports the ML libraries."""
+    merging = any(item == "--merge" or item.startswith("--merge=") for item in argv)  # loads the base unquantised
+    if merging or not quantizes(argv, recipe):
+        hide_bitsandbytes()
+    threads = use_available_cores()
+    if threads is not None:
+        logger.info(
+            "training on the CPU with %d threads (accelerate launch's default is 1; set OMP_NUM_THREADS to choose)",
+            threads,
+        )

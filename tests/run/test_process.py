@@ -1,0 +1,122 @@
+"""Process set-up of the entry points: CPU threads under `accelerate launch`, bitsandbytes only when quantising,
+and a recipe parse that raises no warning of its own."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+from conftest import ROOT
+
+from sftkey_trl.run.process import quantizes, usable_cores
+
+DEMO = ROOT / "recipes/demo/sftkey_tiny.yaml"
+QLORA = ROOT / "recipes/qwen2.5-1.5b/gsm8k/sftkey_qlora_24gb.yaml"
+
+
+def run_python(tmp_path, code: str, *, launcher: list[str] | None = None, **env: str) -> subprocess.CompletedProcess:
+    """Run `code` as a script in a fresh CPU-only process (directly, or under `launcher`)."""
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", **env}
+    for key in ("OMP_NUM_THREADS", "WORLD_SIZE"):
+        if key not in env:
+            environment.pop(key, None)
+    script = tmp_path / "script.py"
+    script.write_text(code)
+    command = [sys.executable, *(launcher or []), str(script)]
+    return subprocess.run(command, capture_output=True, text=True, env=environment, cwd=ROOT, timeout=300)
+
+
+@pytest.mark.parametrize(
+    ("argv", "recipe", "expected"),
+    [
+        ([], DEMO, False),
+        ([], QLORA, True),
+        (["--load_in_4bit"], DEMO, True),
+        (["--load_in_4bit", "--use_peft", "true"], DEMO, True),
+        (["--load_in_4bit", "true"], DEMO, True),
+        (["--load_in_8bit=True"], None, True),
+        (["--load_in_4bit", "false"], QLORA, False),
+        ([], ROOT / "recipes/missing.yaml", True),  # unreadable: never hide bitsandbytes from a run that may need it
+    ],
+)
+def test_quantizes_reads_recipe_and_command_line(argv, recipe, expected):
+    assert quantizes(argv, recipe) is expected
+
+
+DRY_RUN = """
+import sys
+sys.argv = ["run.py", *{args!r}, "--dry_run"]
+from sftkey_trl.run.cli import main
+main()
+print("BITSANDBYTES", type(sys.modules.get("bitsandbytes")).__name__)
+"""
+
+
+@pytest.mark.parametrize(("args", "loaded"), [([], "NoneType"), (["--config", str(QLORA)], "module")])
+def test_bitsandbytes_is_imported_only_when_quantising(args, loaded, tmp_path):
+    """peft imports bitsandbytes at `import peft`; the entry point keeps it out unless the recipe quantises."""
+    done = run_python(tmp_path, DRY_RUN.format(args=args))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"BITSANDBYTES {loaded}" in done.stdout
+    if loaded == "NoneType":
+        assert "bitsandbytes" not in done.stderr and "kernels" not in done.stderr
+
+
+THREADS = """
+from sftkey_trl.run.process import use_available_cores
+import torch
+print("THREADS", use_available_cores(), torch.get_num_threads())
+"""
+LAUNCH = ["-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+
+
+def test_accelerate_launch_default_threads_become_the_available_cores(tmp_path):
+    done = run_python(tmp_path, THREADS, launcher=LAUNCH)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cores = usable_cores()
+    assert f"THREADS {cores} {cores}" in done.stdout
+
+
+@pytest.mark.parametrize("how", ["environment", "flag"])
+def test_a_users_thread_count_is_respected(how, tmp_path):
+    launcher = LAUNCH + (["--num_cpu_threads_per_process", "1"] if how == "flag" else [])
+    env = {"OMP_NUM_THREADS": "1"} if how == "environment" else {}
+    done = run_python(tmp_path, THREADS, launcher=launcher, **env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "THREADS None 1" in done.stdout
+
+
+def test_plain_python_is_left_alone(tmp_path):
+    done = run_python(tmp_path, THREADS, OMP_NUM_THREADS="1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "THREADS None 1" in done.stdout
+
+
+def test_recipe_defaults_raise_no_warning_and_do_not_pin_memory_without_a_gpu():
+    import torch
+
+    from sftkey_trl.recipe.parsing import parse_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", UserWarning)
+        _, args, _, _ = parse_config(["--config", str(DEMO)])
+        _, default, _, _ = parse_config(["--config", str(DEMO), "--stages", "[{name: a, loss_on: completion}]"])
+    assert not args.activation_checkpointing and default.dataloader_pin_memory == torch.accelerator.is_available()
+    _, explicit, _, _ = parse_config(["--config", str(DEMO), "--dataloader_pin_memory", "true"])
+    assert explicit.dataloader_pin_memory is True
+
+
+def test_trl_checkpointing_default_is_kept_without_the_deprecated_key():
+    from sftkey_trl.recipe.schema import SFTKeyConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        args = SFTKeyConfig(output_dir="unused")
+    assert args.activation_checkpointing is True  # TRL's default
+    with pytest.warns(FutureWarning, match="gradient_checkpointing"):  # the user's own deprecated key still works
+        assert SFTKeyConfig(output_dir="unused", gradient_checkpointing=False).activation_checkpointing is False
