@@ -93,10 +93,28 @@ class SFTKeyConfig(SFTConfig):
     restart_from: str | None = field(
         default=None, metadata={"help": "Retrain from this stage on; earlier finished stages are kept."}
     )
+    hub_stage: str | None = field(
+        default=None, metadata={"help": "With push_to_hub: the stage to push (default: the last), once, with a card."}
+    )
+    hub_merge: bool = field(
+        default=False, metadata={"help": "With push_to_hub: push a LoRA/QLoRA stage merged into its base model."}
+    )
+    # TRL defaults the deprecated `gradient_checkpointing` to True, which makes transformers warn on every run; the
+    # same default is applied to `activation_checkpointing` in __post_init__ instead
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of `activation_checkpointing`."}
+    )
+    dataloader_pin_memory: bool | None = field(
+        default=None, metadata={"help": "Pin batches in memory (default: true when there is a GPU/accelerator)."}
+    )
 
     def __post_init__(self):
-        if self.bf16 is None:  # TRL defaults to bf16, which raises on machines without bf16 support
-            import torch
+        import torch
 
+        if self.bf16 is None:  # TRL defaults to bf16, which raises on machines without bf16 support
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True  # TRL's default
+        if self.dataloader_pin_memory is None:  # pinning without an accelerator only makes torch warn
+            self.dataloader_pin_memory = torch.accelerator.is_available() and not self.use_cpu
         super().__post_init__()

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from ..errors import SFTKeyError
 from ..files import read_json
 from .report import METRIC_LABELS, _cell, result_rows
 
@@ -85,13 +84,11 @@ def comparison_section(output_dir: Path, stages) -> list[str]:
     summary = read_json(output_dir / "compare" / "comparison.json", None)
     if not summary:
         return []
-    from .compare import build_variants, markdown
+    from .compare import markdown
 
-    try:
-        descriptions = {name: v.description for name, v in build_variants(stages).items()}
-    except SFTKeyError:
-        descriptions = {}
-    table = markdown(summary, descriptions, summary.get("seeds", [])).replace("\n## ", "\n### ")
+    descriptions = summary.get("descriptions", {})  # written by compare.py with the arms it ran
+    table = markdown(summary, descriptions, summary.get("seeds", []), summary.get("ranked_by", "accuracy"))
+    table = table.replace("\n## ", "\n### ")
     return ["", "### Comparison of the variants (`recipes/compare.py`)", "", table.removeprefix("## ").strip()]
 
 

@@ -65,7 +65,7 @@ def summarise_variants(per_seed: dict[str, dict[int, dict]], reference: str = PA
         for seed, run in per_seed.get(MATCHED, {}).items()
         if seed in per_seed.get(reference, {})
     }
-    matched = {"steps": steps, "ok": bool(steps) and all(a == b for a, b in steps.values())}
+    matched = {"steps": steps, "ok": bool(steps) and all(a is not None and a == b for a, b in steps.values())}
     return {"reference": reference, "variants": table, "compute": compute, "differences": differences,
             "versus": versus, "matched": matched}  # fmt: skip
 

@@ -23,6 +23,7 @@ NON_RESULT_KEYS = {
     "dataloader_pin_memory", "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo",
     "overwrite_output_dir", "restart_from", "eval_batch_size", "eval_after_stages", "log_level", "log_level_replica",
     "dataloader_persistent_workers", "dataloader_prefetch_factor", "include_num_input_tokens_seen", "debug",
+    "hub_revision", "hub_stage", "hub_merge",
 }  # fmt: skip
 PACKAGES = ["sftkey-trl", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes"]
 STATUSES = ("running", "trained", "done", "failed")

@@ -109,16 +109,19 @@ def test_merged_model_generates_like_base_plus_adapter(lora_run):
 
 
 def test_merged_push_records_the_comparison_intervals(lora_run, monkeypatch):
-    from sftkey_trl.run.compare import build_variants, write_comparison
+    from sftkey_trl.run.compare import write_comparison
     from sftkey_trl.run.hub import push_run
+    from sftkey_trl.run.variants import build_variants
 
     script_args, training_args, model_args, stages = parse_config(
         [*lora_run.args, "--push_to_hub", "true", "--hub_model_id", "me/merged", "--hub_merge", "true",
          "--hub_stage", "sft"]
     )  # fmt: skip
-    per_seed = {name: {seed: {"accuracy": 0.2 + 0.1 * seed + shift, "format_accuracy": 1.0} for seed in range(3)}
-                for name, shift in (("sft_tag", 0.0), ("sftkey_tag", -0.05), ("sft_tag_matched", 0.3))}  # fmt: skip
-    write_comparison(lora_run.out / "compare", per_seed, build_variants(stages), [0, 1, 2])
+    per_seed = {name: {seed: {"accuracy": 0.2 + 0.1 * seed + shift, "format_accuracy": 1.0, "optimizer_steps": steps}
+                       for seed in range(3)}
+                for name, shift, steps in (("sft_tag", 0.0, 8), ("sftkey_tag", -0.05, 12),
+                                           ("sft_tag_matched", 0.3, 12))}  # fmt: skip
+    write_comparison(lora_run.out / "compare", per_seed, build_variants(stages, training_args), [0, 1, 2])
     calls: list = []
     mock_hub(monkeypatch, calls)
     url = push_run(script_args, training_args, model_args, stages, DEMO, ["--hub_stage", "sft"])
