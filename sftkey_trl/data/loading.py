@@ -107,19 +107,29 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def _load_demo(name: str, split: str, what: str) -> Dataset:
+    """Build a demo dataset under the cache on first use (folder names are versioned), then load one split."""
+    from . import synthetic
+
+    writers = {
+        "demo:arithmetic": ("demo-arithmetic-v2", synthetic.write_arithmetic_dataset),
+        "demo:remainder": ("demo-remainder-v1", synthetic.write_remainder_dataset),
+    }  # bump a folder's version when its generator changes
+    if name not in writers:
+        raise SFTKeyError(f"`{what}: {name}` is not a known demo dataset; use one of {', '.join(writers)}")
+    folder, write = writers[name]
+    directory = cache_root() / folder
+    if not (directory / "test.jsonl").exists():
+        write(directory)
+    if split not in ("train", "test"):
+        raise SFTKeyError(f"the demo dataset has splits train and test, not `{split}`")
+    return load_dataset("json", data_files=str(directory / f"{split}.jsonl"), split="train")
+
+
 def load_source(name: str, config: str | None, split: str, what: str = "dataset_name") -> Dataset:
     """Load one split from the demo, a local file/folder, or the hub, with one-line errors for each failure."""
     if name.startswith(DEMO_PREFIX):
-        from .synthetic import write_arithmetic_dataset
-
-        if name != "demo:arithmetic":
-            raise SFTKeyError(f"`{what}: {name}` is not a known demo dataset; use `demo:arithmetic`")
-        directory = cache_root() / "demo-arithmetic-v2"  # bump when the generator changes
-        if not (directory / "test.jsonl").exists():
-            write_arithmetic_dataset(directory)
-        if split not in ("train", "test"):
-            raise SFTKeyError(f"the demo dataset has splits train and test, not `{split}`")
-        return load_dataset("json", data_files=str(directory / f"{split}.jsonl"), split="train")
+        return _load_demo(name, split, what)
     path = local_path(name, what)
     if path is not None:
         try:

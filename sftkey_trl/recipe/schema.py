@@ -22,7 +22,8 @@ class SFTKeyScriptArguments:
     """Data, formatting and evaluation settings (everything that is not a training argument or the model)."""
 
     dataset_name: str | None = field(
-        default=None, metadata={"help": "Hub dataset id, local .jsonl/.json/.parquet/.csv file, or `demo:arithmetic`."}
+        default=None,
+        metadata={"help": "Hub id, local .jsonl/.json/.parquet/.csv file, `demo:arithmetic` or `demo:remainder`."},
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset config name (hub datasets)."})
     dataset_split: str | None = field(default=None, metadata={"help": "Training split (default: the adapter's)."})
