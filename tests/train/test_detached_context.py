@@ -100,7 +100,9 @@ def test_loss_is_the_key_loss_and_gradient_is_the_prefix_detached_one(
     assert any(not torch.allclose(ordinary_grads[n], g, rtol=1e-3, atol=1e-5) for n, g in reference_grads.items())
 
 
-def test_rows_of_different_prefix_lengths_batch_like_each_row_alone(tiny_model_dir, char_tokenizer, tmp_path, examples):
+def test_rows_of_different_prefix_lengths_batch_like_each_row_alone(
+    tiny_model_dir, char_tokenizer, tmp_path, examples
+):
     trainer = trainer_for(tiny_model_dir, char_tokenizer, tmp_path, DETACHED, pad_to_multiple_of=16)
     ordinary = trainer_for(tiny_model_dir, char_tokenizer, tmp_path, FULL)
     batch = trainer.data_collator(examples)
@@ -133,7 +135,7 @@ def test_split_at_key_layout():
 
 
 def test_gradient_checkpointing_keeps_the_cache(tiny_model_dir, char_tokenizer, tmp_path, examples):
-    """Checkpointed layers drop a cache in training; the detached stage switches checkpointing off around its passes."""
+    """Checkpointed layers drop a cache in training; the detached stage turns checkpointing off around its passes."""
     results = []
     for checkpointing in (False, True):
         trainer = trainer_for(tiny_model_dir, char_tokenizer, tmp_path, DETACHED)
