@@ -23,7 +23,8 @@ from trl import SFTConfig, SFTTrainer
 from sftkey_trl.data.adapters import Triple
 from sftkey_trl.data.formatting import Formatter
 from sftkey_trl.data.masks import tokenize_rendered
-from sftkey_trl.data.synthetic import build_tiny_model, build_tiny_tokenizer, make_arithmetic_example
+from sftkey_trl.data.synthetic import make_arithmetic_example
+from sftkey_trl.models.tiny import build_tiny_model, build_tiny_tokenizer
 from sftkey_trl.recipe.schema import SFTKeyConfig, SFTKeyScriptArguments
 from sftkey_trl.train.objectives import Stage
 from sftkey_trl.train.trainer import SFTKeyTrainer
