@@ -15,7 +15,7 @@ from typing import Any
 from ..data.adapters import Triple, get_adapter
 from ..errors import SFTKeyError, closest
 from ..evaluation.metrics import DEFAULT_METRIC, METRICS
-from ..train.distributed import check_sharding_compatibility
+from ..train.distributed import check_sharding_compatibility, detect_launch
 from ..train.objectives import LOSS_TYPES, Stage
 from ..train.steps import stage_training_args
 from .schema import CHOICES, SFTKeyScriptArguments
@@ -37,6 +37,7 @@ def check_recipe(script_args, training_args, model_args, stages: list[Stage], pr
     check_model(model_args)
     check_stages(script_args, training_args, stages, processes)
     notes += check_trainer_options(training_args, stages)
+    notes += check_detached_context(training_args, stages)
     notes += check_sharding_compatibility(model_args, training_args)
     return notes
 
@@ -192,6 +193,28 @@ def check_stages(script_args, training_args, stages: list[Stage], processes: lis
         )
     if script_args.eval_backend == "vllm" and max(processes) > 1:
         raise SFTKeyError("`eval_backend: vllm` runs in one process; evaluate with --eval_only and one process")
+
+
+def check_detached_context(training_args, stages: list[Stage]) -> list[str]:
+    """`context: detached` needs padded batches (it splits rows at their key tokens), whole weights on each process
+    (the prefix pass calls the unwrapped model) and no loss on the reasoning it holds fixed; returns notes."""
+    notes = []
+    for stage in [stage for stage in stages if stage.context == "detached"]:
+        where = f"stage `{stage.name}` has `context: detached`"
+        if stage.reasoning_weight > 0:
+            raise SFTKeyError(
+                f"{where}, which holds the reasoning fixed, so `reasoning_weight: {stage.reasoning_weight:g}` cannot "
+                "train it; set reasoning_weight: 0 or context: full"
+            )
+        if stage.overrides.get("padding_free", training_args.padding_free):
+            raise SFTKeyError(f"{where}, which needs padded batches; set `padding_free: false` or context: full")
+        launch = detect_launch(training_args)
+        if launch.shards_parameters:
+            raise SFTKeyError(f"{where}, which is not supported under {launch.name} (sharded weights); launch with "
+                              "DDP or DeepSpeed ZeRO-2, or use context: full")  # fmt: skip
+        if training_args.log_part_losses:
+            notes.append(f"{where}: it logs key_loss only (the reasoning is not scored, so no reasoning_loss)")
+    return notes
 
 
 def check_selection(script_args, stage_name: str) -> None:

@@ -118,7 +118,7 @@ def dry_run(
         entry: dict[str, Any] = {
             "name": stage.name,
             "loss_on": stage.loss_on,
-            "trains_on": stage.objective.description,
+            "trains_on": stage.description,
         }
         entry.update(stage.options())
         if stage.keep_best:

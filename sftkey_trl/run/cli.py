@@ -83,7 +83,8 @@ def inspect(script_args, training_args, model_args, stages, count: int, as_json:
             for token, weight in zip(row["input_ids"], weights.tolist()):
                 style = "bold black on green" if weight >= 1 else "black on yellow" if weight > 0 else "dim"
                 rendered.append(tokenizer.decode([token]), style=style)
-            console.rule(f"example {row['index']} - stage `{stage.name}`: {stage.objective.description} (highlighted)")
+            console.rule(f"example {row['index']} - stage `{stage.name}`")
+            console.print(f"trains on (highlighted): {stage.description}", markup=False)  # wraps, unlike a rule
             console.print(rendered)
 
 

@@ -162,7 +162,8 @@ class Pipeline:
         resume = last_complete_checkpoint(Path(args.output_dir), STATE_FILE if stage.keep_best else None)
         if self.state.is_main_process:
             resuming = f", resuming from {resume}" if resume else ""
-            logger.info("stage %s: loss on %s, global batch %d%s", stage.name, stage.loss_on, batch, resuming)
+            loss_on = stage.loss_on + (" (reasoning as detached context)" if stage.context == "detached" else "")
+            logger.info("stage %s: loss on %s, global batch %d%s", stage.name, loss_on, batch, resuming)
         stage_dir = self.output_dir / stage.name
         keep_best = self.keep_best_callback(stage, args, trainer, stage_dir, resume) if stage.keep_best else None
         started = time.perf_counter()

@@ -7,6 +7,8 @@ negative log-likelihood, or with `loss_type: dft` (recipe-wide or per stage) its
 `loss_normalization` picks the normaliser: `supervised_tokens` counts the tokens with a non-zero weight (a plain
 mean, the paper's reading), `completion_tokens` counts the response tokens (so a key token weighs in stage 2 what
 it weighed in stage 1).
+`context` says how a key stage runs the tokens before the key: `full` (forward and backward over the whole
+sequence) or `detached` (the reasoning is fixed context: `train/detached.py`).
 
 A new objective is one `Objective` entry in `OBJECTIVES` (plus a field on `Stage` if it has a new key, checked in
 `_check_option`) and its tests; the collator, the trainer, `--inspect` and `--dry_run` read it from here.
@@ -25,6 +27,11 @@ from ..errors import SFTKeyError, closest
 
 LOSS_NORMALIZATIONS = ("supervised_tokens", "completion_tokens")
 LOSS_TYPES = ("nll", "dft")  # the `loss_type` values (recipe-wide or per stage) that `token_losses` computes
+CONTEXTS = {
+    "full": "",
+    "detached": "; `context: detached`: the prompt and reasoning are fixed context (run without gradient into a KV "
+    "cache), only the key tokens run forward and backward, so the answer loss cannot change the reasoning",
+}
 
 
 @dataclass(frozen=True)
@@ -56,7 +63,7 @@ OBJECTIVES: dict[str, Objective] = {
     "key": Objective(
         "key",
         "the key tokens after `</Thinking>` (stage 2: the paper's key stage); reasoning tokens get `reasoning_weight`",
-        ("loss_normalization", "reasoning_weight"),
+        ("loss_normalization", "reasoning_weight", "context"),
         _key_weights,
     ),
 }
@@ -71,6 +78,7 @@ class Stage:
     loss_normalization: str = "supervised_tokens"
     reasoning_weight: float = 0.0
     key_weight: float = 1.0
+    context: str = "full"
     keep_best: bool = False
     patience: int | None = None  # stop after this many keep_best evaluations without improvement
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -78,6 +86,11 @@ class Stage:
     @property
     def objective(self) -> Objective:
         return OBJECTIVES[self.loss_on]
+
+    @property
+    def description(self) -> str:
+        """What the stage trains on and how (`--inspect`, `--dry_run`)."""
+        return self.objective.description + CONTEXTS[self.context]
 
     def loss_weights(self, completion: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """Per-token loss weights (float32, the masks' shape) from boolean completion and key masks."""
@@ -119,6 +132,8 @@ def _check_option(key: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)) or not 1 <= float(value) <= 100:
             raise ValueError("must be a number from 1 (no emphasis) to 100")
         return float(value)
+    if key == "context" and value not in CONTEXTS:
+        raise ValueError(f"use one of {tuple(CONTEXTS)}")
     if key == "keep_best" and not isinstance(value, bool):
         raise ValueError("must be true or false")
     if key == "patience" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

@@ -8,16 +8,23 @@ is summed over all micro-batches and ranks, the same way `transformers.Trainer` 
 A Mixture-of-Experts model's router load-balancing loss is added as TRL adds it: `router_aux_loss_coef` times the
 micro-batch's auxiliary loss, divided by the accumulation steps when the main loss is normalised over them.
 TRL options this loss does not honour are refused before the model loads (`recipe/checks.py`).
+A key stage with `context: detached` runs the reasoning without gradient into a KV cache and only the key span
+with it (`train/detached.py`); its weights, normaliser and fused head are the same.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from trl import SFTTrainer
 
 from ..errors import SFTKeyError
 from .collator import SFTKeyCollator
+from .detached import detached_forward, split_at_key
 from .objectives import Stage, token_losses
+
+logger = logging.getLogger(__name__)
 
 MASK_COLUMNS = ["input_ids", "completion_mask", "key_mask"]
 
@@ -37,7 +44,11 @@ class SFTKeyTrainer(SFTTrainer):
         padding_free = training_args.padding_free
         training_args.padding_free = False  # TRL refuses a custom collator with padding_free; ours does it
         training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
-        self.scores_completion = log_part_losses or stage.loss_on == "completion"
+        self.detached = stage.context == "detached"
+        # A detached key stage never forwards the reasoning with labels, so it cannot score it
+        self.scores_completion = (log_part_losses and not self.detached) or stage.loss_on == "completion"
+        if self.detached and log_part_losses:
+            logger.info("stage %s: `context: detached` logs key_loss only (no reasoning_loss)", stage.name)
         kwargs.setdefault(
             "data_collator",
             SFTKeyCollator(
@@ -69,12 +80,19 @@ class SFTKeyTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         normaliser = self._normaliser_mask(inputs).sum() if num_items_in_batch is None else num_items_in_batch
-        weights = inputs.pop("loss_weights")[:, 1:]
+        loss_weights = inputs.pop("loss_weights")
+        weights = loss_weights[:, 1:]
         completion = inputs.pop("completion_mask")[:, 1:]
         key = inputs.pop("key_mask")[:, 1:]
         if self.aux_loss_enabled:  # MoE: TRL's __init__ set this from `router_aux_loss_coef` and the model config
             inputs["output_router_logits"] = True
-        outputs = model(**inputs, use_cache=False, fused_lm_head=True)
+        if self.detached:
+            split = split_at_key(inputs["input_ids"], inputs["attention_mask"], loss_weights)
+            outputs = detached_forward(model, split)
+            weights = split.weights[:, 1:]
+            key, completion = weights > 0, torch.zeros_like(weights, dtype=torch.bool)  # reasoning_weight is 0
+        else:
+            outputs = model(**inputs, use_cache=False, fused_lm_head=True)
         losses = token_losses(outputs.log_probs, self.args.loss_type)  # zero wherever the label is -100
         loss = (losses * weights).sum() / torch.as_tensor(normaliser, device=losses.device).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:

@@ -308,12 +308,33 @@ def test_a_users_recipe_without_header_passes_dry_run(tmp_path, capsys):
         ("eval_strategy: steps\n", r"`eval_strategy: steps` is not supported: .*by generating answers"),
         ("eval_on_start: true\n", r"`eval_on_start: True` is not supported"),
         ("liger_kernel_config: {fused_linear_cross_entropy: true}\n", r"`liger_kernel_config: .*replaces the forward"),
+        ("stages: [{name: a, loss_on: completion, context: detached}]\n", r"`context` applies to `loss_on: key`"),
+        ("stages: [{name: a, loss_on: key, context: frozen}]\n", r"`context: frozen` is not valid: use one of"),
+        (
+            "stages: [{name: a, loss_on: key, context: detached, reasoning_weight: 0.1}]\n",
+            r"holds the reasoning fixed, so `reasoning_weight: 0.1` cannot train it",
+        ),
+        ("padding_free: true\nstages: [{name: a, loss_on: key, context: detached}]\n", r"needs padded batches"),
+        ("fsdp: full_shard\nstages: [{name: a, loss_on: key, context: detached}]\n", r"not supported under FSDP"),
     ],
 )
 def test_checks_stop_dry_run_and_real_run_alike(tmp_path, body, message, monkeypatch, capsys):
     dry, real = run_both(write_recipe(tmp_path, body), monkeypatch, capsys)
     assert re.search(message, dry), dry
     assert dry == real
+
+
+def test_detached_context_is_refused_under_zero3(monkeypatch):
+    from sftkey_trl.recipe.checks import check_detached_context
+    from sftkey_trl.train.objectives import Stage
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    args = SimpleNamespace(padding_free=False, log_part_losses=False, deepspeed=None)
+    with pytest.raises(SFTKeyError, match=r"not supported under DeepSpeed ZeRO-3"):
+        check_detached_context(args, [Stage(name="k", loss_on="key", context="detached")])
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    assert check_detached_context(args, [Stage(name="k", loss_on="key", context="detached")]) == []
 
 
 def test_selection_on_test_is_an_explicit_opt_in(tmp_path):

@@ -156,6 +156,26 @@ def test_patience_stops_a_stage_whose_validation_metric_cannot_improve(tmp_path)
     assert [e["step"] for e in json.loads((output / "sft" / "log_history.json").read_text())][-1] == 2
 
 
+def test_detached_key_stage_with_qlora_and_gradient_checkpointing(tmp_path):
+    """`context: detached` through run.py's main on the hardest path: a 4-bit base, LoRA and checkpointed layers."""
+    from safetensors.torch import load_file
+
+    output = tmp_path / "detached"
+    stages = ("[{name: sft, loss_on: completion, num_train_epochs: 1}, "
+              "{name: key, loss_on: key, num_train_epochs: 1, context: detached}]")  # fmt: skip
+    args = ["--config", DEMO, "--output_dir", str(output), "--load_in_4bit", "true", "--use_peft", "true",
+            "--gradient_checkpointing", "true", "--max_train_samples", "64", "--max_eval_samples", "8",
+            "--max_new_tokens", "48", "--stages", stages]  # fmt: skip
+    assert main(args) == 0
+    adapters = [load_file(output / stage / "adapter_model.safetensors") for stage in ("sft", "key")]
+    assert any((adapters[0][k] != adapters[1][k]).any() for k in adapters[0])  # the key stage trained the adapter
+    results = json.loads((output / "results.json").read_text())
+    assert results["stages"]["key"]["num_examples"] == 8 and results["stages"]["key"]["training"]["train_tokens"] > 0
+    logs = json.loads((output / "key" / "log_history.json").read_text())
+    losses = [entry for entry in logs if "key_loss" in entry]
+    assert losses and all(entry["key_loss"] > 0 and "reasoning_loss" not in entry for entry in losses)
+
+
 def test_qlora_model_is_really_4bit(tmp_path, tiny_model_dir):
     import bitsandbytes as bnb
     from trl import ModelConfig

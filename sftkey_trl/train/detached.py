@@ -1,0 +1,139 @@
+"""`context: detached`: a key stage that treats the prompt and the reasoning as fixed context.
+
+Per batch, the prefix of each row (every token before the one that predicts the first key token) runs forward under
+`torch.no_grad()` and fills a transformers `DynamicCache`; then only the key span (from the token that predicts the
+first key token to the last key token) runs forward with gradient, against that cache, through TRL's fused LM head.
+The loss value is the ordinary key-stage loss; its gradient is the ordinary gradient with the prefix's keys and
+values detached, so the answer loss no longer reaches the reasoning positions, and a step costs a no-grad forward of
+the prefix plus a forward and backward of a few tokens per row.
+
+Layout for a right-padded batch whose rows have different prefix lengths `p_i`:
+
+- prefix batch: the first `P = max p_i` columns, with a 2D mask that is 1 only on row i's first `p_i` real tokens
+  (the cache then holds `P` slots per row, the padded ones masked);
+- key batch: row i's span left-aligned into `K = max span_i` columns, right-padded;
+- attention mask `[prefix mask | key mask]` over the `P + K` cached-plus-new slots. The model orders the causal
+  mask by slot (a key slot follows every prefix slot) and the 2D mask hides the padded prefix slots, so key token j
+  of row i sees row i's prefix and its key tokens up to j;
+- `position_ids` are each token's position in its own row, so rotary embeddings see the true distances.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class KeySplit:
+    """One batch split into a no-grad prefix and a key span (see the module docstring)."""
+
+    prefix_ids: torch.Tensor  # (B, P)
+    prefix_mask: torch.Tensor  # (B, P) 1 on real prefix tokens
+    prefix_positions: torch.Tensor  # (B, P)
+    key_ids: torch.Tensor  # (B, K)
+    key_mask: torch.Tensor  # (B, K) 1 on real span tokens
+    key_positions: torch.Tensor  # (B, K)
+    weights: torch.Tensor  # (B, K) the original per-token loss weights of the span's tokens (0 on padding)
+    labels: torch.Tensor  # (B, K) the token where its weight is > 0, -100 elsewhere
+
+
+def split_at_key(input_ids: torch.Tensor, attention_mask: torch.Tensor, weights: torch.Tensor) -> KeySplit:
+    """Split a padded batch at each row's first weighted token.
+
+    `weights[:, t]` is the loss weight of predicting token t (from position t - 1). Row i's span runs from
+    position `s_i` (the one that predicts its first weighted token) to its last weighted token; its prefix is
+    positions `0 .. s_i - 1`. A row without weighted tokens is all prefix.
+    """
+    rows, length = input_ids.shape
+    device = input_ids.device
+    attention_mask = attention_mask.long()
+    targets = weights[:, 1:] > 0  # targets[:, t]: position t predicts a weighted token
+    has_targets = targets.any(1)
+    first = targets.int().argmax(1)  # position predicting the first weighted token
+    last = (length - 2) - targets.flip(1).int().argmax(1)  # position predicting the last one
+    start = torch.where(has_targets, first, torch.full_like(first, length))
+    span = torch.where(has_targets, last + 2 - first, torch.zeros_like(first))
+    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+
+    prefix_width = int(start.max())
+    columns = torch.arange(prefix_width, device=device)
+    prefix_mask = attention_mask[:, :prefix_width] * (columns[None] < start[:, None])
+
+    key_width = max(int(span.max()), 1)
+    offsets = torch.arange(key_width, device=device)
+    index = (start[:, None] + offsets[None]).clamp(max=length - 1)
+    key_mask = (offsets[None] < span[:, None]).long()
+    key_ids = input_ids.gather(1, index)
+    key_weights = weights.gather(1, index) * key_mask
+    return KeySplit(
+        prefix_ids=input_ids[:, :prefix_width],
+        prefix_mask=prefix_mask,
+        prefix_positions=positions[:, :prefix_width],
+        key_ids=key_ids,
+        key_mask=key_mask,
+        key_positions=positions.gather(1, index),
+        weights=key_weights,
+        labels=key_ids.masked_fill(key_weights <= 0, -100),
+    )
+
+
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under DDP / PEFT wrappers."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The forward keyword of the KV cache: `cache` in recent transformers, `past_key_values` before."""
+    parameters = inspect.signature(type(_base_model(model)).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+@contextlib.contextmanager
+def checkpointing_off(model: torch.nn.Module):
+    """Run layers without gradient checkpointing, which would drop the cache (transformers does, since replaying a
+    layer would append to it twice). The key span is a few tokens per row, so its activations are small anyway."""
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for layer in layers:
+        layer.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.gradient_checkpointing = True
+
+
+def detached_forward(model: torch.nn.Module, split: KeySplit):
+    """The prefix under `no_grad` into a `DynamicCache`, then the key span with gradient through the fused LM head.
+
+    `model` is what the trainer calls (possibly DDP-wrapped); the prefix pass calls the unwrapped model, which needs
+    no gradient synchronisation. Returns TRL's `FusedCausalLMOutput` for the key batch (`log_probs`: (B, K - 1)).
+    """
+    from transformers import DynamicCache
+
+    unwrapped = getattr(model, "module", model)
+    keyword = cache_keyword(model)
+    cache = DynamicCache()
+    with checkpointing_off(unwrapped):
+        if split.prefix_ids.size(1):
+            with torch.no_grad():
+                unwrapped(
+                    input_ids=split.prefix_ids,
+                    attention_mask=split.prefix_mask,
+                    position_ids=split.prefix_positions,
+                    use_cache=True,
+                    logits_to_keep=1,  # the cache is what is wanted: skip the LM head on the prefix
+                    **{keyword: cache},
+                )
+        return model(
+            input_ids=split.key_ids,
+            attention_mask=torch.cat([split.prefix_mask, split.key_mask], dim=1),
+            position_ids=split.key_positions,
+            labels=split.labels,
+            fused_lm_head=True,
+            **{keyword: cache},
+        )
