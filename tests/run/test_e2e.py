@@ -109,7 +109,6 @@ def test_qlora_two_stages_on_cpu(tmp_path, monkeypatch):
     stage = results["stages"]["key"]
     assert {k: reproduced[k] for k in reproduced} == {k: stage[k] for k in reproduced}
     # --merge: the adapter merged into the base loaded unquantised (float32 on a CPU), a standalone model
-    import torch
     from transformers import AutoModelForCausalLM
 
     assert main([*args, "--merge", "key"]) == 0
