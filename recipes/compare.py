@@ -1,7 +1,7 @@
 """Train and evaluate the comparison's arms from one recipe, over several seeds, and report means, exact 95%
 confidence intervals and paired differences against the continuation and compute-matched baselines.
 
-    python recipes/compare.py                                   # offline demo: 6 arms x 3 seeds
+    python recipes/compare.py                                   # offline demo (recipes/demo/remainder.yaml): 6 arms x 3 seeds
     python recipes/compare.py --config recipes/<...>.yaml --variants sftkey_tag,sft_continue,sft_tag_matched --seeds 5
     python recipes/compare.py --converged 2 --seeds 5           # stage 1 trained to convergence first (the paper)
 
@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         from sftkey_trl.run.process import prepare_process
 
         prepare_process(rest, flag_value(rest, "--config"))
-    run, rest = run_options(rest)
+    from sftkey_trl.recipe.schema import COMPARE_DEMO_RECIPE
+
+    run, rest = run_options(rest, COMPARE_DEMO_RECIPE)
     from sftkey_trl.evaluation.metrics import METRIC_NAMES
     from sftkey_trl.run.compare import write_comparison
     from sftkey_trl.run.variants import DEFAULT_VARIANTS, MATCHED, PAPER, build_variants, run_variant

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
-DEMO_RECIPE = "recipes/demo/sftkey_tiny.yaml"
+DEMO_RECIPE = "recipes/demo/sftkey_tiny.yaml"  # run.py with no --config
+COMPARE_DEMO_RECIPE = "recipes/demo/remainder.yaml"  # compare.py with no --config: a task with headroom
 PAPER_STAGES = [{"name": "sft", "loss_on": "completion"}, {"name": "key", "loss_on": "key"}]
 # Recipe keys with a fixed set of values (None: unset, the adapter decides)
 CHOICES = {

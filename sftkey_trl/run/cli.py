@@ -15,8 +15,9 @@ from ..recipe.flags import flag_value
 logger = logging.getLogger("sftkey_trl")
 
 
-def run_options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Split the flags of `run.py` itself from the recipe keys (which go to `parse_config`)."""
+def run_options(argv: list[str], default_recipe: str | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """Split the flags of `run.py` itself from the recipe keys (which go to `parse_config`); with no `--config`,
+    use `default_recipe` (a path from the repository root; the demo recipe by default)."""
     from ..recipe.schema import DEMO_RECIPE
 
     parser = argparse.ArgumentParser(add_help=False)
@@ -30,7 +31,7 @@ def run_options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks.")
     options, rest = parser.parse_known_args(argv)
     if flag_value(rest, "--config") is None:
-        rest = ["--config", str(Path(__file__).resolve().parents[2] / DEMO_RECIPE)] + rest
+        rest = ["--config", str(Path(__file__).resolve().parents[2] / (default_recipe or DEMO_RECIPE))] + rest
     return options, rest
 
 

@@ -38,15 +38,21 @@ class Variant:
     match_steps_of: tuple[Stage, ...] | None = None
 
 
+def _length(args) -> str:
+    return f"{args.max_steps} steps" if args.max_steps and args.max_steps > 0 else f"{args.num_train_epochs:g} ep"
+
+
 def _settings(args) -> str:
-    steps = f"{args.max_steps} steps" if args.max_steps and args.max_steps > 0 else f"{args.num_train_epochs:g} ep"
-    return f"{steps}, lr {args.learning_rate:g}"
+    return f"{_length(args)}, lr {args.learning_rate:g}"
 
 
 def build_variants(
     stages: list[Stage], training_args, recipe_format: str = "tags", converge: tuple[int, float] | None = None
 ) -> dict[str, Variant]:
     """Every arm of the comparison, from the recipe's stage 1 and stage 2 (see the module docstring).
+
+    Stage 1 keeps the recipe's own `keep_best` and `patience`, so a recipe whose stage 1 trains to convergence
+    (recipes/demo/remainder.yaml) gives a converged stage 1 to every arm built on it.
 
     `converge` = (patience, max epochs): the converged-stage-1 protocol. Stage 1 trains until its validation metric
     has not improved for `patience` evaluations (at most `max epochs`) and keeps its best checkpoint, so the stage-2
@@ -62,12 +68,18 @@ def build_variants(
 
     args_1, args_2 = args_of(first), args_of(second)
     s1, s2 = _settings(args_1), _settings(args_2)
-    sft = Stage(name="sft", loss_on="completion", overrides=dict(first.overrides))
+    # Stage 1 as the recipe writes it, its own convergence (keep_best + patience) included
+    sft = Stage(name="sft", loss_on="completion", keep_best=first.keep_best, patience=first.patience,
+                overrides=dict(first.overrides))  # fmt: skip
     if converge is not None:
         patience, epochs = converge
-        s1 = f"to convergence: patience {patience}, at most {epochs:g} ep, lr {args_1.learning_rate:g}"
         sft = dataclasses.replace(sft, keep_best=True, patience=patience,
                                   overrides={**sft.overrides, "num_train_epochs": epochs})  # fmt: skip
+    if sft.patience is not None:
+        cap = _length(args_of(sft))
+        s1 = f"to convergence: patience {sft.patience}, at most {cap}, lr {args_1.learning_rate:g}"
+    elif sft.keep_best:
+        s1 += ", keeping its best checkpoint"
     key = Stage(name="key", loss_on="key", overrides=dict(second.overrides))  # the paper's: hard mask, no keep_best
     continued = Stage(name="continue", loss_on="completion", overrides=dict(second.overrides))
     matched = Stage(name="sft", loss_on="completion", overrides=dict(first.overrides))
@@ -84,6 +96,8 @@ def build_variants(
                            "DFT on the key tokens: each token's loss scaled by its own probability (loss_type: dft)"),
         "sftkey_tag_best": (dataclasses.replace(key, name="key_best", keep_best=True),
                             "keeping the best checkpoint on validation, the incoming weights included (keep_best)"),
+        "sftkey_tag_detached": (dataclasses.replace(key, name="key_detached", context="detached"),
+                                "the reasoning as fixed context: no gradient through the prefix (context: detached)"),
         "sftkey_tag_stage1_lr": (dataclasses.replace(key, name="key_stage1_lr", overrides=same_lr),
                                  f"at stage 1's learning rate {args_1.learning_rate:g}"),
     }  # fmt: skip

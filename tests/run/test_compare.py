@@ -68,6 +68,26 @@ def test_variants_follow_the_recipe_stages():
     assert variants["sftkey_tag_best"].stages[1].keep_best
     assert variants["sftkey_tag_dft"].stages[1].overrides["loss_type"] == "dft"
     assert variants["sftkey_tag_stage1_lr"].stages[1].overrides["learning_rate"] == 1e-3
+    assert variants["sftkey_tag_detached"].stages[1].context == "detached"
+    assert variants[PAPER].stages[1].context == "full"
+
+
+def test_a_recipe_whose_stage_1_converges_gives_every_arm_that_stage_1():
+    stages = [Stage(name="sft", loss_on="completion", keep_best=True, patience=4, overrides={"num_train_epochs": 30}),
+              Stage(name="key", loss_on="key")]  # fmt: skip
+    variants = build_variants(stages, training_args())
+    for name in ("sft_tag", PAPER, "sft_continue", "sft_keyweight"):
+        first = variants[name].stages[0]
+        assert (first.keep_best, first.patience, first.overrides["num_train_epochs"]) == (True, 4, 30), name
+    assert "to convergence: patience 4, at most 30 ep" in variants[PAPER].description
+    assert not variants[PAPER].stages[1].keep_best and not variants[MATCHED].stages[0].keep_best
+
+
+def test_the_readme_describes_every_arm():
+    readme = (ROOT / "README.md").read_text()
+    stages = [Stage(name="sft", loss_on="completion"), Stage(name="key", loss_on="key")]
+    missing = [name for name in build_variants(stages, training_args()) if f"| `{name}` |" not in readme]
+    assert not missing, f"README's variant table lacks {missing}"
 
 
 def test_converged_protocol_trains_stage_1_to_convergence_in_every_arm_that_has_it():
