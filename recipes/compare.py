@@ -1,7 +1,7 @@
 """Train and evaluate the comparison's arms from one recipe, over several seeds, and report means, exact 95%
 confidence intervals and paired differences against the continuation and compute-matched baselines.
 
-    python recipes/compare.py                                   # offline demo (recipes/demo/remainder.yaml): 6 arms x 3 seeds
+    python recipes/compare.py                          # offline demo, recipes/demo/remainder.yaml: 6 arms x 3 seeds
     python recipes/compare.py --config recipes/<...>.yaml --variants sftkey_tag,sft_continue,sft_tag_matched --seeds 5
     python recipes/compare.py --converged 2 --seeds 5           # stage 1 trained to convergence first (the paper)
 
