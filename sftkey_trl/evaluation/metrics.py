@@ -34,6 +34,11 @@ def _numeric_only(key: str) -> Callable[[list[dict], str], float | None]:
     return lambda rows, answer_type: _rate(key, rows) if answer_type in ("numeric", "math") else None
 
 
+def _reference_rate(rows: list[dict], answer_type: str) -> float | None:
+    judged = [row for row in rows if row.get("reasoning_matches_reference") is not None]
+    return _rate("reasoning_matches_reference", judged) if judged and answer_type in ("numeric", "math") else None
+
+
 METRICS: list[Metric] = [
     Metric("accuracy", "acc", "the answer in the answer slot (tags or answer line) matches the gold answer",
            lambda r, t: _rate("correct", r), reported=True),
@@ -53,6 +58,9 @@ METRICS: list[Metric] = [
            _numeric_only("reasoning_final_correct"), reported=True),
     Metric("answer_reasoning_consistency", "consist", "the answer equals the reasoning's final value",
            _numeric_only("consistent"), reported=True),
+    Metric("reasoning_reference_accuracy", "reas=ref",
+           "the reasoning's final value matches the reference reasoning's (rows whose reference states one): "
+           "whether the reasoning is right even where the answer transforms it", _reference_rate, reported=True),
     Metric("mean_generated_tokens", "tokens", "mean generated tokens per example",
            lambda r, t: mean(p["generated_tokens"] for p in r), reported=True, higher_is_better=False),
     Metric("mean_reasoning_length", "reas len", "mean reasoning length in characters",
@@ -88,6 +96,7 @@ def score(
         matches = answers_match(extraction.answer, example["gold"], answer_type)
         from_slot = extraction.method not in NO_ANSWER_SLOT
         final = reasoning_final_value(extraction.reasoning)
+        reference = reasoning_final_value(example["reasoning"]) if example.get("reasoning") else None
         predictions.append(
             {
                 "index": example["index"],
@@ -104,6 +113,9 @@ def score(
                 "reasoning_final": final,
                 "reasoning_final_correct": answers_match(final, example["gold"], answer_type),
                 "consistent": final is not None and answers_match(extraction.answer, final, answer_type),
+                "reasoning_matches_reference": None
+                if reference is None
+                else final is not None and answers_match(final, reference, answer_type),
                 "reasoning_length": len(extraction.reasoning or ""),
             }
         )

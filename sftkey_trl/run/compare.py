@@ -120,25 +120,39 @@ def markdown(summary: dict, descriptions: dict[str, str], seeds: list[int], metr
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict, path: Path) -> None:
-    """Bar chart of accuracy and format accuracy per variant with 95% CI error bars."""
+def plot(summary: dict, path: Path, baseline: str = "sft_continue") -> None:
+    """Bar chart of accuracy and format accuracy per variant with 95% CI error bars; beside it, when `baseline` ran,
+    each variant's paired accuracy difference against it (same seed, 95% CI)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     variants = list(summary["variants"])
-    fig, ax = plt.subplots(figsize=(1.6 * len(variants) + 2, 4))
+    versus = summary.get("versus", {}).get(baseline, {})
+    panels = 2 if versus else 1
+    fig, axes = plt.subplots(1, panels, figsize=(panels * (1.0 * len(variants) + 2), 4.4), squeeze=False)
+    ax = axes[0][0]
     width = 0.38
     for offset, metric in ((-width / 2, "accuracy"), (width / 2, "format_accuracy")):
         means = [summary["variants"][v].get(metric, {}).get("mean", 0) for v in variants]
         errors = [summary["variants"][v].get(metric, {}).get("ci95", 0) for v in variants]
         clipped = [[min(e, m) for m, e in zip(means, errors)], [min(e, 1 - m) for m, e in zip(means, errors)]]
         ax.bar([i + offset for i in range(len(variants))], means, width, yerr=clipped, capsize=4, label=metric)
-    ax.set_xticks(range(len(variants)), variants, rotation=20, ha="right")
+    ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("mean over seeds (95% CI, clipped to [0, 1])")
     ax.legend()
+    if versus:
+        ax = axes[0][1]
+        others = [v for v in variants if "accuracy" in versus.get(v, {})]
+        means = [versus[v]["accuracy"]["mean"] for v in others]
+        errors = [versus[v]["accuracy"]["ci95"] for v in others]
+        colors = ["tab:green" if m - e > 0 else "tab:red" if m + e < 0 else "tab:gray" for m, e in zip(means, errors)]
+        ax.bar(range(len(others)), means, 0.6, yerr=errors, capsize=4, color=colors)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(others)), others, rotation=30, ha="right")
+        ax.set_ylabel(f"accuracy minus {baseline} (paired, 95% CI)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -31,6 +31,7 @@ METRIC_LABELS = {
     "composite": "composite (0.7 acc + 0.3 fmt)",
     "reasoning_final_accuracy": "reasoning reaches gold answer",
     "answer_reasoning_consistency": "answer follows reasoning",
+    "reasoning_reference_accuracy": "reasoning reaches reference",
     "mean_generated_tokens": "generated tokens (mean)",
     "num_examples": "examples",
 }

@@ -39,6 +39,24 @@ def test_diagnostics_separate_reasoning_errors_from_answer_errors():
     assert metrics["mean_reasoning_length"] == pytest.approx((3 * len("2 + 3 = 5\n5 - 1 = 4")) / 4)
 
 
+def test_reasoning_is_judged_against_the_reference_reasoning_where_the_answer_transforms_it():
+    """`Compute (2 + 3 + 4) mod 4.`: the reference reasoning ends at 9 and the gold answer is 1, so the gold-based
+    diagnostic cannot tell right reasoning from wrong; the reference-based one can."""
+    reference = {"index": 0, "prompt": "p", "gold": "1", "reasoning": "2 + 3 = 5\n5 + 4 = 9"}
+    generations = [
+        "<Thinking>2 + 3 = 5\n5 + 4 = 9</Thinking>\n<Answer>1</Answer>",  # right reasoning, right remainder
+        "<Thinking>2 + 3 = 5\n5 + 4 = 9</Thinking>\n<Answer>2</Answer>",  # right reasoning, wrong remainder
+        "<Thinking>2 + 3 = 5\n5 + 4 = 8</Thinking>\n<Answer>0</Answer>",  # wrong reasoning
+    ]
+    examples = [{**reference, "index": i} for i in range(3)] + [example("4", 3)]  # no reference: not judged
+    texts = [(text, len(text)) for text in generations] + [(GENERATIONS[0][0], 10)]
+    metrics, predictions = score(examples, texts, "numeric", script_args(), Tags())
+    assert [p["reasoning_matches_reference"] for p in predictions] == [True, True, False, None]
+    assert metrics["reasoning_reference_accuracy"] == pytest.approx(2 / 3)
+    assert metrics["reasoning_final_accuracy"] == 0.25  # only the last row, whose answer is its reasoning's value
+    assert metrics["accuracy"] == 0.5
+
+
 def test_a_format_collapsed_generation_scores_zero_accuracy():
     """No answer slot at all: the last number is right by chance, so only the lenient figure counts it."""
     metrics, _ = score([example("5")], [("5 - 1 = 4\n4 + 1 = 5", 9)], "numeric", script_args(), Tags())
