@@ -131,7 +131,7 @@ def plot(summary: dict, path: Path, baseline: str = "sft_continue") -> None:
     variants = list(summary["variants"])
     versus = summary.get("versus", {}).get(baseline, {})
     panels = 2 if versus else 1
-    fig, axes = plt.subplots(1, panels, figsize=(panels * (1.0 * len(variants) + 2), 4.4), squeeze=False)
+    fig, axes = plt.subplots(panels, 1, figsize=(0.9 * len(variants) + 2.5, 4.6 * panels), squeeze=False)
     ax = axes[0][0]
     width = 0.38
     for offset, metric in ((-width / 2, "accuracy"), (width / 2, "format_accuracy")):
@@ -144,7 +144,7 @@ def plot(summary: dict, path: Path, baseline: str = "sft_continue") -> None:
     ax.set_ylabel("mean over seeds (95% CI, clipped to [0, 1])")
     ax.legend()
     if versus:
-        ax = axes[0][1]
+        ax = axes[1][0]
         others = [v for v in variants if "accuracy" in versus.get(v, {})]
         means = [versus[v]["accuracy"]["mean"] for v in others]
         errors = [versus[v]["accuracy"]["ci95"] for v in others]
