@@ -399,3 +399,17 @@ def test_launch_line_reads_the_header():
     recipe = ROOT / "recipes/demo/sftkey_tiny.yaml"
     assert launch_line(recipe) == "accelerate launch recipes/run.py --config recipes/demo/sftkey_tiny.yaml"
     assert "passed" in run_dry(str(recipe))
+
+
+def test_the_task_with_headroom_recipe_trains_stage_1_to_convergence():
+    """compare.py's default recipe: its stage 1 keeps its best checkpoint and stops on patience, so every arm of the
+    comparison starts from a converged model; the header launches the file itself and the checks pass."""
+    from sftkey_trl.recipe.schema import COMPARE_DEMO_RECIPE
+
+    recipe = ROOT / COMPARE_DEMO_RECIPE
+    assert launch_line(recipe) == f"accelerate launch recipes/run.py --config {COMPARE_DEMO_RECIPE}"
+    script_args, _, _, stages = parse(COMPARE_DEMO_RECIPE)
+    first = stages[0]
+    assert first.loss_on == "completion" and first.keep_best and first.patience
+    assert script_args.dataset_name == "demo:remainder" and script_args.eval_fraction > 0
+    assert "passed" in run_dry(str(recipe))
