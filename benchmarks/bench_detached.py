@@ -75,7 +75,7 @@ def run(kind: str, model_dir, tokenizer, columns, args, out: str) -> tuple[float
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     config = SFTKeyConfig(output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch,
-                          report_to="none", save_strategy="no", logging_steps=10_000, gradient_checkpointing=False,
+                          report_to="none", save_strategy="no", logging_steps=10_000, activation_checkpointing=False,
                           max_length=None, use_cpu=not cuda, bf16=cuda, disable_tqdm=True, dataloader_num_workers=0,
                           seed=0)  # fmt: skip
     timer = Timer()

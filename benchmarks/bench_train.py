@@ -108,7 +108,7 @@ def run(kind: str, model_dir, tokenizer, columns, stage: Stage, steps: int, batc
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     common = dict(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, report_to="none",
-                  save_strategy="no", logging_steps=10_000, gradient_checkpointing=False, max_length=None,
+                  save_strategy="no", logging_steps=10_000, activation_checkpointing=False, max_length=None,
                   use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(), disable_tqdm=True,
                   dataloader_num_workers=0, seed=0)  # fmt: skip
     timer = Timer()
