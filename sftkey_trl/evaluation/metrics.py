@@ -31,12 +31,13 @@ def _rate(key: str, rows: list[dict]) -> float:
 
 
 def _numeric_only(key: str) -> Callable[[list[dict], str], float | None]:
-    return lambda rows, answer_type: _rate(key, rows) if answer_type in ("numeric", "math") else None
+    """The rate of `key` over the rows that judge it (None: not judged), for numeric and math answers only."""
 
+    def rate(rows: list[dict], answer_type: str) -> float | None:
+        judged = [row for row in rows if row.get(key) is not None]
+        return _rate(key, judged) if judged and answer_type in ("numeric", "math") else None
 
-def _reference_rate(rows: list[dict], answer_type: str) -> float | None:
-    judged = [row for row in rows if row.get("reasoning_matches_reference") is not None]
-    return _rate("reasoning_matches_reference", judged) if judged and answer_type in ("numeric", "math") else None
+    return rate
 
 
 METRICS: list[Metric] = [
@@ -60,7 +61,8 @@ METRICS: list[Metric] = [
            _numeric_only("consistent"), reported=True),
     Metric("reasoning_reference_accuracy", "reas=ref",
            "the reasoning's final value matches the reference reasoning's (rows whose reference states one): "
-           "whether the reasoning is right even where the answer transforms it", _reference_rate, reported=True),
+           "whether the reasoning is right even where the answer transforms it",
+           _numeric_only("reasoning_matches_reference"), reported=True),
     Metric("mean_generated_tokens", "tokens", "mean generated tokens per example",
            lambda r, t: mean(p["generated_tokens"] for p in r), reported=True, higher_is_better=False),
     Metric("mean_reasoning_length", "reas len", "mean reasoning length in characters",
