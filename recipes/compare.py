@@ -5,7 +5,8 @@ confidence intervals and paired differences against the continuation and compute
     python recipes/compare.py --config recipes/<...>.yaml --variants sftkey_tag,sft_continue,sft_tag_matched --seeds 5
     python recipes/compare.py --converged 2 --seeds 5           # stage 1 trained to convergence first (the paper)
 
-Rerunning with other `--variants` and the same output folder adds them to the existing table.
+Rerunning with other `--variants` and the same output folder adds them to the existing table (the earlier arms stay
+when they were measured with the same configuration and seeds).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run, rest = run_options(rest, COMPARE_DEMO_RECIPE)
     from sftkey_trl.evaluation.metrics import METRIC_NAMES
-    from sftkey_trl.run.compare import write_comparison
+    from sftkey_trl.run.compare import arm_configuration, carried_arms, write_comparison
     from sftkey_trl.run.variants import DEFAULT_VARIANTS, MATCHED, PAPER, build_variants, run_variant
 
     with user_errors(run.debug):
@@ -64,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         names.sort(key=lambda name: name == MATCHED)  # the matched arm takes the paper arm's recorded steps
         root = Path(options.comparison_dir or Path(training_args.output_dir) / "compare")
         seeds = list(range(options.seeds))
-        # Variants measured earlier in the same folder stay in the table, so variants can be added later
-        earlier = read_json(root / "comparison.json", {}).get("per_seed", {})
-        per_seed = {v: {int(s): r for s, r in runs.items()} for v, runs in earlier.items() if v not in names}
+        # Variants measured earlier in the same folder, with this configuration and these seeds, stay in the table
+        configurations = {name: arm_configuration(variant, script_args, training_args, model_args)
+                          for name, variant in variants.items()}  # fmt: skip
+        per_seed = carried_arms(read_json(root / "comparison.json", {}), names, seeds, configurations)
         per_seed.update({name: {} for name in names})
         for seed in seeds:
             for name in names:
@@ -76,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
                 per_seed[name][seed] = run_variant(
                     variants[name], seed, script_args, training_args, model_args, root, steps_to_match=target
                 )
-                write_comparison(root, per_seed, variants, seeds, options.metric)  # partial results survive a kill
-        write_comparison(root, per_seed, variants, seeds, options.metric)
+                # partial results survive a kill
+                write_comparison(root, per_seed, variants, seeds, options.metric, configurations)
+        write_comparison(root, per_seed, variants, seeds, options.metric, configurations)
         print((root / "comparison.md").read_text())
     return 0
 

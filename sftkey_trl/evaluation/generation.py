@@ -30,9 +30,12 @@ def generate(
     batch_size: int = 32,
     max_new_tokens: int = 512,
     show_progress: bool = True,
+    synced_gpus: bool | None = None,
 ) -> list[tuple[str, int]]:
     """Greedy generation with the KV cache: prompts are length-sorted (longest first, so memory errors show
-    at once) and left-padded. Returns (text, number of generated tokens) per prompt, in the input order."""
+    at once) and left-padded. Returns (text, number of generated tokens) per prompt, in the input order.
+    `synced_gpus`: passed to `generate` (None: transformers decides; True: keep stepping until every rank is done,
+    for weights sharded across ranks)."""
     if not prompts:
         return []
     was_training, padding_side = model.training, tokenizer.padding_side
@@ -55,6 +58,7 @@ def generate(
                 eos_token_id=stop_ids,
                 pad_token_id=tokenizer.pad_token_id,
                 use_cache=True,
+                synced_gpus=synced_gpus,
             )
             for row, index in zip(output[:, encoded["input_ids"].shape[1] :].tolist(), chunk):
                 stop = next((k for k, token in enumerate(row) if token in stop_ids), len(row))
@@ -90,11 +94,15 @@ def evaluate_model(
     script_args,
     formatter,
     vllm_source: tuple[str, str | None] | None = None,
+    synced_gpus: bool | None = None,
 ) -> tuple[dict, list[dict]]:
     """Generate on the evaluation examples, sharded across processes and gathered, and score them.
 
-    Every process returns the same metrics; with N processes each generates 1/N of the examples. With
-    `eval_backend: vllm`, `vllm_source` = (model path, adapter path or None) is served by vLLM instead.
+    Every process returns the same metrics; with N processes each generates 1/N of the examples. Every process gets
+    the same number of prompts (a shorter shard is filled up with the last example, whose extra generations are
+    dropped), so each calls `generate` as often as the others: with weights sharded across ranks (ZeRO-3/FSDP,
+    `synced_gpus: true`) every forward is collective, and a rank with one batch more would wait forever.
+    With `eval_backend: vllm`, `vllm_source` = (model path, adapter path or None) is served by vLLM instead.
     """
     state = PartialState()
     stop_ids = stop_token_ids(tokenizer, formatter.end_of_turn)
@@ -103,17 +111,24 @@ def evaluate_model(
             raise SFTKeyError("`eval_backend: vllm` needs a saved model; evaluate a saved stage with --eval_only")
         texts = generate_vllm(*vllm_source, [e["prompt"] for e in examples], stop_ids, script_args.max_new_tokens)
         return score(examples, texts, answer_type, script_args, formatter.tags)
-    with state.split_between_processes(list(range(len(examples)))) as shard:
-        local = generate(
-            model,
-            tokenizer,
-            [examples[i]["prompt"] for i in shard],
-            stop_ids,
-            script_args.eval_batch_size,
-            script_args.max_new_tokens,
-            state.is_main_process,
-        )
-        pairs = list(zip(shard, local))
+    indices = list(range(len(examples)))
+    with state.split_between_processes(indices) as own:
+        own = list(own)
+    padded = own
+    if indices and state.num_processes > 1:
+        with state.split_between_processes(indices, apply_padding=True) as padded:  # `own`, then repeats
+            padded = list(padded)
+    local = generate(
+        model,
+        tokenizer,
+        [examples[i]["prompt"] for i in padded],
+        stop_ids,
+        script_args.eval_batch_size,
+        script_args.max_new_tokens,
+        state.is_main_process,
+        synced_gpus,
+    )
+    pairs = list(zip(own, local[: len(own)]))
     if state.num_processes > 1:
         pairs = gather_object(pairs)
     generations = [text for _, text in sorted(dict(pairs).items())]

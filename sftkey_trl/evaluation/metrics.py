@@ -10,8 +10,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from statistics import mean
 
+from ..errors import closest
 from .answers import answers_match, composite_score, extract_answer, gold_is_parseable
 from .reasoning import reasoning_final_value
+
+ANSWER_TYPES = ("numeric", "math", "multiple_choice", "text")
+NUMERIC = ("numeric", "math")  # answer types whose reasoning arrives at a value that can be compared
 
 
 @dataclass(frozen=True)
@@ -23,19 +27,20 @@ class Metric:
     description: str
     compute: Callable[[list[dict], str], float | None]
     reported: bool = False  # a column of the results tables and of the comparison
-    higher_is_better: bool = True
+    higher_is_better: bool | None = True  # None: no direction (it describes generations, it does not score them)
+    answer_types: tuple[str, ...] = ANSWER_TYPES  # the answer types it is defined for (None for the others)
 
 
 def _rate(key: str, rows: list[dict]) -> float:
     return sum(bool(row[key]) for row in rows) / len(rows) if rows else 0.0
 
 
-def _numeric_only(key: str) -> Callable[[list[dict], str], float | None]:
-    """The rate of `key` over the rows that judge it (None: not judged), for numeric and math answers only."""
+def _judged_rate(key: str) -> Callable[[list[dict], str], float | None]:
+    """The rate of `key` over the rows that judge it (None: no row does)."""
 
     def rate(rows: list[dict], answer_type: str) -> float | None:
         judged = [row for row in rows if row.get(key) is not None]
-        return _rate(key, judged) if judged and answer_type in ("numeric", "math") else None
+        return _rate(key, judged) if judged else None
 
     return rate
 
@@ -56,17 +61,17 @@ METRICS: list[Metric] = [
     Metric("last_number_fallback_rate", "fallback", "answers taken from the last number (no answer slot)",
            lambda r, t: sum(p["extraction_method"] == "last_number" for p in r) / len(r), higher_is_better=False),
     Metric("reasoning_final_accuracy", "reas", "the reasoning's final value matches the gold answer",
-           _numeric_only("reasoning_final_correct"), reported=True),
+           _judged_rate("reasoning_final_correct"), reported=True, answer_types=NUMERIC),
     Metric("answer_reasoning_consistency", "consist", "the answer equals the reasoning's final value",
-           _numeric_only("consistent"), reported=True),
+           _judged_rate("consistent"), reported=True, answer_types=NUMERIC),
     Metric("reasoning_reference_accuracy", "reas=ref",
            "the reasoning's final value matches the reference reasoning's (rows whose reference states one): "
            "whether the reasoning is right even where the answer transforms it",
-           _numeric_only("reasoning_matches_reference"), reported=True),
+           _judged_rate("reasoning_matches_reference"), reported=True, answer_types=NUMERIC),
     Metric("mean_generated_tokens", "tokens", "mean generated tokens per example",
            lambda r, t: mean(p["generated_tokens"] for p in r), reported=True, higher_is_better=False),
     Metric("mean_reasoning_length", "reas len", "mean reasoning length in characters",
-           lambda r, t: mean(p["reasoning_length"] for p in r)),
+           lambda r, t: mean(p["reasoning_length"] for p in r), higher_is_better=None),
 ]  # fmt: skip
 METRIC_NAMES = [metric.name for metric in METRICS]
 BY_NAME = {metric.name: metric for metric in METRICS}
@@ -75,13 +80,35 @@ NO_ANSWER_SLOT = ("last_number", "none")  # extraction methods that found no ans
 REPORTED = [metric for metric in METRICS if metric.reported]
 
 
+def selectable(answer_type: str) -> list[str]:
+    """The metrics keep_best can select on for `answer_type` answers: higher is better, and defined for them."""
+    return [m.name for m in METRICS if m.higher_is_better is True and answer_type in m.answer_types]
+
+
+def selection_problem(name: str, answer_type: str) -> str | None:
+    """Why keep_best (which keeps the highest score) cannot select on metric `name` for `answer_type` answers, as
+    the end of a sentence about `metric_for_best_model: <name>`; None when it can."""
+    metric, valid = BY_NAME.get(name), selectable(answer_type)
+    use = f"use one of {', '.join(valid)}"
+    if metric is None:
+        return f"is not an evaluation metric keep_best can select on{closest(name, valid)}; {use}"
+    if metric.higher_is_better is None:
+        return f"has no direction ({metric.description}), so no score is better than another; {use}"
+    if not metric.higher_is_better:
+        return f"is better lower, and keep_best keeps the highest score; {use}"
+    if answer_type not in metric.answer_types:
+        return (f"is not defined for `answer_type: {answer_type}` (only {', '.join(metric.answer_types)}): every "
+                f"evaluation would tie; {use}")  # fmt: skip
+    return None
+
+
 def summarise(predictions: list[dict], answer_type: str) -> dict:
     """Aggregate prediction records into the metrics written to results.json."""
     if not predictions:
         return {"num_examples": 0}
     metrics: dict = {"num_examples": len(predictions)}
     for metric in METRICS:
-        value = metric.compute(predictions, answer_type)
+        value = metric.compute(predictions, answer_type) if answer_type in metric.answer_types else None
         if value is not None:
             metrics[metric.name] = value
     metrics["unparseable_gold"] = sum(not p["gold_parseable"] for p in predictions)

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..data.adapters import Triple, get_adapter
 from ..errors import SFTKeyError, closest
-from ..evaluation.metrics import DEFAULT_METRIC, METRICS
+from ..evaluation.metrics import DEFAULT_METRIC, selection_problem
 from ..train.distributed import check_sharding_compatibility, detect_launch
 from ..train.objectives import LOSS_TYPES, Stage
 from ..train.steps import stage_training_args
@@ -36,6 +36,7 @@ def check_recipe(script_args, training_args, model_args, stages: list[Stage], pr
     notes += check_data(script_args)
     check_model(model_args)
     check_stages(script_args, training_args, stages, processes)
+    notes += check_keep_best_keys(script_args, training_args, stages)
     notes += check_trainer_options(training_args, stages)
     notes += check_detached_context(training_args, stages)
     notes += check_sharding_compatibility(model_args, training_args)
@@ -181,11 +182,6 @@ def check_stages(script_args, training_args, stages: list[Stage], processes: lis
         if stage.keep_best:
             check_selection(script_args, stage.name)
         check_patience(stage)
-    metric = training_args.metric_for_best_model or DEFAULT_METRIC
-    selectable = [m.name for m in METRICS if m.higher_is_better]
-    if any(stage.keep_best for stage in stages) and metric not in selectable:
-        raise SFTKeyError(f"`metric_for_best_model: {metric}` is not an evaluation metric keep_best can select on"
-                          f"{closest(metric, selectable)}; use one of {', '.join(selectable)}")  # fmt: skip
     names = [stage.name for stage in stages]
     if training_args.restart_from is not None and training_args.restart_from not in names:
         raise SFTKeyError(
@@ -193,6 +189,37 @@ def check_stages(script_args, training_args, stages: list[Stage], processes: lis
         )
     if script_args.eval_backend == "vllm" and max(processes) > 1:
         raise SFTKeyError("`eval_backend: vllm` runs in one process; evaluate with --eval_only and one process")
+
+
+KEEP_BEST_KEYS = ("metric_for_best_model", "greater_is_better", "eval_steps")  # read by keep_best only
+
+
+def check_keep_best_keys(script_args, training_args, stages: list[Stage]) -> list[str]:
+    """Keep-best's keys, recipe-wide or in a stage: its metric must be one it can select on for the answer type
+    (higher is better, defined for those answers), `greater_is_better` cannot ask for the lowest, and a stage's own
+    keep-best keys need `keep_best: true` in that stage; returns a note when the recipe-wide keys have no effect."""
+    answer_type = script_args.answer_type or get_adapter(script_args.dataset_format).answer_type
+    output_dir = Path(training_args.output_dir)
+    for stage in stages:
+        own = [key for key in KEEP_BEST_KEYS if key in stage.overrides]
+        if not stage.keep_best:
+            if own:
+                raise SFTKeyError(f"stage `{stage.name}`: `{own[0]}` only applies with `keep_best: true`; set "
+                                  "keep_best: true in that stage or remove the key")  # fmt: skip
+            continue
+        args = stage_training_args(training_args, stage, str(output_dir / stage.name))
+        metric = args.metric_for_best_model or DEFAULT_METRIC
+        where = f"stage `{stage.name}`: " if "metric_for_best_model" in own else ""
+        problem = selection_problem(metric, answer_type)
+        if problem:
+            raise SFTKeyError(f"{where}`metric_for_best_model: {metric}` {problem}")
+        if args.greater_is_better is False:
+            where = f"stage `{stage.name}`: " if "greater_is_better" in own else ""
+            raise SFTKeyError(f"{where}`greater_is_better: false`: keep_best keeps the highest `{metric}`; remove it")
+    wide = [key for key in ("metric_for_best_model", "eval_steps") if getattr(training_args, key) is not None]
+    if wide and not any(stage.keep_best for stage in stages):
+        return [f"`{wide[0]}` has no effect: no stage has `keep_best: true` (evaluation after a stage generates)"]
+    return []
 
 
 def check_detached_context(training_args, stages: list[Stage]) -> list[str]:

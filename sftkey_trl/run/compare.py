@@ -10,12 +10,45 @@ import statistics
 from pathlib import Path
 
 from ..evaluation.metrics import DEFAULT_METRIC, REPORTED
-from ..files import write_json, write_text
+from ..files import plain, write_json, write_text
 from .variants import MATCHED, PAPER
 
 logger = logging.getLogger(__name__)
 
 METRICS = [metric.name for metric in REPORTED]
+
+
+def arm_configuration(variant, script_args, training_args, model_args) -> str:
+    """A hash of everything that decides an arm's numbers but its seed: the recipe's data, model and training keys
+    (not those that only say where or how often things are written) and the arm's own stages and format."""
+    from .plan import NON_RESULT_KEYS, config_hash
+
+    skip = NON_RESULT_KEYS | {"seed", "stages"}
+    sections = {"data": script_args, "model": model_args, "training": training_args, "variant": variant}
+    return config_hash({name: {k: v for k, v in plain(obj).items() if k not in skip and not k.startswith("_")}
+                        for name, obj in sections.items()})  # fmt: skip
+
+
+def carried_arms(earlier: dict, running: list[str], seeds: list[int],
+                 configurations: dict[str, str]) -> dict[str, dict[int, dict]]:  # fmt: skip
+    """The arms of an earlier `comparison.json` that stay in the table beside the `running` ones: measured with the
+    configuration they would have now (`configurations`: arm -> `arm_configuration`) and with every one of this
+    run's `seeds`, kept to exactly those seeds. Any other is dropped, with a warning that says how to measure it."""
+    carried, recorded = {}, earlier.get("configurations", {})
+    for name, runs in earlier.get("per_seed", {}).items():
+        if name in running:
+            continue
+        runs = {int(seed): run for seed, run in runs.items()}
+        if name not in configurations or recorded.get(name) != configurations[name]:
+            why = "another configuration (or an unrecorded one)"
+        elif not set(seeds) <= set(runs):
+            why = f"seeds {sorted(runs)}, not {seeds}"
+        else:
+            carried[name] = {seed: runs[seed] for seed in seeds}
+            continue
+        logger.warning("comparison: the earlier `%s` is left out (measured with %s); add it to --variants to measure "
+                       "it again", name, why)  # fmt: skip
+    return carried
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
@@ -158,11 +191,13 @@ def plot(summary: dict, path: Path, baseline: str = "sft_continue") -> None:
     plt.close(fig)
 
 
-def write_comparison(root: Path, per_seed: dict, variants: dict, seeds: list[int],
-                     metric: str = DEFAULT_METRIC) -> dict:  # fmt: skip
-    """Write comparison.json, comparison.md and comparison.png under `root`; return the summary."""
+def write_comparison(root: Path, per_seed: dict, variants: dict, seeds: list[int], metric: str = DEFAULT_METRIC,
+                     configurations: dict[str, str] | None = None) -> dict:  # fmt: skip
+    """Write comparison.json, comparison.md and comparison.png under `root`; return the summary. `configurations`
+    (arm -> `arm_configuration`) is recorded, so a later run carries only arms measured as it would measure them."""
     summary = summarise_variants(per_seed)
     summary.update(seeds=seeds, ranked_by=metric)
+    summary["configurations"] = {name: (configurations or {}).get(name) for name in per_seed}
     summary["per_seed"] = {v: {str(s): r for s, r in runs.items()} for v, runs in per_seed.items()}
     summary["descriptions"] = {name: variants[name].description for name in per_seed if name in variants}
     write_json(root / "comparison.json", summary)

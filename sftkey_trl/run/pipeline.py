@@ -23,12 +23,12 @@ from ..evaluation.generation import evaluate_model
 from ..evaluation.metrics import DEFAULT_METRIC
 from ..files import read_json, write_json, write_jsonl, write_text
 from ..train.distributed import detect_launch
-from ..train.keep_best import BEST_DIR, STATE_FILE, KeepBestCallback
+from ..train.keep_best import BEST_DIR, KeepBestCallback, holds_keep_best_state
 from ..train.modeling import load_model, load_tokenizer, lora_config, resolve_model_path
 from ..train.objectives import Stage
-from ..train.steps import global_batch, stage_training_args
+from ..train.steps import global_batch, keep_best_interval, stage_training_args
 from ..train.trainer import SFTKeyTrainer
-from .plan import Manifest, PlannedStage, last_complete_checkpoint, plan_stages
+from .plan import Manifest, PlannedStage, evaluated, last_complete_checkpoint, plan_stages
 from .report import plot_results, results_markdown
 from .tracking import stage_run_name, track_stage
 
@@ -79,7 +79,7 @@ class Pipeline:
         self.state.wait_for_everyone()
         manifest = Manifest(self.output_dir, write=main)
         plan = plan_stages(self.stages, self.stage_args, self.script_args, self.model_args, self.data.data_hash,
-                           manifest, self.training_args.restart_from)  # fmt: skip
+                           manifest, self.training_args.restart_from, self.state.num_processes)  # fmt: skip
         self.state.wait_for_everyone()  # no rank writes before every rank has read the manifest and checked
         results_path = self.output_dir / "results.json"
         results = read_json(results_path, None) or {"stages": {}}
@@ -114,10 +114,12 @@ class Pipeline:
             entry = {}
             self.state.wait_for_everyone()
         if entry.get("status") == "done":
-            logger.info("stage %s is done with the same configuration: skipped", stage.name)
-            return
+            if not evaluate or evaluated(results["stages"].get(stage.name)):
+                logger.info("stage %s is done with the same configuration: skipped", stage.name)
+                return
+            logger.info("stage %s is done but was not evaluated: evaluating it", stage.name)
         model = None
-        if entry.get("status") != "trained":
+        if entry.get("status") not in ("trained", "done"):
             manifest.update(stage.name, status="running", hash=planned.digest, config=planned.config,
                             checkpoint=str(stage_dir))  # fmt: skip
             model, training = self.train_stage(stage, args, start_from)
@@ -159,13 +161,13 @@ class Pipeline:
         )
         track_stage(trainer, self.output_dir)
         batch = global_batch(args, args.world_size)
-        resume = last_complete_checkpoint(Path(args.output_dir), STATE_FILE if stage.keep_best else None)
+        resume = last_complete_checkpoint(Path(args.output_dir), holds_keep_best_state if stage.keep_best else None)
         if self.state.is_main_process:
             resuming = f", resuming from {resume}" if resume else ""
             loss_on = stage.loss_on + (" (reasoning as detached context)" if stage.context == "detached" else "")
             logger.info("stage %s: loss on %s, global batch %d%s", stage.name, loss_on, batch, resuming)
         stage_dir = self.output_dir / stage.name
-        keep_best = self.keep_best_callback(stage, args, trainer, stage_dir, resume) if stage.keep_best else None
+        keep_best = self.keep_best_callback(stage, args, trainer, start_from, resume) if stage.keep_best else None
         started = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - started
@@ -185,29 +187,35 @@ class Pipeline:
         }
         model = trainer.model
         if keep_best is not None:
-            summary["keep_best"] = keep_best.finalize(stage_dir, start_from, summary["optimizer_steps"])
+            summary["keep_best"] = keep_best.finalize(stage_dir, summary["optimizer_steps"])
             if summary["keep_best"]["best_step"] != summary["optimizer_steps"]:
                 model = None  # the stage's output is an earlier snapshot: evaluate it from disk
         del trainer
+        # Only the main process wrote the stage folder (and keep_best's kept weights into it); the others read it
+        # next (keep_best's kept snapshot, a sharded run's evaluation, the next stage's start): wait for the writes
+        self.state.wait_for_everyone()
         return model, summary
 
-    def keep_best_callback(self, stage: Stage, args, trainer, stage_dir: Path, resume: str | None) -> KeepBestCallback:
-        """Evaluate on the validation split every `eval_steps` (default: twice an epoch) and keep the best; with
-        `resume`, carry on from the keep_best state saved in that checkpoint."""
+    def keep_best_callback(self, stage: Stage, args, trainer, start_from: Path | None,
+                           resume: str | None) -> KeepBestCallback:  # fmt: skip
+        """Evaluate on the validation split every `eval_steps` (default: twice an epoch) on the stage's metric
+        (`metric_for_best_model`, the stage's own or the recipe's) and keep the best, the incoming weights
+        (`start_from`, None: the base model) included; with `resume`, carry on from the state in that checkpoint."""
         examples = self.data.validation_examples  # never the evaluation set, unless `select_on_test` (checks.py)
-        steps_per_epoch = max(1, len(self.data.train) // global_batch(args, args.world_size))
-        every = int(args.eval_steps) if args.eval_steps and args.eval_steps >= 1 else max(1, steps_per_epoch // 2)
+        every = keep_best_interval(args, len(self.data.train), args.world_size)
         in_process = dataclasses.replace(self.script_args, eval_backend="hf")  # the model being trained
+        # ZeRO-3/FSDP: every rank's forward gathers the shards, so all ranks generate in lockstep (evaluate_model
+        # gives every rank the same number of prompts)
+        synced = self.sharded and self.state.num_processes > 1
 
         def evaluate(model) -> dict:
-            metrics, _ = evaluate_model(
-                model, self.tokenizer, examples, self.data.answer_type, in_process, self.formatter
-            )
+            metrics, _ = evaluate_model(model, self.tokenizer, examples, self.data.answer_type, in_process,
+                                        self.formatter, synced_gpus=synced)  # fmt: skip
             return metrics
 
-        metric = self.training_args.metric_for_best_model or DEFAULT_METRIC
-        callback = KeepBestCallback(evaluate, metric, stage_dir, every, trainer, self.state.is_main_process,
-                                    stage.patience)  # fmt: skip
+        metric = args.metric_for_best_model or DEFAULT_METRIC
+        callback = KeepBestCallback(evaluate, metric, self.output_dir / stage.name, every, trainer,
+                                    self.state.is_main_process, stage.patience, incoming=start_from)  # fmt: skip
         callback.start(resume)
         trainer.add_callback(callback)
         return callback

@@ -8,6 +8,7 @@ import hashlib
 import importlib.metadata
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,11 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
-def resolved_config(script_args, stage_args, model_args, stage, data_hash: str, previous: str | None) -> dict:
-    """Everything that decides a stage's result: data, model, the stage's training arguments, and its parent."""
+def resolved_config(script_args, stage_args, model_args, stage, data_hash: str, previous: str | None,
+                    processes: int = 1) -> dict:  # fmt: skip
+    """Everything that decides a stage's result: data, model, the stage's training arguments, the launch's process
+    count (without `global_batch_size` it sets the global batch; a checkpoint resumes on its own count) and its
+    parent."""
     sections = {"data": script_args, "model": model_args, "training": stage_args}
     config = {
         name: {k: v for k, v in plain(obj).items() if k not in NON_RESULT_KEYS and not k.startswith("_")}
@@ -49,6 +53,7 @@ def resolved_config(script_args, stage_args, model_args, stage, data_hash: str, 
     }
     config["training"].pop("stages", None)
     config["stage"] = {k: v for k, v in plain(stage).items()}
+    config["processes"] = processes
     config["data_hash"] = data_hash
     config["previous_stage_hash"] = previous
     return config
@@ -106,14 +111,14 @@ class PlannedStage:
 
 
 def plan_stages(stages: list[Stage], stage_args, script_args, model_args, data_hash: str, manifest: Manifest,
-                restart_from: str | None) -> list[PlannedStage]:  # fmt: skip
+                restart_from: str | None, processes: int = 1) -> list[PlannedStage]:  # fmt: skip
     """Resolve each stage's arguments (`stage_args(stage)`) and configuration hash (which chains the previous
-    stage's); refuse a changed finished stage unless it is restarted."""
+    stage's) for a launch of `processes` processes; refuse a changed finished stage unless it is restarted."""
     plan, previous, restarting = [], data_hash, False
     output_dir = manifest.path.parent
     for stage in stages:
         args = stage_args(stage)
-        config = resolved_config(script_args, args, model_args, stage, data_hash, previous)
+        config = resolved_config(script_args, args, model_args, stage, data_hash, previous, processes)
         digest = config_hash(config)
         restarting = restarting or stage.name == restart_from
         entry = manifest.stage(stage.name)
@@ -123,6 +128,13 @@ def plan_stages(stages: list[Stage], stage_args, script_args, model_args, data_h
                 "pass --overwrite_output_dir true or use another output_dir"
             )
         if entry and entry.get("hash") != digest and not restarting:
+            before = entry.get("config", {}).get("processes")
+            if before is not None and before != processes:
+                raise SFTKeyError(
+                    f"stage `{stage.name}` in {output_dir} was run on {before} process(es), this launch has "
+                    f"{processes}: its global batch and checkpoints belong to {before}; launch {before} process(es), "
+                    f"or pass --restart_from {stage.name} or --overwrite_output_dir true"
+                )
             changed = ", ".join(changed_keys(entry.get("config", {}), config)[:8]) or "the previous stage"
             raise SFTKeyError(
                 f"stage `{stage.name}` in {output_dir} was run with another config (changed: {changed}); "
@@ -133,9 +145,15 @@ def plan_stages(stages: list[Stage], stage_args, script_args, model_args, data_h
     return plan
 
 
-def last_complete_checkpoint(directory: Path, written_after: str | None = None) -> str | None:
-    """The newest `checkpoint-N` whose `trainer_state.json` (written last by Trainer) is readable, and which holds
-    `written_after` when given (a file a callback writes after Trainer's save, e.g. keep_best's state).
+def evaluated(results_entry: dict | None) -> bool:
+    """Whether a stage's results.json entry holds its evaluation (a run with `eval_after_stages: false` trains
+    without one, and a rerun that asks for evaluation still owes it)."""
+    return bool(results_entry) and "num_examples" in results_entry
+
+
+def last_complete_checkpoint(directory: Path, holds: Callable[[Path], bool] | None = None) -> str | None:
+    """The newest `checkpoint-N` whose `trainer_state.json` (written last by Trainer) is readable, and for which
+    `holds(checkpoint)` is true when given (e.g. it holds keep_best's state).
 
     A kill during a checkpoint save leaves a folder without them; such a folder is never resumed from.
     """
@@ -149,7 +167,7 @@ def last_complete_checkpoint(directory: Path, written_after: str | None = None) 
     for candidate in candidates:
         try:
             json.loads((candidate / "trainer_state.json").read_text())
-            if written_after is None or (candidate / written_after).is_file():
+            if holds is None or holds(candidate):
                 return str(candidate)
         except (OSError, ValueError):
             continue

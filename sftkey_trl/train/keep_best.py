@@ -2,14 +2,17 @@
 `eval_steps` steps, make the stage's output the best weights by a named metric (the incoming ones included), and
 optionally stop the stage after `patience` evaluations without improvement.
 
-The callback's state (history, best step and score, evaluations without improvement) is written into every Trainer
-checkpoint as `keep_best.json` and restored when the stage resumes from that checkpoint, so a killed and resumed
-stage keeps what an uninterrupted one keeps. Snapshots live in `<stage>/best/step-N/`; the snapshot that the newest
-checkpoint names is kept until a newer checkpoint names another, so resuming from it always finds its weights.
+The callback's state (history, best step and score, evaluations without improvement) goes into every Trainer
+checkpoint's `trainer_state.json` (Trainer writes it before it deletes older checkpoints, so with `save_total_limit`
+no kill can leave only a checkpoint without it) and is restored when the stage resumes from that checkpoint, so a
+killed and resumed stage keeps what an uninterrupted one keeps. Snapshots live in `<stage>/best/step-N/`: step 0 too
+when the stage has no incoming folder (stage 1 starts from the base model); the snapshot that the newest checkpoint
+names is kept until a newer checkpoint names another, so resuming from it always finds its weights.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -17,24 +20,40 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import SFTKeyError
-from ..files import read_json, write_json
+from ..files import read_json
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "keep_best.json"  # in each checkpoint-N/ of a keep_best stage
+STATE_KEY = "SFTKeyKeepBest"  # the state's entry in trainer_state.json's `stateful_callbacks`
+STATE_FILE = "keep_best.json"  # where checkpoints written before STATE_KEY hold the state (read, never written)
 BEST_DIR = "best"  # <stage>/best/step-N/: snapshots of the best weights so far
+
+
+def saved_keep_best_state(checkpoint: str | Path) -> dict | None:
+    """The keep_best state a checkpoint holds (None: none, e.g. a checkpoint of a stage without keep_best)."""
+    try:
+        trainer_state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        trainer_state = {}
+    saved = (trainer_state.get("stateful_callbacks") or {}).get(STATE_KEY)
+    return saved if saved is not None else read_json(Path(checkpoint) / STATE_FILE)
+
+
+def holds_keep_best_state(checkpoint: Path) -> bool:
+    """Whether a keep_best stage can resume from `checkpoint` (see `run.plan.last_complete_checkpoint`)."""
+    return saved_keep_best_state(checkpoint) is not None
 
 
 class KeepBestCallback(TrainerCallback):
     """Track a validation metric during a stage and snapshot the best weights under `<stage>/best/step-N/`.
 
-    `evaluate(model) -> metrics` scores the model being trained. Step 0 is the incoming model (the previous
-    stage's output): if the stage never beats it, that is what is kept. Ties keep the earlier (less trained) weights
-    and count as no improvement. With `patience`, training stops after that many evaluations in a row without
-    improvement (step 0 is the baseline, never counted). Call `start` before training.
+    `evaluate(model) -> metrics` scores the model being trained. Step 0 is the incoming model: the previous stage's
+    output in `incoming`, or (None) the model the stage starts from, snapshotted at step 0. If the stage never beats
+    it, that is what is kept. Ties keep the earlier (less trained) weights and count as no improvement. With
+    `patience`, training stops after that many evaluations in a row without improvement (step 0 is the baseline,
+    never counted). Call `start` before training.
     """
 
     def __init__(
@@ -46,9 +65,11 @@ class KeepBestCallback(TrainerCallback):
         trainer,
         is_main_process: bool = True,
         patience: int | None = None,
+        incoming: Path | None = None,
     ):
         self.evaluate, self.metric, self.every, self.patience = evaluate, metric, max(1, every), patience
         self.trainer, self.is_main_process = trainer, is_main_process
+        self.incoming = Path(incoming) if incoming is not None else None
         self.best_dir = Path(stage_dir) / BEST_DIR
         self.history: list[tuple[int, float]] = []
         self.best_step, self.best_score = 0, float("-inf")
@@ -57,8 +78,16 @@ class KeepBestCallback(TrainerCallback):
         self.checkpointed_best: int | None = None  # the best step that the newest checkpoint's state names
 
     def snapshot(self, step: int) -> Path:
-        """The folder holding the weights of `step` (step > 0) while it is, or a checkpoint says it is, the best."""
+        """The folder holding the weights of `step` while it is, or a checkpoint says it is, the best."""
         return self.best_dir / f"step-{step}"
+
+    def snapshotted(self, step: int) -> bool:
+        """Whether `step`'s weights are snapshotted when best: every step but an incoming folder's step 0."""
+        return step > 0 or self.incoming is None
+
+    def source(self, step: int) -> Path:
+        """Where the weights of `step` are while it is the best."""
+        return self.snapshot(step) if self.snapshotted(step) else self.incoming
 
     def saved_state(self) -> dict[str, Any]:
         """What `keep_best.json` holds: everything the decisions after this step depend on."""
@@ -75,7 +104,7 @@ class KeepBestCallback(TrainerCallback):
         """Restore the state saved in `checkpoint` (the one the stage resumes from; None: a fresh start) and drop
         the snapshots it does not name (they were taken after it and will be taken again)."""
         if checkpoint is not None:
-            saved = read_json(Path(checkpoint) / STATE_FILE)
+            saved = saved_keep_best_state(checkpoint)
             if saved is None or saved.get("metric") != self.metric:
                 raise SFTKeyError(
                     f"{checkpoint} has no keep_best state for metric `{self.metric}` to resume from; "
@@ -86,7 +115,7 @@ class KeepBestCallback(TrainerCallback):
             self.without_improvement = int(saved["evaluations_without_improvement"])
             self.checkpointed_best = self.best_step
         self._prune()
-        if self.best_step > 0 and not self.snapshot(self.best_step).is_dir():
+        if checkpoint is not None and self.snapshotted(self.best_step) and not self.snapshot(self.best_step).is_dir():
             raise SFTKeyError(
                 f"keep_best's best weights (step {self.best_step}) are missing from {self.best_dir}; "
                 f"pass --restart_from {self.best_dir.parent.name} to retrain the stage"
@@ -96,7 +125,8 @@ class KeepBestCallback(TrainerCallback):
         """Delete every snapshot but the current best and the one the newest checkpoint names."""
         if not self.is_main_process or not self.best_dir.is_dir():
             return
-        keep = {self.snapshot(step).name for step in (self.best_step, self.checkpointed_best) if step}
+        named = (self.best_step if self.history else None, self.checkpointed_best)
+        keep = {self.snapshot(step).name for step in named if step is not None and self.snapshotted(step)}
         for folder in self.best_dir.glob("step-*"):
             if folder.name not in keep:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -107,21 +137,27 @@ class KeepBestCallback(TrainerCallback):
         logger.info("keep_best: step %d validation %s %.4f", step, self.metric, score)
         if score > self.best_score:
             self.best_step, self.best_score, self.without_improvement = step, score, 0
-            if step > 0:
+            if self.snapshotted(step):
                 self.trainer.save_model(str(self.snapshot(step)))
                 self._prune()
         else:
             self.without_improvement += 1
 
+    def _record(self, state) -> None:
+        # Trainer writes `stateful_callbacks` into each checkpoint's trainer_state.json, before rotating old ones out
+        state.stateful_callbacks[STATE_KEY] = self.saved_state()
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step == 0 and not self.history:
             self._measure(model, 0)
+        self._record(state)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
         if step % self.every != 0 and step != state.max_steps:
             return
         self._measure(model, step)
+        self._record(state)
         if self.patience is not None and self.without_improvement >= self.patience and step < state.max_steps:
             logger.info("keep_best: %d evaluations without improvement, stopping at step %d", self.patience, step)
             self.stopped_at = step
@@ -134,31 +170,27 @@ class KeepBestCallback(TrainerCallback):
             control.should_save = False
 
     def on_save(self, args, state, control, **kwargs):
-        # Trainer has written the checkpoint (trainer_state.json last); the state goes next to it, so a checkpoint
-        # without keep_best.json was interrupted here and is not resumed from (see run.plan.last_complete_checkpoint)
-        if args.should_save:
-            checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            write_json(checkpoint / STATE_FILE, self.saved_state())
+        # Trainer has written the checkpoint, its trainer_state.json naming the best step: older snapshots can go
         self.checkpointed_best = self.best_step
         self._prune()
 
-    def finalize(self, stage_dir: Path, incoming: Path | None, final_step: int) -> dict:
-        """Make `stage_dir` hold the best weights; return a report for results.json. The snapshots stay (a rerun
-        after a kill here resumes from them); delete `<stage>/best/` once the stage is recorded as trained."""
-        if self.best_step == final_step or (self.best_step == 0 and incoming is None):
+    def finalize(self, stage_dir: Path, final_step: int) -> dict:
+        """Make `stage_dir` hold the best weights (the main process copies them; every rank must wait for it before
+        reading `stage_dir`); return a report for results.json. The snapshots stay (a rerun after a kill here resumes
+        from them); delete `<stage>/best/` once the stage is recorded as trained."""
+        if self.best_step == final_step:
             kept = f"the final weights (step {final_step})"
-            self.best_step = final_step
         else:
-            source = self.snapshot(self.best_step) if self.best_step > 0 else incoming
-            kept = f"step {self.best_step}" if self.best_step > 0 else "the incoming weights (stage did not help)"
-            if self.is_main_process and source is not None:
+            source = self.source(self.best_step)
+            kept = f"step {self.best_step}" if self.best_step > 0 else "the incoming weights (step 0: never beaten)"
+            if self.is_main_process:
                 for name in ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors"):
                     if (source / name).exists():
                         shutil.copy2(source / name, stage_dir / name)
                 for shard in source.glob("model-*.safetensors"):
                     shutil.copy2(shard, stage_dir / shard.name)
         if self.best_step == 0:
-            logger.warning("keep_best: the stage never beat the incoming weights; kept them (%s)", kept)
+            logger.warning("keep_best: the stage never beat its incoming weights (step 0); kept them")
         return {
             "best_step": self.best_step,
             "metric": self.metric,

@@ -51,8 +51,23 @@ def optimizer_steps(args: SFTConfig, num_rows: int, processes: int = 1) -> int:
     """Optimizer steps a stage takes over `num_rows` training rows, as `transformers.Trainer` counts them."""
     if args.max_steps and args.max_steps > 0:
         return int(args.max_steps)
+    return math.ceil(args.num_train_epochs * steps_per_epoch(args, num_rows, processes))
+
+
+def steps_per_epoch(args: SFTConfig, num_rows: int, processes: int = 1) -> int:
+    """Optimizer steps in one epoch over `num_rows` rows, as `transformers.Trainer` counts them: each process's
+    last batch and last accumulation group count even when short (rounded up, never down)."""
     per_process = math.ceil(num_rows / processes)
     batches = math.ceil(per_process / args.per_device_train_batch_size)
     accumulation = accumulation_steps(args, processes)
-    per_epoch = max(batches // accumulation + int(batches % accumulation > 0), 1)
-    return math.ceil(args.num_train_epochs * per_epoch)
+    return max(batches // accumulation + int(batches % accumulation > 0), 1)
+
+
+def keep_best_interval(args: SFTConfig, num_rows: int, processes: int = 1) -> int:
+    """Optimizer steps between keep_best's evaluations: `eval_steps`, read as Trainer reads it (below 1: that
+    fraction of the stage's steps, rounded up), else twice an epoch (half of Trainer's steps per epoch)."""
+    if args.eval_steps:
+        if args.eval_steps < 1:
+            return max(1, math.ceil(optimizer_steps(args, num_rows, processes) * args.eval_steps))
+        return int(args.eval_steps)
+    return max(1, steps_per_epoch(args, num_rows, processes) // 2)

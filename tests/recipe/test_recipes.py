@@ -291,6 +291,31 @@ def test_a_users_recipe_without_header_passes_dry_run(tmp_path, capsys):
             "stages: [{name: a, loss_on: key, keep_best: true}]\neval_fraction: 0.1\nmetric_for_best_model: loss\n",
             r"`metric_for_best_model: loss` is not an evaluation metric",
         ),
+        # keep-best's keys, in a stage too: a metric it can select on for the answer type, or refused
+        (
+            "stages: [{name: a, loss_on: key, keep_best: true, metric_for_best_model: acuracy}]\neval_fraction: 0.1\n",
+            r"stage `a`: `metric_for_best_model: acuracy` is not an evaluation metric .*did you mean `accuracy`",
+        ),
+        ("stages: [{name: a, loss_on: key, eval_steps: 0.25}]\n", r"stage `a`: `eval_steps` only applies with `kee"),
+        (
+            "stages: [{name: a, loss_on: key, keep_best: true}]\neval_fraction: 0.1\n"
+            "metric_for_best_model: mean_reasoning_length\n",
+            r"`metric_for_best_model: mean_reasoning_length` has no direction .*use one of accuracy",
+        ),
+        (
+            "stages: [{name: a, loss_on: key, keep_best: true, metric_for_best_model: mean_generated_tokens}]\n"
+            "eval_fraction: 0.1\n",
+            r"stage `a`: `metric_for_best_model: mean_generated_tokens` is better lower",
+        ),
+        (
+            "stages: [{name: a, loss_on: key, keep_best: true}]\neval_fraction: 0.1\nanswer_type: text\n"
+            "metric_for_best_model: reasoning_final_accuracy\n",
+            r"`metric_for_best_model: reasoning_final_accuracy` is not defined for `answer_type: text` \(only num",
+        ),
+        (
+            "stages: [{name: a, loss_on: key, keep_best: true, greater_is_better: false}]\neval_fraction: 0.1\n",
+            r"stage `a`: `greater_is_better: false`: keep_best keeps the highest `accuracy`",
+        ),
         ("stages: [{name: a, loss_on: completion, reasoning_weight: 0.1}]\n", r"applies to `loss_on: key`"),
         ("stages: [{name: a, loss_on: key, key_weight: 3}]\n", r"`key_weight` applies to `loss_on: completion`"),
         ("stages: [{name: a, loss_on: completion, key_weight: 0.5}]\n", r"from 1 \(no emphasis\) to 100"),
