@@ -14,7 +14,7 @@ from conftest import ROOT
 
 # Put on PYTHONPATH of the launched processes: Python imports it at start-up, before transformers and peft bind
 # `safetensors.torch.save_file`, so rank 0's every weight file is written SLOW_SAVE seconds late
-SLOW_SAVE_SITECUSTOMIZE = '''
+SLOW_SAVE_SITECUSTOMIZE = """
 import os
 import time
 
@@ -28,7 +28,7 @@ if os.environ.get("RANK") == "0" and os.environ.get("SLOW_SAVE"):
         return _save_file(tensors, filename, metadata)
 
     safetensors.torch.save_file = save_file
-'''
+"""
 
 
 @pytest.mark.e2e
