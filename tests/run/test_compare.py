@@ -163,3 +163,31 @@ def test_compare_end_to_end_on_a_tiny_setting(tmp_path, monkeypatch):
     # sftkey_tag reused sft_tag's stage 1 (same folder, skipped by the manifest)
     manifest = json.loads((out / "seed0" / "tags" / "manifest.json").read_text())
     assert set(manifest["stages"]) == {"sft", "key", "continue"}
+
+
+def test_a_rerun_carries_only_earlier_arms_with_the_same_configuration_and_seeds(tmp_path, monkeypatch):
+    """Arms measured earlier in the comparison folder stay in the table only when they were measured as this run
+    would measure them: the same recipe and arm definition, and every seed of this run (kept to those seeds)."""
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from compare import main
+
+    def fake_run(variant, seed, script_args, training_args, model_args, root, steps_to_match=None) -> dict:
+        return {"accuracy": 0.5 + 0.1 * seed, "optimizer_steps": 4, "train_tokens": 10}
+
+    monkeypatch.setattr("sftkey_trl.run.variants.run_variant", fake_run)
+    out = tmp_path / "cmp"
+    common = ["--comparison_dir", str(out), "--output_dir", str(tmp_path / "o")]
+
+    def compare(*args: str) -> dict:
+        assert main([*common, *args]) == 0
+        return json.loads((out / "comparison.json").read_text())
+
+    compare("--variants", "sft_tag,sftkey_tag", "--seeds", "3")
+    summary = compare("--variants", "sft_continue", "--seeds", "2")  # same recipe, seeds 0-1 of 0-2: carried
+    assert set(summary["per_seed"]) == {"sft_tag", "sftkey_tag", "sft_continue"}
+    assert set(summary["per_seed"]["sft_tag"]) == {"0", "1"} and summary["seeds"] == [0, 1]
+    summary = compare("--variants", "sft_continue", "--seeds", "3")  # sft_tag has seeds 0-1 only now: left out
+    assert set(summary["per_seed"]) == {"sft_continue"}
+    compare("--variants", "sft_tag", "--seeds", "2")
+    summary = compare("--variants", "sftkey_tag", "--seeds", "2", "--learning_rate", "3e-3")  # another recipe
+    assert set(summary["per_seed"]) == {"sftkey_tag"}
