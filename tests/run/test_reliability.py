@@ -18,6 +18,7 @@ from conftest import ROOT
 from safetensors.torch import load_file
 
 from sftkey_trl.run.cli import main
+from sftkey_trl.train.keep_best import holds_keep_best_state
 
 SMALL = [
     "--max_train_samples", "192", "--max_eval_samples", "48", "--max_new_tokens", "40", "--save_strategy", "steps",
@@ -225,7 +226,8 @@ def test_keep_best_stage_killed_after_an_evaluation_resumes_to_the_uninterrupted
     reference = tmp_path / "reference"
     run_to_end(reference, KEEP_BEST)
     out = tmp_path / "killed"
-    kill_when(out, lambda out: any((out / "sft" / "checkpoints").glob("checkpoint-*/keep_best.json")), KEEP_BEST)
+    checkpoints = out / "sft" / "checkpoints"
+    kill_when(out, lambda out: any(holds_keep_best_state(p) for p in checkpoints.glob("checkpoint-*")), KEEP_BEST)
     run_to_end(out, KEEP_BEST)
     assert json.loads((out / "results.json").read_text())["stages"]["sft"]["training"]["resumed_from"]
     expected, expected_weights = kept(reference)
