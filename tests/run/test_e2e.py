@@ -136,7 +136,7 @@ def test_keep_best_keeps_stage_1_weights_when_stage_2_breaks_the_model(tmp_path)
     kept, stage_1 = load_file(output / "key" / "model.safetensors"), load_file(output / "sft" / "model.safetensors")
     assert all((kept[name] == stage_1[name]).all() for name in stage_1)
     assert results["stages"]["key"]["accuracy"] == results["stages"]["sft"]["accuracy"]
-    assert "the incoming weights (stage did not help)" in (output / "results.md").read_text()
+    assert "the incoming weights (step 0: never beaten)" in (output / "results.md").read_text()
 
 
 @pytest.mark.e2e
