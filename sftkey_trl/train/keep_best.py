@@ -90,7 +90,7 @@ class KeepBestCallback(TrainerCallback):
         return self.snapshot(step) if self.snapshotted(step) else self.incoming
 
     def saved_state(self) -> dict[str, Any]:
-        """What `keep_best.json` holds: everything the decisions after this step depend on."""
+        """What a checkpoint holds (trainer_state.json, under STATE_KEY): all the decisions after it depend on."""
         return {
             "metric": self.metric,
             "history": [[step, score] for step, score in self.history],
