@@ -62,7 +62,7 @@ def test_a_rerun_that_asks_for_evaluation_evaluates_the_finished_stages(tmp_path
 
 
 KEEP_BEST = [
-    "--max_train_samples", "64", "--max_eval_samples", "8", "--max_new_tokens", "24", "--save_strategy", "steps",
+    "--max_train_samples", "64", "--max_new_tokens", "16", "--eval_after_stages", "false", "--save_strategy", "steps",
     "--save_steps", "2", "--save_total_limit", "1", "--logging_steps", "2",
     "--stages", "[{name: sft, loss_on: completion, num_train_epochs: 2, keep_best: true, "
     "metric_for_best_model: format_accuracy, eval_steps: 0.25}]",
