@@ -64,9 +64,7 @@ def test_full_fine_tuning_trains_saves_and_evaluates_like_one_process(zero, refe
     assert sum(p.numel() for p in model.parameters()) > 0 and not list((run / "key").glob("global_step*"))
 
 
-# ZeRO-3 only (it shards and gathers the adapter's base weights); under ZeRO-2 the QLoRA test trains, saves and
-# reloads a LoRA adapter, and LoRA alone matched one process as well when run by hand (25 s more in the suite)
-@pytest.mark.parametrize("zero", [3])
+@pytest.mark.parametrize("zero", [2, 3])
 def test_lora_trains_saves_and_evaluates_like_one_process(zero, reference, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
