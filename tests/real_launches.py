@@ -24,6 +24,7 @@ SHORT_DEMO = [
     "--save_strategy", "no", "--bf16", "false",
     "--stages", ONE_EPOCH_EACH,
 ]  # fmt: skip
+LORA = ("--use_peft", "true", "--lora_dropout", "0")  # dropout draws differ per rank; without it LoRA is exact
 # As tests/train/test_ddp.py: float32 all-reduce vs accumulation moves losses by ~1e-7 relative and final weights by
 # ~1e-6 of a tensor's largest value; a wrong normaliser or data split moves losses by percents
 LOSS_RTOL = 1e-5

@@ -15,6 +15,7 @@ import math
 
 import pytest
 from real_launches import (
+    LORA,
     ROOT,
     RUN,
     SHORT_DEMO,
@@ -22,13 +23,11 @@ from real_launches import (
     assert_evaluated_everything,
     assert_trains_like_one_process,
     logged_losses,
-    one_process,
     stages,
 )
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is pinned in requirements.txt; pip install -r requirements.txt")
 
-LORA = ("--use_peft", "true", "--lora_dropout", "0")  # dropout draws differ per rank; without it LoRA is exact
 QLORA = (*LORA, "--load_in_4bit", "true")
 pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
 
@@ -43,35 +42,26 @@ def deepspeed(stage: int, output_dir, *args: str):
     return done
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """One-process runs of the same recipe: full fine-tuning and LoRA."""
-    root = tmp_path_factory.mktemp("one_process")
-    one_process(root / "full", "--eval_after_stages", "false")
-    one_process(root / "lora", *LORA, "--eval_after_stages", "false")
-    return root
-
-
 @pytest.mark.parametrize("zero", [2, 3])
-def test_full_fine_tuning_trains_saves_and_evaluates_like_one_process(zero, reference, tmp_path):
+def test_full_fine_tuning_trains_saves_and_evaluates_like_one_process(zero, reference_full, tmp_path):
     from transformers import AutoModelForCausalLM
 
     run = tmp_path / f"zero{zero}"
     deepspeed(zero, run)
-    assert_trains_like_one_process(run, reference / "full", world_size=2, weights="model.safetensors")
+    assert_trains_like_one_process(run, reference_full, world_size=2, weights="model.safetensors")
     assert_evaluated_everything(run)
     model = AutoModelForCausalLM.from_pretrained(run / "key")  # whole weights, not DeepSpeed shards
     assert sum(p.numel() for p in model.parameters()) > 0 and not list((run / "key").glob("global_step*"))
 
 
 @pytest.mark.parametrize("zero", [2, 3])
-def test_lora_trains_saves_and_evaluates_like_one_process(zero, reference, tmp_path):
+def test_lora_trains_saves_and_evaluates_like_one_process(zero, reference_lora, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     run = tmp_path / f"zero{zero}"
     deepspeed(zero, run, *LORA)
-    assert_trains_like_one_process(run, reference / "lora", world_size=2, weights="adapter_model.safetensors")
+    assert_trains_like_one_process(run, reference_lora, world_size=2, weights="adapter_model.safetensors")
     assert_evaluated_everything(run)
     config = json.loads((run / "key" / "adapter_config.json").read_text())
     base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"])
@@ -80,7 +70,7 @@ def test_lora_trains_saves_and_evaluates_like_one_process(zero, reference, tmp_p
 
 
 @pytest.mark.parametrize("zero", [2, 3])
-def test_qlora_runs_both_stages(zero, reference, tmp_path):
+def test_qlora_runs_both_stages(zero, reference_lora, tmp_path):
     """4-bit base + LoRA: both stages train and evaluate; the losses stay within 1% of the float32 LoRA run (nf4
     rounding of the frozen weights), so the sharded 4-bit weights are the model's (corrupted or unsharded storage
     would not train like this)."""
@@ -90,7 +80,7 @@ def test_qlora_runs_both_stages(zero, reference, tmp_path):
         assert "bnb_4bit_quant_storage: uint8 -> float32" in done.stderr
     for stage in ("sft", "key"):
         assert stages(run)[stage]["training"]["world_size"] == 2
-        losses, lora = logged_losses(run / stage), logged_losses(reference / "lora" / stage)
+        losses, lora = logged_losses(run / stage), logged_losses(reference_lora / stage)
         assert [step for step, _ in losses] == [1, 2, 3, 4]
         for (step, loss), (_, expected) in zip(losses, lora):
             assert math.isfinite(loss) and loss == pytest.approx(expected, rel=0.01), f"stage {stage}, step {step}"

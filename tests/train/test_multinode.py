@@ -19,7 +19,6 @@ from real_launches import (
     assert_trains_like_one_process,
     free_port,
     launch_env,
-    one_process,
 )
 
 SCRIPT = ROOT / "scripts" / "multinode.sh"
@@ -44,8 +43,8 @@ def two_machines(output_dir, *recipe_flags: str) -> list[subprocess.CompletedPro
 
 @pytest.mark.e2e
 @pytest.mark.distributed
-def test_two_machines_train_and_evaluate_like_one_process(tmp_path):
-    run, reference = tmp_path / "two_machines", tmp_path / "one"
+def test_two_machines_train_and_evaluate_like_one_process(reference_full, tmp_path):
+    run = tmp_path / "two_machines"
     machines = two_machines(run, *SHORT_DEMO, "--use_cpu", "true")
     for rank, done in enumerate(machines):
         assert done.returncode == 0, f"machine {rank}: {done.stderr[-4000:]}"
@@ -53,8 +52,7 @@ def test_two_machines_train_and_evaluate_like_one_process(tmp_path):
     # Only the main process (machine 0) reports and writes; machine 1 trained its half of every batch
     assert [done.stdout.count("SFTKey results") for done in machines] == [1, 0]
     assert_evaluated_everything(run)
-    one_process(reference, "--eval_after_stages", "false")
-    assert_trains_like_one_process(run, reference, world_size=2, weights="model.safetensors")
+    assert_trains_like_one_process(run, reference_full, world_size=2, weights="model.safetensors")
     # The sharded, gathered evaluation scores as one process on the same checkpoint
     single = accelerate("--num_processes", "1", "--cpu", RUN, "--output_dir", str(run), *SHORT_DEMO,
                         "--use_cpu", "true", "--eval_only", "--checkpoint", str(run / "key"))  # fmt: skip
