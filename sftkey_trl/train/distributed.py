@@ -241,7 +241,8 @@ def check_engine_runs_here(training_args) -> None:
             f"`use_cpu: true` under {launch.name}: accelerate then ignores DeepSpeed and runs plain DDP; on CPU "
             "processes remove `use_cpu` and set `ddp_backend: gloo`"
         )
-    if world_size() > 1 and getattr(training_args, "ddp_backend", None) not in ("gloo", "ccl"):
+    processes = int(os.environ.get("WORLD_SIZE", "1") or 1)  # torchrun's count: accelerate's is 1 in this case
+    if processes > 1 and getattr(training_args, "ddp_backend", None) not in ("gloo", "ccl"):
         raise SFTKeyError(
             f"{launch.name} on CPU processes needs `ddp_backend: gloo` (without it accelerate counts one process "
             "per job and the ranks train apart); add `--ddp_backend gloo`"

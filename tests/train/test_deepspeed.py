@@ -6,7 +6,7 @@ example once, and trains full fine-tuning and LoRA exactly like one process (tol
 QLoRA (bitsandbytes 4-bit on CPU) runs through both stages under both.
 
 The first DeepSpeed launch on a machine compiles DeepSpeed's shared-memory communication op (a C++ compiler, about
-40 s, then cached in ~/.cache/torch_extensions)."""
+a minute, then cached in ~/.cache/torch_extensions)."""
 
 from __future__ import annotations
 
