@@ -86,3 +86,18 @@ def test_qlora_runs_both_stages(zero, reference_lora, tmp_path):
             assert math.isfinite(loss) and loss == pytest.approx(expected, rel=0.01), f"stage {stage}, step {step}"
         assert (run / stage / "adapter_model.safetensors").is_file()
     assert_evaluated_everything(run)
+
+
+def test_without_gloo_the_cpu_launch_stops_with_one_line(tmp_path):
+    """Without `ddp_backend: gloo` accelerate's state counts one process per job (DeepSpeed still all-reduces), so
+    each rank would train and write as if alone; the real launch is refused before loading."""
+    config = str(ROOT / "accelerate_configs" / "deepspeed_zero2.yaml")
+    done = accelerate("--config_file", config, "--num_processes", "2", RUN, "--output_dir", str(tmp_path / "run"),
+                      *SHORT_DEMO)  # fmt: skip
+    assert done.returncode != 0
+    errors = {line for line in done.stderr.splitlines() if line.startswith("error: ")}
+    assert errors == {
+        "error: DeepSpeed ZeRO-2 on CPU processes needs `ddp_backend: gloo` (without it accelerate counts one process "
+        "per job and the ranks train apart); add `--ddp_backend gloo`"
+    }
+    assert not (tmp_path / "run" / "sft").exists()
