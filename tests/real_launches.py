@@ -97,3 +97,19 @@ def assert_evaluated_everything(run: Path, examples: int = 40) -> None:
         predictions = [json.loads(line) for line in (run / stage / "predictions.jsonl").read_text().splitlines()]
         assert sorted(p["index"] for p in predictions) == list(range(examples))
     assert not list(run.rglob(".*.tmp-*"))  # no half-written files from a second writer
+
+
+@pytest.fixture(scope="session")
+def reference_full(tmp_path_factory) -> Path:
+    """The shortened demo, full fine-tuning, in one CPU process (no evaluation): shared by the engine tests."""
+    run = tmp_path_factory.mktemp("one_process") / "full"
+    one_process(run, "--eval_after_stages", "false")
+    return run
+
+
+@pytest.fixture(scope="session")
+def reference_lora(tmp_path_factory) -> Path:
+    """The same with LoRA (`lora_dropout: 0`)."""
+    run = tmp_path_factory.mktemp("one_process") / "lora"
+    one_process(run, *LORA, "--eval_after_stages", "false")
+    return run
