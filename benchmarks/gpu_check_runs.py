@@ -248,6 +248,8 @@ def start_launch(config: str, method: str, model_dir: Path, data_dir: Path, work
     launch.output_dir.mkdir(parents=True, exist_ok=True)
     recipe_path = launch.output_dir / "recipe.yaml"
     recipe = launch_recipe(model_dir, data_dir, launch.output_dir / "run", method, cuda, steps)
+    if not cuda and config.startswith("deepspeed"):  # DeepSpeed's CPU route (`use_cpu` would make it plain DDP)
+        recipe.update(use_cpu=False, ddp_backend="gloo")
     recipe_path.write_text(json.dumps(recipe, indent=1))  # JSON is YAML
     command = [sys.executable, "-m", "accelerate.commands.launch",
                "--config_file", str(ROOT / "accelerate_configs" / f"{config}.yaml"), "--num_processes", "1",

@@ -92,3 +92,4 @@ def script_args(**overrides):
 
 
 from launching import launched  # noqa: E402, F401  (the simulated-launch fixture of the distributed tests)
+from real_launches import reference_full, reference_lora  # noqa: E402, F401  (one-process references of the engine tests)

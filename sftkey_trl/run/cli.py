@@ -136,11 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         if options.merge is not None:
             export(options.merge, options.merge_dir, script_args, training_args, model_args, stages, recipe, overrides)
             return 0
+        from ..train.distributed import check_engine_runs_here
         from .hub import check_push, push_run
         from .pipeline import Pipeline
         from .report import print_results
 
         check_push(training_args, stages)
+        check_engine_runs_here(training_args)  # a real run only: a dry run checks a GPU recipe on any machine
         pipeline = Pipeline(script_args, training_args, model_args, stages)
         if options.eval_only:
             results = pipeline.evaluate_only(options.checkpoint)

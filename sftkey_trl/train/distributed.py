@@ -211,6 +211,63 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0") or 0) == 0
 
 
+def _on_cpu(training_args) -> bool:
+    if getattr(training_args, "use_cpu", False):
+        return True
+    device = getattr(training_args, "device", None)
+    return getattr(device, "type", None) == "cpu"
+
+
+def check_engine_runs_here(training_args) -> None:
+    """Refuse a sharding engine that accelerate would not start on these (CPU) processes; call before loading.
+
+    accelerate 1.15 selects FSDP only on GPU-class devices (its state never turns a CPU job into FSDP): with
+    `use_cpu` it runs plain DDP (or stops in the FSDP plugin: "There are currently no available devices found"),
+    without it the processes are not even data-parallel. DeepSpeed does run on CPU processes (its CPU accelerator,
+    gloo), but only without `use_cpu` (which makes accelerate drop DeepSpeed for DDP) and with `ddp_backend: gloo`
+    (without a backend accelerate counts one process per job and the ranks train apart).
+    """
+    launch = detect_launch(training_args)
+    if launch.engine not in ("fsdp", "deepspeed") or not _on_cpu(training_args):
+        return
+    if launch.engine == "fsdp":
+        raise SFTKeyError(
+            f"{launch.name} does not run on CPU processes (accelerate shards with FSDP only on GPUs; on CPU it runs "
+            "plain DDP or unconnected processes); on CPU launch with accelerate_configs/deepspeed_zero3.yaml "
+            "(`ddp_backend: gloo`) or multi_gpu.yaml (`use_cpu: true`)"
+        )
+    if getattr(training_args, "use_cpu", False):
+        raise SFTKeyError(
+            f"`use_cpu: true` under {launch.name}: accelerate then ignores DeepSpeed and runs plain DDP; on CPU "
+            "processes remove `use_cpu` and set `ddp_backend: gloo`"
+        )
+    processes = int(os.environ.get("WORLD_SIZE", "1") or 1)  # torchrun's count: accelerate's is 1 in this case
+    if processes > 1 and getattr(training_args, "ddp_backend", None) not in ("gloo", "ccl"):
+        raise SFTKeyError(
+            f"{launch.name} on CPU processes needs `ddp_backend: gloo` (without it accelerate counts one process "
+            "per job and the ranks train apart); add `--ddp_backend gloo`"
+        )
+
+
+def release_engine_state(training_args) -> bool:
+    """Let a new Trainer bring its own DeepSpeed plugin: forget the previous stage's `AcceleratorState` if it ran
+    DeepSpeed. Returns True when it did.
+
+    Every stage has its own training arguments and so its own `DeepSpeedPlugin`; accelerate refuses a second
+    `Accelerator` that passes a plugin while the shared state already holds one ("You cannot pass in a
+    `deepspeed_plugin` when creating a second `Accelerator`", transformers#35073), so stage 2 never started under
+    DeepSpeed. The process group lives in `PartialState`, which is kept.
+    """
+    if getattr(training_args, "deepspeed_plugin", None) is None:
+        return False
+    from accelerate.state import AcceleratorState, is_initialized
+
+    if not is_initialized() or _distributed_type(AcceleratorState()) != "DEEPSPEED":
+        return False
+    AcceleratorState._reset_state()
+    return True
+
+
 def quantized_device_map(training_args) -> dict | None:
     """The `device_map` to load a 4-bit/8-bit model with under this launch.
 

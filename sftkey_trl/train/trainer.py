@@ -22,6 +22,7 @@ from trl import SFTTrainer
 from ..errors import SFTKeyError
 from .collator import SFTKeyCollator
 from .detached import detached_forward, split_at_key
+from .distributed import release_engine_state
 from .objectives import Stage, token_losses
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class SFTKeyTrainer(SFTTrainer):
                 pad_to_multiple_of=training_args.pad_to_multiple_of,
             ),
         )
+        release_engine_state(training_args)  # under DeepSpeed the previous stage's engine state blocks a new one
         super().__init__(*args, **kwargs)
         training_args.padding_free = padding_free
 
