@@ -15,6 +15,7 @@ from trl import ModelConfig, TrlParser
 
 from ..errors import SFTKeyError, closest
 from ..train.objectives import parse_stages
+from .checks import check_key_value
 from .flags import flag_value
 from .schema import SFTKeyConfig, SFTKeyScriptArguments
 
@@ -54,7 +55,7 @@ def parse_config(argv: list[str] | None = None):
     if stages_override is not None:
         config["stages"] = yaml.safe_load(stages_override)
     for key, value in config.items():  # CLI strings are typed by argparse; YAML values must be checked here
-        _check_yaml_type(parser, key, value)
+        check_key_value(key, value)
     for name, value in (config.pop("env", None) or {}).items():
         os.environ[name] = str(value)
     parser.set_defaults_with_config(**config)
@@ -67,23 +68,6 @@ def parse_config(argv: list[str] | None = None):
     training_keys = {f.name for f in dataclasses.fields(training_args)} - {"stages"}
     stages = parse_stages(training_args.stages, training_keys, lambda *args: _coerce(parser, *args))
     return script_args, training_args, model_args, stages
-
-
-def _check_yaml_type(parser: TrlParser, key: str, value: Any) -> None:
-    """YAML values bypass argparse's type conversion; reject a value of the wrong kind with the key named."""
-    action = _action(parser, key)
-    if key in ("env", "stages") or value is None or action is None:
-        return
-    kind = action.type
-    if action.choices and value not in action.choices and str(value) not in map(str, action.choices):
-        raise SFTKeyError(f"`{key}: {value}` is not valid; use one of {list(action.choices)}")
-    if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        try:
-            kind(value)
-        except (TypeError, ValueError):
-            raise SFTKeyError(f"`{key}` must be a number, got {value!r}") from None
-    if action.nargs in ("+", "*") and not isinstance(value, list):
-        raise SFTKeyError(f"`{key}` must be a list, got {value!r}")
 
 
 def _coerce(parser: TrlParser, key: str, value: Any, where: str = "") -> Any:
