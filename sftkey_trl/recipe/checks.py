@@ -31,6 +31,7 @@ def check_recipe(script_args, training_args, model_args, stages: list[Stage], pr
     """
     notes: list[str] = []
     check_key_values(script_args, training_args, model_args, stages)
+    check_named_values(script_args, model_args)
     check_choices(script_args)
     notes += check_response_format(script_args)
     notes += check_chat_template(script_args, training_args)
@@ -49,7 +50,9 @@ def check_choices(script_args) -> None:
         value = getattr(script_args, key)
         if value not in allowed:
             valid = [str(a) for a in allowed if a is not None]
-            raise SFTKeyError(f"`{key}: {value}` is not valid{closest(str(value), valid)}; use {', '.join(valid)}")
+            raise SFTKeyError(
+                f"`{key}: {show_value(value)}` is not valid{closest(str(value), valid)}; use {', '.join(valid)}"
+            )
     if not 0.0 <= script_args.eval_fraction < 1.0:
         raise SFTKeyError(f"`eval_fraction: {script_args.eval_fraction}` must be in [0, 1)")
     if "{question}" not in script_args.prompt_template:
@@ -532,9 +535,10 @@ def check_key_value(key: str, value: Any, where: str = "") -> None:
         return  # `check_trainer_options` refuses it naming the alternative
     if isinstance(value, bool) and "bool" in kind.kinds:
         return
-    if isinstance(value, str) and ("str" in kind.kinds or ("bool" in kind.kinds and value.lower() in _BOOL_WORDS)):
-        return
     rule = KEY_RANGES.get(key)
+    bool_word = "bool" in kind.kinds and isinstance(value, str) and value.lower() in _BOOL_WORDS
+    if isinstance(value, str) and not rule and ("str" in kind.kinds or bool_word):
+        return
     numeric = kind.kinds & {"int", "float"}
     if numeric and not isinstance(value, (list, dict)):
         integer = numeric == {"int"} or (rule is not None and rule[0] == "int")
@@ -577,3 +581,68 @@ def check_key_values(script_args, training_args, model_args, stages: list[Stage]
     for index, stage in enumerate(stages):
         for key, value in stage.overrides.items():
             check_key_value(key, value, f"stages[{index}] ({stage.name}): ")
+
+
+def key_of_failure(cls: type, values: dict[str, Any], base: dict[str, Any] | None = None) -> str | None:
+    """The key of `values` that alone (over `base`, else the defaults) makes building `cls` fail, or None."""
+    import warnings
+
+    for key, value in values.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cls(**{**(base or {}), key: value})
+        except Exception:  # noqa: BLE001 - any failure of TRL's __post_init__ points at this key
+            return key
+    return None
+
+
+def invalid_arguments(error: Exception, candidates: list[tuple[type, dict, dict | None]], where: str = ""):
+    """The one-line `SFTKeyError` for TRL / transformers refusing the recipe's arguments while building them (any
+    exception type: a missing DeepSpeed file, an unknown accelerator option, ...), naming the key that causes it.
+    `candidates`: (dataclass, the recipe's values for it, the values it is built over)."""
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    detail = detail if len(detail) <= 200 else detail[:197] + "..."
+    for cls, values, base in candidates:
+        key = key_of_failure(cls, values, base)
+        if key is not None:
+            return SFTKeyError(f"{where}`{key}: {show_value(values[key])}` is not valid ({detail}); fix or remove it")
+    return SFTKeyError(f"{where}invalid configuration: {detail}")
+
+
+NON_EMPTY_KEYS = ("dataset_format", "question_field", "reasoning_field", "answer_field", "answer_template",
+                  "prompt_template", "model_name_or_path")  # fmt: skip
+DEMO_SPLITS = ("train", "test")
+
+
+def check_named_values(script_args, model_args) -> None:
+    """Values that name something: the adapter, the columns, the model (required) and the demo data's splits."""
+    from ..data.adapters import ADAPTERS
+
+    for key in NON_EMPTY_KEYS:
+        args = model_args if key == "model_name_or_path" else script_args
+        value = getattr(args, key)
+        if value is None or not str(value).strip():
+            raise SFTKeyError(f"`{key}` is {'not set' if value is None else 'empty'}; give {_NAMED[key]}")
+    if script_args.dataset_format not in ADAPTERS:
+        name = script_args.dataset_format
+        raise SFTKeyError(f"`dataset_format: {show_value(name)}` is not valid{closest(name, ADAPTERS)}; use one "
+                          f"of {', '.join(ADAPTERS)}")  # fmt: skip
+    name, eval_name = script_args.dataset_name or "", script_args.eval_dataset_name or ""
+    splits = [(name, "dataset_split", script_args.dataset_split)]
+    splits.append((eval_name or name, "eval_split", script_args.eval_split))
+    for source, key, split in splits:
+        if source.startswith("demo:") and split is not None and split not in DEMO_SPLITS:
+            raise SFTKeyError(f"`{key}: {show_value(split)}`: the demo dataset `{source}` has the splits "
+                              f"{' and '.join(DEMO_SPLITS)}; use one of them")  # fmt: skip
+
+
+_NAMED = {
+    "dataset_format": "an adapter name (generic, gsm8k, ...)",
+    "question_field": "the question column's name",
+    "reasoning_field": "the reasoning column's name",
+    "answer_field": "the answer column's name",
+    "answer_template": "a line with `{answer}`, e.g. `The answer is {answer}.`",
+    "prompt_template": "a layout with `{question}`",
+    "model_name_or_path": "a hub id, a local folder or `demo:tiny-llama`",
+}
