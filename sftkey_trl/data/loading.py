@@ -99,9 +99,10 @@ def local_path(name: str, what: str = "dataset_name") -> Path | None:
 
 
 def _is_blank(path: Path) -> bool:
-    """A zero-byte file, or a small text file of whitespace only (which `datasets` reads as 'no data')."""
+    """A zero-byte file, or a small text file of whitespace only (which `datasets` reads as 'no data'); read as
+    bytes, so that a file that is not UTF-8 reaches the reader's one-line error."""
     size = path.stat().st_size
-    return size == 0 or (path.suffix in (".jsonl", ".json", ".csv") and size < 4096 and not path.read_text().strip())
+    return size == 0 or (path.suffix in (".jsonl", ".json", ".csv") and size < 4096 and not path.read_bytes().strip())
 
 
 def _first_line(error: Exception) -> str:

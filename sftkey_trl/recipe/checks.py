@@ -291,6 +291,9 @@ def check_local_data(script_args, training_args, model_args, sample: int = 2000)
         return notes + ["length checks: the tokenizer is not available offline; they run when a real run loads it"]
     formatter = Formatter(tokenizer, script_args, training_args.eos_token)
     rendered = [formatter.render(triple) for _, triple in to_triples(train, script_args, InvalidReport())]
+    if not rendered:
+        return notes + [f"length checks: none of the first {len(train)} training rows is usable; a real run stops "
+                        "with the invalid-row report"]  # fmt: skip
     columns = tokenize_rendered(tokenizer, rendered)
     lengths = [len(ids) for ids in columns["input_ids"]]
     responses = [sum(mask) for mask in columns["completion_mask"]]
