@@ -202,3 +202,24 @@ def test_skip_trains_on_the_valid_rows(tmp_path, capsys):
     assert cli.main(argv) == 0
     history = json.loads((out / "sft" / "log_history.json").read_text())
     assert [entry["loss"] for entry in history if "loss" in entry], history
+
+
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path):
+    """Found by the fuzzing: the blank-file check decoded the file as text (UnicodeDecodeError)."""
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'\xff\xfe\x80{"question": null, "answer": null}\n')
+    argv = recipe_argv(str(path), "error")
+    assert "`dataset_name`: could not read" in dry_run(argv)
+    with pytest.raises(SFTKeyError, match="`dataset_name`: could not read"):
+        prepare(argv)
+
+
+def test_dry_run_with_no_usable_training_row(tmp_path):
+    """Found by the fuzzing: the dry run's length checks tokenised an empty list (IndexError); now they say why they
+    did not run, and the real run gives the invalid-row report."""
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"question": "0", "reasoning": None, "answer": "0"}) + "\n")
+    argv = recipe_argv(str(path), "skip")
+    assert dry_run(argv) is None
+    with pytest.raises(SFTKeyError, match=r"1 of 1 training rows are invalid: empty_reasoning x1 \(rows 0\)"):
+        prepare(argv)

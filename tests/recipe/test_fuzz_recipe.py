@@ -266,6 +266,21 @@ FOUND = [
     ("global_batch_size", 0, r"`global_batch_size` must be a whole number of at least 1, got 0"),
     ("num_train_epochs", True, r"`num_train_epochs` must be a number above 0, got true"),
     ("max_train_samples", True, r"`max_train_samples` must be a whole number of at least 1, got true"),
+    # found by the tests above: tracebacks, errors that did not name the key, and a value accepted
+    ("debug", "", r"`debug: ''` has the wrong type"),  # argparse printed its usage (many lines)
+    ("accelerator_config", {"": 0}, r"`accelerator_config: \{'': 0\}` is not valid \(AcceleratorConfig"),
+    ("dataloader_prefetch_factor", 0, r"`dataloader_prefetch_factor: 0` is not valid \(.*dataloader_num_workers"),
+    ("dataset_format", "", r"`dataset_format` is empty"),
+    ("dataset_name", "x" * 5000, r"`dataset_name`: `x+` is not a usable file name \(File name too long\)"),  # OSError
+    ("eval_dataset_name", "x" * 5000, r"`eval_dataset_name`: `x+` is not a usable file name"),
+    ("dataset_split", " ", r"`dataset_split: ' '`: the demo dataset `demo:arithmetic` has the splits train and test"),
+    ("eval_split", " ", r"`eval_split: ' '`: the demo dataset"),  # the real run reached the pipeline
+    ("deepspeed", " ", r"`deepspeed: ' '` is not valid \("),  # importlib.metadata.PackageNotFoundError
+    ("eval_strategy", "", r"`eval_strategy: ''` is not valid \(.*IntervalStrategy"),
+    ("model_name_or_path", None, r"`model_name_or_path` is not set"),  # AttributeError
+    ("model_name_or_path", "", r"`model_name_or_path` is empty"),  # accepted
+    ("pad_to_multiple_of", "", r"`pad_to_multiple_of` must be a whole number of at least 1, got ''"),
+    ("response_format", "a\nb", r"`response_format: 'a\\nb'` is not valid"),  # the error was two lines
 ]
 
 
