@@ -31,10 +31,10 @@ def check_recipe(script_args, training_args, model_args, stages: list[Stage], pr
     """
     notes: list[str] = []
     check_key_values(script_args, training_args, model_args, stages)
-    check_named_values(script_args, model_args)
     check_choices(script_args)
     notes += check_response_format(script_args)
     notes += check_chat_template(script_args, training_args)
+    check_named_values(script_args, model_args)
     notes += check_data(script_args)
     check_model(model_args)
     check_stages(script_args, training_args, stages, processes)
@@ -505,7 +505,9 @@ _KEY_TYPES: dict[str, KeyType] = {}
 
 def show_value(value: Any) -> str:
     """A value as YAML would show it, on one short line (for error messages)."""
+    plain = isinstance(value, str) and value.isprintable() and value.strip() == value and value != ""
     text = "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
+    text = value if plain else text
     return text if len(text) <= 40 else text[:37] + "..."
 
 
