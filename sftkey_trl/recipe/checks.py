@@ -18,7 +18,7 @@ from ..evaluation.metrics import DEFAULT_METRIC, METRICS
 from ..train.distributed import check_sharding_compatibility, detect_launch
 from ..train.objectives import LOSS_TYPES, Stage
 from ..train.steps import stage_training_args
-from .schema import CHOICES, SFTKeyScriptArguments
+from .schema import CHOICES, KEY_RANGES, SFTKeyScriptArguments, key_types
 
 SAMPLE = Triple("What is 2 + 3?", "2 + 3 = 5", "5")
 
@@ -415,92 +415,12 @@ def processes_of_launch(launch_tokens: list[str], root: Path) -> int | None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Every key's type and range, stated once. The type comes from the key's dataclass annotation (SFTKey's own keys,
-# `trl.SFTConfig` / `transformers.TrainingArguments` and `trl.ModelConfig`), the range from `KEY_RANGES`. YAML values
-# bypass argparse's typing, so `parse_config` checks each raw recipe value here before TRL's `__post_init__` sees
-# it, and `check_recipe` checks the stage overrides and the resolved values (command-line ones included).
-# Bools are never numbers (nor numbers bools), counts are whole numbers of at least 1, NaN and infinity never valid.
-
-COUNT = ("int", 1, None, "a whole number of at least 1")
-WHOLE = ("int", 0, None, "a whole number of at least 0")
-POSITIVE = ("float", 0, None, "a number above 0")  # the low end excluded
-NON_NEGATIVE = ("float", 0, None, "a number of at least 0")
-FRACTION = ("float", 0, 1, "a fraction from 0 up to (not including) 1")  # the high end excluded
-KEY_RANGES: dict[str, tuple] = {
-    # counts of rows, tokens, examples, steps and ranks
-    **dict.fromkeys(
-        ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-         "global_batch_size", "max_train_samples", "max_eval_samples", "eval_batch_size", "max_new_tokens",
-         "max_length", "pad_to_multiple_of", "lora_r", "save_total_limit", "eval_accumulation_steps"),
-        COUNT,
-    ),
-    **dict.fromkeys(("dataloader_num_workers", "seed", "data_seed"), WHOLE),
-    # positive numbers (`*_steps` below 1: a fraction of the training steps)
-    **dict.fromkeys(("num_train_epochs", "learning_rate", "adam_epsilon", "lora_alpha", "logging_steps",
-                     "eval_steps", "save_steps"), POSITIVE),
-    **dict.fromkeys(("warmup_steps", "weight_decay", "max_grad_norm", "neftune_noise_alpha",
-                     "label_smoothing_factor"), NON_NEGATIVE),
-    **dict.fromkeys(("eval_fraction", "lora_dropout", "adam_beta1", "adam_beta2"), FRACTION),
-    "max_steps": ("int", -1, None, "-1 or 0 (train for num_train_epochs) or a whole number of steps"),
-}  # fmt: skip
+# Every value against its key's type and range (`schema.KEY_RANGES`, `schema.key_types`). YAML values bypass
+# argparse's typing, so `parse_config` checks each raw recipe value here before TRL's `__post_init__` sees it, and
+# `check_recipe` checks the stage overrides and the resolved values (command-line ones included).
 _BOOL_WORDS = ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0")  # what argparse's string_to_bool reads
 _KIND_WORDS = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "a string",
                "list": "a list", "dict": "a mapping"}  # fmt: skip
-
-
-@dataclasses.dataclass(frozen=True)
-class KeyType:
-    """What a key's annotation allows: `kinds` among bool, int, float, str, list, dict; `choices` (an enum, a
-    `Literal` or the field's `choices`); `nullable` when null means unset; `opaque` for a TRL object type (not judged
-    here)."""
-
-    kinds: frozenset[str]
-    choices: tuple = ()
-    nullable: bool = False
-    opaque: bool = False
-
-
-def _key_type(field: dataclasses.Field, annotation: Any) -> KeyType:
-    import enum
-    import types
-    import typing
-
-    union = isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
-    kinds, choices, nullable, opaque = set(), list(field.metadata.get("choices", ())), field.default is None, False
-    closed = bool(choices)  # a string must be one of the choices
-    for member in typing.get_args(annotation) if union else (annotation,):
-        origin = typing.get_origin(member) or member
-        if member is type(None):
-            nullable = True
-        elif origin is typing.Literal:
-            choices += list(typing.get_args(member))
-        elif isinstance(origin, type) and issubclass(origin, enum.Enum):
-            choices, closed = choices + [item.value for item in origin], True
-        elif origin in (bool, int, float, str, list, dict):
-            kinds.add(origin.__name__)
-        else:
-            opaque = True
-    if closed:
-        kinds.discard("str")
-    return KeyType(frozenset(kinds), tuple(choices), nullable, opaque)
-
-
-def key_types() -> dict[str, KeyType]:
-    """Every recipe key's `KeyType`, from the three dataclasses a recipe fills (built once)."""
-    if not _KEY_TYPES:
-        import typing
-
-        from trl import ModelConfig
-
-        from .schema import SFTKeyConfig
-
-        for cls in (SFTKeyScriptArguments, SFTKeyConfig, ModelConfig):
-            hints = typing.get_type_hints(cls)
-            _KEY_TYPES.update({f.name: _key_type(f, hints[f.name]) for f in dataclasses.fields(cls) if f.init})
-    return _KEY_TYPES
-
-
-_KEY_TYPES: dict[str, KeyType] = {}
 
 
 def show_value(value: Any) -> str:
@@ -546,13 +466,13 @@ def check_key_value(key: str, value: Any, where: str = "") -> None:
         return
     numeric = kind.kinds & {"int", "float"}
     if numeric and not isinstance(value, (list, dict)):
-        integer = numeric == {"int"} or (rule is not None and rule[0] == "int")
+        integer = numeric == {"int"} or (rule is not None and rule.integer)
         number = _number(value, integer)
         if number is None:
-            wanted = rule[3] if rule else _KIND_WORDS["int" if integer else "float"]
+            wanted = rule.text if rule else _KIND_WORDS["int" if integer else "float"]
             raise SFTKeyError(f"{named} must be {wanted}, got {got}")
-        if rule and not _in_range(number, rule):
-            raise SFTKeyError(f"{named} must be {rule[3]}, got {got}")
+        if rule and not rule.holds(number):
+            raise SFTKeyError(f"{named} must be {rule.text}, got {got}")
         return
     if isinstance(value, list) and "list" in kind.kinds and all(isinstance(item, (str, dict)) for item in value):
         return
@@ -566,15 +486,6 @@ def check_key_value(key: str, value: Any, where: str = "") -> None:
 
 def _is_choice(value: Any, choices: tuple) -> bool:
     return any(value == choice or (isinstance(value, str) and value == str(choice)) for choice in choices)
-
-
-def _in_range(number: float, rule: tuple) -> bool:
-    _, low, high, _ = rule
-    if rule == POSITIVE and number <= 0:
-        return False
-    if rule == FRACTION and number >= 1:
-        return False
-    return (low is None or number >= low) and (high is None or number <= high)
 
 
 def check_key_values(script_args, training_args, model_args, stages: list[Stage]) -> None:
@@ -597,7 +508,7 @@ def key_of_failure(cls: type, values: dict[str, Any], base: dict[str, Any] | Non
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 cls(**{**(base or {}), key: value})
-        except Exception:  # noqa: BLE001 - any failure of TRL's __post_init__ points at this key
+        except Exception:  # any failure of TRL's __post_init__ points at this key
             return key
     return None
 
