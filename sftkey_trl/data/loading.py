@@ -81,13 +81,16 @@ def _invalid_rows_error(report: InvalidReport, num_rows: int, on_invalid: str, n
 def local_path(name: str, what: str = "dataset_name") -> Path | None:
     """The local file or folder that `name` names (None for a hub id or a demo name); a one-line error when it
     does not exist or is not a .jsonl/.json/.parquet/.csv file."""
-    path = Path(name).expanduser()
-    if name.startswith(DEMO_PREFIX) or not (
-        path.suffix in FILE_LOADERS or path.exists() or name.startswith((".", "/", "~"))
-    ):
+    path, shown = Path(name).expanduser(), name.replace("\n", "\\n")
+    try:
+        exists = path.exists()
+    except OSError as error:  # a name too long for a path, or one the OS cannot look up
+        raise SFTKeyError(f"`{what}`: `{shown[:60]}` is not a usable file name ({error.strerror}); give a hub id "
+                          "or the path of a .jsonl/.json/.parquet/.csv file") from None  # fmt: skip
+    if name.startswith(DEMO_PREFIX) or not (path.suffix in FILE_LOADERS or exists or name.startswith((".", "/", "~"))):
         return None
-    if not path.exists():
-        raise SFTKeyError(f"`{what}`: file `{name}` does not exist; check the path (relative to {Path.cwd()})")
+    if not exists:
+        raise SFTKeyError(f"`{what}`: file `{shown}` does not exist; check the path (relative to {Path.cwd()})")
     if path.is_file() and path.suffix not in FILE_LOADERS:
         raise SFTKeyError(f"`{what}`: `{name}` is not a .jsonl, .json, .parquet or .csv file")
     if path.is_file() and _is_blank(path):
@@ -96,9 +99,10 @@ def local_path(name: str, what: str = "dataset_name") -> Path | None:
 
 
 def _is_blank(path: Path) -> bool:
-    """A zero-byte file, or a small text file of whitespace only (which `datasets` reads as 'no data')."""
+    """A zero-byte file, or a small text file of whitespace only (which `datasets` reads as 'no data'); read as
+    bytes, so that a file that is not UTF-8 reaches the reader's one-line error."""
     size = path.stat().st_size
-    return size == 0 or (path.suffix in (".jsonl", ".json", ".csv") and size < 4096 and not path.read_text().strip())
+    return size == 0 or (path.suffix in (".jsonl", ".json", ".csv") and size < 4096 and not path.read_bytes().strip())
 
 
 def _first_line(error: Exception) -> str:

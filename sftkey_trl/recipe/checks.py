@@ -18,7 +18,7 @@ from ..evaluation.metrics import DEFAULT_METRIC, selection_problem
 from ..train.distributed import check_sharding_compatibility, detect_launch
 from ..train.objectives import LOSS_TYPES, Stage
 from ..train.steps import stage_training_args
-from .schema import CHOICES, SFTKeyScriptArguments
+from .schema import CHOICES, KEY_RANGES, SFTKeyScriptArguments, key_types
 
 SAMPLE = Triple("What is 2 + 3?", "2 + 3 = 5", "5")
 
@@ -30,9 +30,11 @@ def check_recipe(script_args, training_args, model_args, stages: list[Stage], pr
     process and the count its launch line names). Raises `SFTKeyError` for the first failed check.
     """
     notes: list[str] = []
+    check_key_values(script_args, training_args, model_args, stages)
     check_choices(script_args)
     notes += check_response_format(script_args)
     notes += check_chat_template(script_args, training_args)
+    check_named_values(script_args, model_args)
     notes += check_data(script_args)
     check_model(model_args)
     check_stages(script_args, training_args, stages, processes)
@@ -49,7 +51,9 @@ def check_choices(script_args) -> None:
         value = getattr(script_args, key)
         if value not in allowed:
             valid = [str(a) for a in allowed if a is not None]
-            raise SFTKeyError(f"`{key}: {value}` is not valid{closest(str(value), valid)}; use {', '.join(valid)}")
+            raise SFTKeyError(
+                f"`{key}: {show_value(value)}` is not valid{closest(str(value), valid)}; use {', '.join(valid)}"
+            )
     if not 0.0 <= script_args.eval_fraction < 1.0:
         raise SFTKeyError(f"`eval_fraction: {script_args.eval_fraction}` must be in [0, 1)")
     if "{question}" not in script_args.prompt_template:
@@ -314,6 +318,9 @@ def check_local_data(script_args, training_args, model_args, sample: int = 2000)
         return notes + ["length checks: the tokenizer is not available offline; they run when a real run loads it"]
     formatter = Formatter(tokenizer, script_args, training_args.eos_token)
     rendered = [formatter.render(triple) for _, triple in to_triples(train, script_args, InvalidReport())]
+    if not rendered:
+        return notes + [f"length checks: none of the first {len(train)} training rows is usable; a real run stops "
+                        "with the invalid-row report"]  # fmt: skip
     columns = tokenize_rendered(tokenizer, rendered)
     lengths = [len(ids) for ids in columns["input_ids"]]
     responses = [sum(mask) for mask in columns["completion_mask"]]
@@ -432,3 +439,153 @@ def processes_of_launch(launch_tokens: list[str], root: Path) -> int | None:
         raise SFTKeyError(f"accelerate config `{path}` is not valid YAML; fix its syntax") from None
     value = config.get("num_processes") if isinstance(config, dict) else None
     return value if isinstance(value, int) and value > 0 else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Every value against its key's type and range (`schema.KEY_RANGES`, `schema.key_types`). YAML values bypass
+# argparse's typing, so `parse_config` checks each raw recipe value here before TRL's `__post_init__` sees it, and
+# `check_recipe` checks the stage overrides and the resolved values (command-line ones included).
+_BOOL_WORDS = ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0")  # what argparse's string_to_bool reads
+_KIND_WORDS = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "a string",
+               "list": "a list", "dict": "a mapping"}  # fmt: skip
+
+
+def show_value(value: Any) -> str:
+    """A value as YAML would show it, on one short line (for error messages)."""
+    plain = isinstance(value, str) and value.isprintable() and value.strip() == value and value != ""
+    text = "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
+    text = value if plain else text
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _number(value: Any, integer: bool) -> float | int | None:
+    """`value` as a finite number (a numeric string too: PyYAML reads `2e-4` as one), else None. Never a bool."""
+    if isinstance(value, str):
+        try:
+            value = int(value) if integer else float(value)
+        except ValueError:
+            return None
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        return None
+    return value if value == value and abs(value) != float("inf") else None
+
+
+def check_key_value(key: str, value: Any, where: str = "") -> None:
+    """One recipe value against its key's type (annotation) and range (`KEY_RANGES`); `where` prefixes the error
+    (a stage). Keys outside the schema are the unknown-key check's business."""
+    kind = key_types().get(key)
+    if kind is None or key == "stages":
+        return
+    named, got = f"{where}`{key}`", show_value(value)
+    if value is None:
+        if kind.nullable:
+            return
+        raise SFTKeyError(f"{named} cannot be null; give a value, or remove the key for its default")
+    if (kind.choices and _is_choice(value, kind.choices)) or kind.opaque:
+        return
+    if kind.choices and isinstance(value, str) and key in {option[0] for option in UNSUPPORTED_OPTIONS}:
+        return  # `check_trainer_options` refuses it naming the alternative
+    if isinstance(value, bool) and "bool" in kind.kinds:
+        return
+    rule = KEY_RANGES.get(key)
+    bool_word = "bool" in kind.kinds and isinstance(value, str) and value.lower() in _BOOL_WORDS
+    if isinstance(value, str) and not rule and ("str" in kind.kinds or bool_word):
+        return
+    numeric = kind.kinds & {"int", "float"}
+    if numeric and not isinstance(value, (list, dict)):
+        integer = numeric == {"int"} or (rule is not None and rule.integer)
+        number = _number(value, integer)
+        if number is None:
+            wanted = rule.text if rule else _KIND_WORDS["int" if integer else "float"]
+            raise SFTKeyError(f"{named} must be {wanted}, got {got}")
+        if rule and not rule.holds(number):
+            raise SFTKeyError(f"{named} must be {rule.text}, got {got}")
+        return
+    if isinstance(value, list) and "list" in kind.kinds and all(isinstance(item, (str, dict)) for item in value):
+        return
+    if isinstance(value, dict) and "dict" in kind.kinds:
+        return
+    expected = [_KIND_WORDS[k] for k in sorted(kind.kinds)]
+    expected += [f"one of {', '.join(map(show_value, kind.choices))}"] if kind.choices else []
+    expected += ["null"] if kind.nullable else []
+    raise SFTKeyError(f"{named} must be {' or '.join(expected)}, got {got}")
+
+
+def _is_choice(value: Any, choices: tuple) -> bool:
+    return any(value == choice or (isinstance(value, str) and value == str(choice)) for choice in choices)
+
+
+def check_key_values(script_args, training_args, model_args, stages: list[Stage]) -> None:
+    """The resolved values of the keys with a range, and every stage override, against the schema."""
+    for args in (script_args, training_args, model_args):
+        for key in KEY_RANGES:
+            if hasattr(args, key):
+                check_key_value(key, getattr(args, key))
+    for index, stage in enumerate(stages):
+        for key, value in stage.overrides.items():
+            check_key_value(key, value, f"stages[{index}] ({stage.name}): ")
+
+
+def key_of_failure(cls: type, values: dict[str, Any], base: dict[str, Any] | None = None) -> str | None:
+    """The key of `values` that alone (over `base`, else the defaults) makes building `cls` fail, or None."""
+    import warnings
+
+    for key, value in values.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cls(**{**(base or {}), key: value})
+        except Exception:  # any failure of TRL's __post_init__ points at this key
+            return key
+    return None
+
+
+def invalid_arguments(error: Exception, candidates: list[tuple[type, dict, dict | None]], where: str = ""):
+    """The one-line `SFTKeyError` for TRL / transformers refusing the recipe's arguments while building them (any
+    exception type: a missing DeepSpeed file, an unknown accelerator option, ...), naming the key that causes it.
+    `candidates`: (dataclass, the recipe's values for it, the values it is built over)."""
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    detail = detail if len(detail) <= 200 else detail[:197] + "..."
+    for cls, values, base in candidates:
+        key = key_of_failure(cls, values, base)
+        if key is not None:
+            return SFTKeyError(f"{where}`{key}: {show_value(values[key])}` is not valid ({detail}); fix or remove it")
+    return SFTKeyError(f"{where}invalid configuration: {detail}")
+
+
+NON_EMPTY_KEYS = ("dataset_format", "question_field", "reasoning_field", "answer_field", "answer_template",
+                  "prompt_template", "model_name_or_path")  # fmt: skip
+DEMO_SPLITS = ("train", "test")
+
+
+def check_named_values(script_args, model_args) -> None:
+    """Values that name something: the adapter, the columns, the model (required) and the demo data's splits."""
+    from ..data.adapters import ADAPTERS
+
+    for key in NON_EMPTY_KEYS:
+        args = model_args if key == "model_name_or_path" else script_args
+        value = getattr(args, key)
+        if value is None or not str(value).strip():
+            raise SFTKeyError(f"`{key}` is {'not set' if value is None else 'empty'}; give {_NAMED[key]}")
+    if script_args.dataset_format not in ADAPTERS:
+        name = script_args.dataset_format
+        raise SFTKeyError(f"`dataset_format: {show_value(name)}` is not valid{closest(name, ADAPTERS)}; use one "
+                          f"of {', '.join(ADAPTERS)}")  # fmt: skip
+    name, eval_name = script_args.dataset_name or "", script_args.eval_dataset_name or ""
+    splits = [(name, "dataset_split", script_args.dataset_split)]
+    splits.append((eval_name or name, "eval_split", script_args.eval_split))
+    for source, key, split in splits:
+        if source.startswith("demo:") and split is not None and split not in DEMO_SPLITS:
+            raise SFTKeyError(f"`{key}: {show_value(split)}`: the demo dataset `{source}` has the splits "
+                              f"{' and '.join(DEMO_SPLITS)}; use one of them")  # fmt: skip
+
+
+_NAMED = {
+    "dataset_format": "an adapter name (generic, gsm8k, ...)",
+    "question_field": "the question column's name",
+    "reasoning_field": "the reasoning column's name",
+    "answer_field": "the answer column's name",
+    "answer_template": "a line with `{answer}`, e.g. `The answer is {answer}.`",
+    "prompt_template": "a layout with `{question}`",
+    "model_name_or_path": "a hub id, a local folder or `demo:tiny-llama`",
+}

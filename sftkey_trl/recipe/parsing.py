@@ -5,6 +5,7 @@ Only the parsing lives here (unknown keys, wrong types); every rule about the va
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import sys
@@ -15,6 +16,7 @@ from trl import ModelConfig, TrlParser
 
 from ..errors import SFTKeyError, closest
 from ..train.objectives import parse_stages
+from .checks import check_key_value, invalid_arguments, show_value
 from .flags import flag_value
 from .schema import SFTKeyConfig, SFTKeyScriptArguments
 
@@ -28,7 +30,8 @@ def parse_config(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     stages_override = flag_value(argv, "--stages", remove=True)
     config_path = flag_value(argv, "--config", remove=True)
-    parser = TrlParser((SFTKeyScriptArguments, SFTKeyConfig, ModelConfig))
+    classes = (SFTKeyScriptArguments, SFTKeyConfig, ModelConfig)
+    parser = TrlParser(classes)
     known = {action.dest for action in parser._actions}
     config: dict[str, Any] = {}
     if config_path is not None:
@@ -54,7 +57,9 @@ def parse_config(argv: list[str] | None = None):
     if stages_override is not None:
         config["stages"] = yaml.safe_load(stages_override)
     for key, value in config.items():  # CLI strings are typed by argparse; YAML values must be checked here
-        _check_yaml_type(parser, key, value)
+        check_key_value(key, value)
+        if key not in ("env", "stages"):  # typed now: argparse would print its usage for a string it cannot read
+            config[key] = _coerce(parser, key, value)
     for name, value in (config.pop("env", None) or {}).items():
         os.environ[name] = str(value)
     parser.set_defaults_with_config(**config)
@@ -62,28 +67,12 @@ def parse_config(argv: list[str] | None = None):
         script_args, training_args, model_args = parser.parse_args_into_dataclasses(args=argv)
     except SystemExit as exit_:  # argparse already printed a one-line usage error
         raise SFTKeyError("invalid command-line arguments (see the message above)") from exit_
-    except (ValueError, TypeError) as error:
-        raise SFTKeyError(f"invalid configuration: {str(error).splitlines()[0]}") from error
+    except Exception as error:  # TRL's __post_init__ raises many types for values it refuses
+        own = [(cls, {k: v for k, v in config.items() if k in _field_names(cls)}, None) for cls in classes]
+        raise invalid_arguments(error, own) from error
     training_keys = {f.name for f in dataclasses.fields(training_args)} - {"stages"}
     stages = parse_stages(training_args.stages, training_keys, lambda *args: _coerce(parser, *args))
     return script_args, training_args, model_args, stages
-
-
-def _check_yaml_type(parser: TrlParser, key: str, value: Any) -> None:
-    """YAML values bypass argparse's type conversion; reject a value of the wrong kind with the key named."""
-    action = _action(parser, key)
-    if key in ("env", "stages") or value is None or action is None:
-        return
-    kind = action.type
-    if action.choices and value not in action.choices and str(value) not in map(str, action.choices):
-        raise SFTKeyError(f"`{key}: {value}` is not valid; use one of {list(action.choices)}")
-    if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        try:
-            kind(value)
-        except (TypeError, ValueError):
-            raise SFTKeyError(f"`{key}` must be a number, got {value!r}") from None
-    if action.nargs in ("+", "*") and not isinstance(value, list):
-        raise SFTKeyError(f"`{key}` must be a list, got {value!r}")
 
 
 def _coerce(parser: TrlParser, key: str, value: Any, where: str = "") -> Any:
@@ -93,9 +82,16 @@ def _coerce(parser: TrlParser, key: str, value: Any, where: str = "") -> Any:
         return value
     try:
         return action.type(value)
-    except (TypeError, ValueError):
-        kind = getattr(action.type, "__name__", "value")
-        raise SFTKeyError(f"{where}`{key}: {value}` has the wrong type; give a {kind}") from None
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        kind = getattr(action.type, "__name__", "")
+        kind = {"int": "a whole number", "float": "a number", "string_to_bool": "true or false"}.get(kind, "")
+        raise SFTKeyError(
+            f"{where}`{key}: {show_value(value)}` has the wrong type; give {kind or 'a valid value (see --help)'}"
+        ) from None
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if f.init}
 
 
 def _action(parser: TrlParser, key: str):

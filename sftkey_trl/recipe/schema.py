@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import types
+import typing
 from dataclasses import dataclass, field
+from typing import Any
 
-from trl import SFTConfig
+from trl import ModelConfig, SFTConfig
 
 DEMO_RECIPE = "recipes/demo/sftkey_tiny.yaml"  # run.py with no --config
 COMPARE_DEMO_RECIPE = "recipes/demo/remainder.yaml"  # compare.py with no --config: a task with headroom
@@ -120,3 +125,97 @@ class SFTKeyConfig(SFTConfig):
         if self.dataloader_pin_memory is None:  # pinning without an accelerator only makes torch warn
             self.dataloader_pin_memory = torch.accelerator.is_available() and not self.use_cpu
         super().__post_init__()
+
+
+# --------------------------------------------------------------------------------------------------
+# Every key's type and range, stated once (checked by `checks.check_key_value`). The type is the key's annotation in
+# the dataclasses a recipe fills (`key_types`), the range is `KEY_RANGES`. Bools are never numbers (nor numbers
+# bools), counts are whole numbers of at least 1, NaN and infinity are never valid.
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a key takes: whole numbers only with `integer`; `low`/`high` included unless `*_open`."""
+
+    text: str
+    integer: bool = False
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, number: float) -> bool:
+        """Whether `number` lies in the range."""
+        if self.low is not None and (number < self.low or (self.low_open and number == self.low)):
+            return False
+        return self.high is None or (number < self.high or (not self.high_open and number == self.high))
+
+
+COUNT = Range("a whole number of at least 1", integer=True, low=1)
+WHOLE = Range("a whole number of at least 0", integer=True, low=0)
+POSITIVE = Range("a number above 0", low=0, low_open=True)
+NON_NEGATIVE = Range("a number of at least 0", low=0)
+FRACTION = Range("a fraction from 0 up to (not including) 1", low=0, high=1, high_open=True)
+KEY_RANGES: dict[str, Range] = {
+    # counts of rows, tokens, examples, steps and ranks
+    **dict.fromkeys(
+        ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+         "global_batch_size", "max_train_samples", "max_eval_samples", "eval_batch_size", "max_new_tokens",
+         "max_length", "pad_to_multiple_of", "lora_r", "save_total_limit", "eval_accumulation_steps"),
+        COUNT,
+    ),
+    **dict.fromkeys(("dataloader_num_workers", "seed", "data_seed"), WHOLE),
+    # positive numbers (`*_steps` below 1: a fraction of the training steps)
+    **dict.fromkeys(("num_train_epochs", "learning_rate", "adam_epsilon", "lora_alpha", "logging_steps",
+                     "eval_steps", "save_steps"), POSITIVE),
+    **dict.fromkeys(("warmup_steps", "weight_decay", "max_grad_norm", "neftune_noise_alpha",
+                     "label_smoothing_factor"), NON_NEGATIVE),
+    **dict.fromkeys(("eval_fraction", "lora_dropout", "adam_beta1", "adam_beta2"), FRACTION),
+    "max_steps": Range("-1 or 0 (train for num_train_epochs) or a whole number of steps", integer=True, low=-1),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class KeyType:
+    """What a key's annotation allows: `kinds` among bool, int, float, str, list, dict; `choices` (an enum, a
+    `Literal` or the field's `choices`); `nullable` when null means unset; `opaque` for a TRL object type (not judged
+    here)."""
+
+    kinds: frozenset[str]
+    choices: tuple = ()
+    nullable: bool = False
+    opaque: bool = False
+
+
+def _key_type(dataclass_field, annotation: Any) -> KeyType:
+    union = isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
+    metadata_choices = list(dataclass_field.metadata.get("choices", ()))
+    kinds, choices, nullable, opaque = set(), metadata_choices, dataclass_field.default is None, False
+    closed = bool(choices)  # a string must be one of the choices
+    for member in typing.get_args(annotation) if union else (annotation,):
+        origin = typing.get_origin(member) or member
+        if member is type(None):
+            nullable = True
+        elif origin is typing.Literal:
+            choices += list(typing.get_args(member))
+        elif isinstance(origin, type) and issubclass(origin, enum.Enum):
+            choices, closed = choices + [item.value for item in origin], True
+        elif origin in (bool, int, float, str, list, dict):
+            kinds.add(origin.__name__)
+        else:
+            opaque = True
+    if closed:
+        kinds.discard("str")
+    return KeyType(frozenset(kinds), tuple(choices), nullable, opaque)
+
+
+def key_types() -> dict[str, KeyType]:
+    """Every recipe key's `KeyType`, from the three dataclasses a recipe fills (built once)."""
+    if not _KEY_TYPES:
+        for cls in (SFTKeyScriptArguments, SFTKeyConfig, ModelConfig):
+            hints = typing.get_type_hints(cls)
+            _KEY_TYPES.update({f.name: _key_type(f, hints[f.name]) for f in dataclasses.fields(cls) if f.init})
+    return _KEY_TYPES
+
+
+_KEY_TYPES: dict[str, KeyType] = {}

@@ -38,8 +38,12 @@ def stage_training_args(base: SFTConfig, stage: Stage, output_dir: str, processe
     values["output_dir"] = output_dir
     try:
         args = type(base)(**values)
-    except (TypeError, ValueError) as error:
-        raise SFTKeyError(f"stage `{stage.name}`: invalid training arguments: {error}") from error
+    except Exception as error:  # TRL's __post_init__ raises many types for values it refuses
+        from ..recipe.checks import invalid_arguments
+
+        recipe = {key: value for key, value in values.items() if key not in stage.overrides}
+        where = f"stage `{stage.name}`: "
+        raise invalid_arguments(error, [(type(base), stage.overrides, recipe)], where) from error
     try:
         args.gradient_accumulation_steps = accumulation_steps(args, processes)
     except SFTKeyError as error:
