@@ -166,9 +166,10 @@ KEY_RANGES: dict[str, Range] = {
     ),
     **dict.fromkeys(("dataloader_num_workers", "seed", "data_seed"), WHOLE),
     # positive numbers (`*_steps` below 1: a fraction of the training steps)
-    **dict.fromkeys(("num_train_epochs", "learning_rate", "adam_epsilon", "lora_alpha", "logging_steps",
-                     "eval_steps", "save_steps"), POSITIVE),
-    **dict.fromkeys(("warmup_steps", "weight_decay", "max_grad_norm", "neftune_noise_alpha",
+    **dict.fromkeys(("num_train_epochs", "adam_epsilon", "lora_alpha", "logging_steps", "eval_steps",
+                     "save_steps"), POSITIVE),
+    # learning_rate 0 trains nothing on purpose: a stage that only evaluates its incoming weights
+    **dict.fromkeys(("learning_rate", "warmup_steps", "weight_decay", "max_grad_norm", "neftune_noise_alpha",
                      "label_smoothing_factor"), NON_NEGATIVE),
     **dict.fromkeys(("eval_fraction", "lora_dropout", "adam_beta1", "adam_beta2"), FRACTION),
     "max_steps": Range("-1 or 0 (train for num_train_epochs) or a whole number of steps", integer=True, low=-1),

@@ -70,7 +70,8 @@ KEYS = sorted(set(FIELDS) - set(SKIPPED))
 COUNTS = {"per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
           "global_batch_size", "max_train_samples", "max_eval_samples", "eval_batch_size", "max_new_tokens",
           "max_length", "lora_r", "patience"}  # fmt: skip
-POSITIVE = {"num_train_epochs", "learning_rate"}
+POSITIVE = {"num_train_epochs"}
+NON_NEGATIVE = {"learning_rate"}
 FRACTIONS = {"eval_fraction", "lora_dropout", "reasoning_weight"}
 NON_EMPTY = {"dataset_format", "question_field", "reasoning_field", "answer_field", "response_format",
              "thinking_open", "thinking_close", "answer_open", "answer_close", "answer_template", "prompt_template",
@@ -122,12 +123,12 @@ def must_refuse(key: str, value) -> bool:
     if key in NON_EMPTY and value in ("", " "):
         return True
     numeric = {int, float} & kinds
-    if key in COUNTS or key in POSITIVE or key in FRACTIONS:
+    if key in COUNTS or key in POSITIVE or key in NON_NEGATIVE or key in FRACTIONS:
         number = _number(value, integer=key in COUNTS)
         if number is None:
             return True
         return (key in COUNTS and number < 1) or (key in POSITIVE and number <= 0) or (
-            key in FRACTIONS and not 0 <= number < 1)  # fmt: skip
+            key in NON_NEGATIVE and number < 0) or (key in FRACTIONS and not 0 <= number < 1)  # fmt: skip
     if kinds == {bool} or kinds == {bool, type(None)}:
         return not isinstance(value, bool) and str(value).lower() not in ("true", "false", "yes", "no", "1", "0")
     if numeric and not ({str, list, dict, bool} & kinds):
