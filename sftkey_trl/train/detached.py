@@ -9,13 +9,18 @@ the prefix plus a forward and backward of a few tokens per row.
 
 Layout for a right-padded batch whose rows have different prefix lengths `p_i`:
 
-- prefix batch: the first `P = max p_i` columns, with a 2D mask that is 1 only on row i's first `p_i` real tokens
-  (the cache then holds `P` slots per row, the padded ones masked);
+- prefix batch: `P = max p_i` columns, row i's `p_i` prefix tokens right-aligned (left-padded), with a 2D mask
+  that is 1 only on them (the cache then holds `P` slots per row, the padded ones masked);
 - key batch: row i's span left-aligned into `K = max span_i` columns, right-padded;
 - attention mask `[prefix mask | key mask]` over the `P + K` cached-plus-new slots. The model orders the causal
   mask by slot (a key slot follows every prefix slot) and the 2D mask hides the padded prefix slots, so key token j
   of row i sees row i's prefix and its key tokens up to j;
 - `position_ids` are each token's position in its own row, so rotary embeddings see the true distances.
+
+Right-aligning the prefix makes every row's prefix end at slot `P - 1`, so the distance between two slots of a row
+is the distance between their positions. transformers builds sliding-window masks (Mistral, Gemma-2/3, Phi-3, Qwen2
+with `use_sliding_window`) from slot indices, not from `position_ids`: with left-aligned prefixes, a row with a
+shorter prefix would see its last prefix tokens as further away than they are and its window would cut them.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch
 class KeySplit:
     """One batch split into a no-grad prefix and a key span (see the module docstring)."""
 
-    prefix_ids: torch.Tensor  # (B, P)
+    prefix_ids: torch.Tensor  # (B, P) right-aligned
     prefix_mask: torch.Tensor  # (B, P) 1 on real prefix tokens
     prefix_positions: torch.Tensor  # (B, P)
     key_ids: torch.Tensor  # (B, K)
@@ -60,8 +65,11 @@ def split_at_key(input_ids: torch.Tensor, attention_mask: torch.Tensor, weights:
     positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
 
     prefix_width = int(start.max())
-    columns = torch.arange(prefix_width, device=device)
-    prefix_mask = attention_mask[:, :prefix_width] * (columns[None] < start[:, None])
+    # right-aligned: column c of row i holds its token c - (P - p_i); columns before that are padding
+    source = torch.arange(prefix_width, device=device)[None] - (prefix_width - start[:, None])
+    real = source >= 0
+    source = source.clamp(min=0)
+    prefix_mask = attention_mask.gather(1, source) * real
 
     key_width = max(int(span.max()), 1)
     offsets = torch.arange(key_width, device=device)
@@ -70,9 +78,9 @@ def split_at_key(input_ids: torch.Tensor, attention_mask: torch.Tensor, weights:
     key_ids = input_ids.gather(1, index)
     key_weights = weights.gather(1, index) * key_mask
     return KeySplit(
-        prefix_ids=input_ids[:, :prefix_width],
+        prefix_ids=input_ids.gather(1, source),
         prefix_mask=prefix_mask,
-        prefix_positions=positions[:, :prefix_width],
+        prefix_positions=positions.gather(1, source),
         key_ids=key_ids,
         key_mask=key_mask,
         key_positions=positions.gather(1, index),

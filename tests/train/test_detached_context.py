@@ -1,7 +1,8 @@
 """`context: detached`: the key stage with the reasoning as fixed context. Its loss is the ordinary key-stage loss;
 its gradient is the ordinary one with the prefix's keys and values detached (checked against a full-sequence
-reference that detaches them with hooks, not through a cache); rows of different prefix lengths batch correctly;
-gradient checkpointing keeps the cache; gradient accumulation normalises as elsewhere."""
+reference that detaches them with hooks, not through a cache), on a Llama and on a sliding-window Mistral whose
+window is shorter than the prefixes; rows of different prefix lengths batch correctly; gradient checkpointing keeps
+the cache; gradient accumulation normalises as elsewhere."""
 
 from __future__ import annotations
 
@@ -21,6 +22,32 @@ from sftkey_trl.train.trainer import SFTKeyTrainer
 
 DETACHED = Stage(name="key", loss_on="key", context="detached")
 FULL = Stage(name="key", loss_on="key")
+SLIDING_WINDOW = 16  # shorter than every prefix of TRIPLES (about 50 to 90 tokens), and than their differences
+
+
+@pytest.fixture(scope="module")
+def mistral_dir(tmp_path_factory):
+    """A tiny random Mistral with sliding-window attention, with the character tokenizer."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from sftkey_trl.models.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    config = MistralConfig(vocab_size=len(tokenizer), sliding_window=SLIDING_WINDOW, max_position_embeddings=512,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+                           tie_word_embeddings=True, num_key_value_heads=2, **sizes)  # fmt: skip
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("tiny-mistral")
+    MistralForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(params=["llama", "mistral"])
+def model_dir(request, tiny_model_dir):
+    """The tiny Llama, or the tiny sliding-window Mistral."""
+    return tiny_model_dir if request.param == "llama" else request.getfixturevalue("mistral_dir")
 
 
 @pytest.fixture()
@@ -75,10 +102,10 @@ def prefix_detached_reference(model, batch) -> torch.Tensor:
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_loss_is_the_key_loss_and_gradient_is_the_prefix_detached_one(
-    tiny_model_dir, char_tokenizer, tmp_path, examples, lora
+    model_dir, char_tokenizer, tmp_path, examples, lora
 ):
-    detached = trainer_for(tiny_model_dir, char_tokenizer, tmp_path, DETACHED, lora)
-    ordinary = trainer_for(tiny_model_dir, char_tokenizer, tmp_path, FULL, lora)
+    detached = trainer_for(model_dir, char_tokenizer, tmp_path, DETACHED, lora)
+    ordinary = trainer_for(model_dir, char_tokenizer, tmp_path, FULL, lora)
     batch = detached.data_collator(examples)
 
     loss = detached.compute_loss(detached.model, dict(batch))
@@ -100,15 +127,14 @@ def test_loss_is_the_key_loss_and_gradient_is_the_prefix_detached_one(
     assert any(not torch.allclose(ordinary_grads[n], g, rtol=1e-3, atol=1e-5) for n, g in reference_grads.items())
 
 
-def test_rows_of_different_prefix_lengths_batch_like_each_row_alone(
-    tiny_model_dir, char_tokenizer, tmp_path, examples
-):
-    trainer = trainer_for(tiny_model_dir, char_tokenizer, tmp_path, DETACHED, pad_to_multiple_of=16)
-    ordinary = trainer_for(tiny_model_dir, char_tokenizer, tmp_path, FULL)
+def test_rows_of_different_prefix_lengths_batch_like_each_row_alone(model_dir, char_tokenizer, tmp_path, examples):
+    trainer = trainer_for(model_dir, char_tokenizer, tmp_path, DETACHED, pad_to_multiple_of=16)
+    ordinary = trainer_for(model_dir, char_tokenizer, tmp_path, FULL)
     batch = trainer.data_collator(examples)
     split = split_at_key(batch["input_ids"], batch["attention_mask"], batch["loss_weights"])
     prefix_lengths = split.prefix_mask.sum(1).tolist()
     assert len(set(prefix_lengths)) == len(examples) and len(set(split.key_mask.sum(1).tolist())) > 1
+    assert min(prefix_lengths) > SLIDING_WINDOW and max(prefix_lengths) - min(prefix_lengths) > SLIDING_WINDOW
     with torch.no_grad():
         _, outputs = trainer.compute_loss(trainer.model, dict(batch), return_outputs=True)
         batched = (-outputs.log_probs).sum(1)
@@ -122,13 +148,15 @@ def test_rows_of_different_prefix_lengths_batch_like_each_row_alone(
 
 
 def test_split_at_key_layout():
-    """Right-padded rows with prefixes of 3 and 1 tokens: spans left-aligned, true positions, padded slots masked."""
+    """Right-padded rows with prefixes of 3 and 1 tokens: prefixes right-aligned (each ends at the last prefix slot,
+    so slot distances are position distances), spans left-aligned, true positions, padded slots masked."""
     input_ids = torch.tensor([[10, 11, 12, 13, 14, 15, 0], [20, 21, 22, 23, 0, 0, 0]])
     attention = (input_ids != 0).long()
     weights = torch.tensor([[0, 0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 0, 0, 0]], dtype=torch.float)
     split = split_at_key(input_ids, attention, weights)
-    assert split.prefix_ids.tolist() == [[10, 11, 12], [20, 21, 22]]
-    assert split.prefix_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert split.prefix_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert split.prefix_ids[:, -1].tolist() == [12, 20] and split.prefix_ids[0].tolist() == [10, 11, 12]
+    assert split.prefix_positions[split.prefix_mask.bool()].tolist() == [0, 1, 2, 0]
     assert split.key_ids[:, :3].tolist() == [[13, 14, 15], [21, 22, 23]] and split.key_mask.tolist() == [[1, 1, 1]] * 2
     assert split.key_positions.tolist() == [[3, 4, 5], [1, 2, 3]]
     assert split.labels.tolist() == [[-100, 14, 15], [-100, 22, 23]]
