@@ -223,23 +223,32 @@ _CHOICE_BARE_RE = re.compile(r"[(\[]?\s*([A-E])\s*[)\]]?\s*[.:]?", re.IGNORECASE
 _CHOICE_LEAD_RE = re.compile(r"[(\[]?([A-E])[)\].:](?:\s|$)")
 # A few lowercase filler words may sit between the phrase and the letter ("the answer is for sure D"), but no
 # negation ("the answer is not A"); the letter is upper case, so "the answer is a bit unclear" names no option.
-_CHOICE_PHRASE_RE = re.compile(
-    r"(?i:answer|option|choice|pick|choose|select)(?:\s+(?i:is|would\s+be|should\s+be|must\s+be))?\s*:?"
-    r"(?:\s+(?!(?:not|never|no)\b)[a-z]+,?){0,3}\s*[(\[]?([A-E])(?![A-Za-z0-9'])"
+_FILLER_THEN_LETTER = r"(?:\s+(?!(?:not|never|no)\b)[a-z]+,?){0,3}\s*[(\[]?([A-E])(?![A-Za-z0-9'])"
+# A commitment ("the answer is B", "Answer: B", "I pick B") outranks a mere mention ("option D is false")
+_CHOICE_COMMIT_RE = re.compile(
+    r"(?i:answer|pick|choose|select)(?:\s+(?i:is|would\s+be|should\s+be|must\s+be))?\s*:?" + _FILLER_THEN_LETTER
 )
+_CHOICE_MENTION_RE = re.compile(r"(?i:option|choice)\s*:?" + _FILLER_THEN_LETTER)
 _CHOICE_PAREN_RE = re.compile(r"\(([A-E])\)")
 
 
 def _choice_letter(text: str) -> str | None:
-    """The option letter A-E in `text` ("B", "(b)", "B.", "B) photosynthesis", "The answer is B"), else None."""
+    """The option letter A-E that `text` commits to ("B", "(b)", "B.", "B) photosynthesis", "The answer is B"),
+    else None.
+
+    The last commitment wins ("The answer is A. No: the answer is B" is B) and outranks letters merely mentioned
+    ("Answer: B because option D is false" is B); without one, options mentioned or in parentheses count only when
+    they all name the same letter ("Option A or option C" commits to nothing)."""
     s = re.sub(r"[$*]", "", prepare(text)).strip()
     if m := _CHOICE_BARE_RE.fullmatch(s):
         return m.group(1).upper()
     if m := _CHOICE_LEAD_RE.match(s):
         return m.group(1)
-    for pattern in (_CHOICE_PHRASE_RE, _CHOICE_PAREN_RE):
-        if found := pattern.findall(s):
-            return found[-1]
+    if committed := _CHOICE_COMMIT_RE.findall(s):
+        return committed[-1]
+    for pattern in (_CHOICE_MENTION_RE, _CHOICE_PAREN_RE):
+        if found := set(pattern.findall(s)):
+            return found.pop() if len(found) == 1 else None
     return None
 
 

@@ -225,6 +225,18 @@ def test_multiple_choice_mismatch(predicted: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "predicted, committed",
+    [("Answer: B because option D is false", "B"), ("The answer is C. Option A is wrong.", "C"),
+     ("The answer is A. No, wait: the answer is D.", "D"), ("Option E is right; the others are not", "E"),
+     ("Option A or option C, hard to say", None), ("Either (A) or maybe (C)", None),
+     ("The answer is not A", None)],
+)  # fmt: skip
+def test_multiple_choice_scores_the_committed_letter(predicted: str, committed: str | None) -> None:
+    for letter in "ABCDE":
+        assert answers_match(predicted, letter, "multiple_choice") is (letter == committed), letter
+
+
+@pytest.mark.parametrize(
     "gold, ok", [("A", True), ("e", True), (" C ", True), ("F", False), ("AB", False), ("", False)]
 )
 def test_multiple_choice_gold(gold: str, ok: bool) -> None:
