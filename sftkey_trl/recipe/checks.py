@@ -181,6 +181,11 @@ def check_stages(script_args, training_args, stages: list[Stage], processes: lis
     patience has keep-best; `restart_from` names a stage; vLLM evaluation runs in one process."""
     output_dir = Path(training_args.output_dir)
     for stage in stages:
+        if "hub_token" in stage.overrides:
+            raise SFTKeyError(
+                f"stage `{stage.name}`: `hub_token` cannot be set in a stage (recipes end up in model cards and "
+                "manifests); set the HF_TOKEN environment variable or run `hf auth login`"
+            )
         for count in processes:
             stage_training_args(training_args, stage, str(output_dir / stage.name), count)
         if stage.keep_best:

@@ -3,7 +3,9 @@ settings, and the results, with 95% intervals when `recipes/compare.py` was run 
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from functools import cache
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -31,9 +33,59 @@ def _setting(value) -> str:
     return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
+REDACTED = "<redacted>"
+SECRET_WORDS = ("token", "secret", "password", "passwd", "api_key", "apikey", "credential")
+HF_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{20,}")
+
+
+@cache
+def public_token_keys() -> frozenset[str]:
+    """Recipe keys whose names contain "token" but hold no secret (`eos_token`, `max_new_tokens`, ...): every field
+    of the recipe's argument classes with a secret-looking name, except `hub_token`."""
+    from trl import ModelConfig
+
+    from ..recipe.schema import SFTKeyConfig, SFTKeyScriptArguments
+
+    names = {f.name for cls in (SFTKeyScriptArguments, SFTKeyConfig, ModelConfig) for f in dataclasses.fields(cls)}
+    return frozenset(name for name in names if is_secret_name(name, frozenset())) - {"hub_token"}
+
+
+def is_secret_name(key, public: frozenset[str]) -> bool:
+    """Whether a mapping key names a secret: `*token*`, `*secret*`, `*password*`, ... and not a public recipe key."""
+    name = str(key).lower()
+    return name not in public and any(word in name for word in SECRET_WORDS)
+
+
+def scrub(value, public: frozenset[str]):
+    """`value` with every secret removed, at any depth: the value of each secret-named key and the whole `env`
+    mapping (TrlParser sets it as environment variables, e.g. `HF_TOKEN`) replaced by `<redacted>`, and any string
+    that looks like a Hugging Face token too."""
+    if isinstance(value, dict):
+        return {
+            key: REDACTED if str(key).lower() == "env" or is_secret_name(key, public) else scrub(item, public)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [scrub(item, public) for item in value]
+    if isinstance(value, str):
+        return HF_TOKEN_RE.sub(REDACTED, value)
+    return value
+
+
 def redacted(recipe_text: str) -> str:
-    """The recipe as written, without a `hub_token` value."""
-    return re.sub(r"(?m)^(\s*hub_token\s*:).*$", r"\1 <redacted>", recipe_text)
+    """The recipe's keys and values as YAML, with every secret replaced by `<redacted>` (see `scrub`).
+
+    The recipe is parsed, not matched line by line, so quoted keys (`"hub_token":`), flow-style mappings
+    (`stages: [{name: key, hub_token: ...}]`) and nested ones are found; comments are not kept (they could hold
+    anything). A recipe that does not parse is not shown."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(recipe_text)
+    except yaml.YAMLError:
+        return "# (the recipe is not shown: it is not valid YAML)"
+    clean = scrub(data, public_token_keys())
+    return yaml.safe_dump(clean, sort_keys=False, allow_unicode=True, width=1000).rstrip()
 
 
 def is_hub_id(name: str | None) -> bool:
@@ -163,7 +215,8 @@ def model_card(folder: Path, output_dir: Path, stage: str, form: str, repo_id: s
         "",
         f"- Base model: `{base}`; {method}",
         f"- Data: `{dataset}`, format `{script_args.dataset_format}`",
-        f"- Recipe: `{recipe or 'built-in defaults'}`" + (f" with `{' '.join(overrides)}`" if overrides else ""),
+        f"- Recipe: `{recipe or 'built-in defaults'}`"
+        + (f" with `{HF_TOKEN_RE.sub(REDACTED, ' '.join(overrides))}`" if overrides else ""),
         "",
         *stages_section(output_dir, results),
         "",

@@ -340,6 +340,7 @@ def test_a_users_recipe_without_header_passes_dry_run(tmp_path, capsys):
             r"holds the reasoning fixed, so `reasoning_weight: 0.1` cannot train it",
         ),
         ("padding_free: true\nstages: [{name: a, loss_on: key, context: detached}]\n", r"needs padded batches"),
+        ("stages: [{name: a, loss_on: key, hub_token: hf_x}]\n", r"stage `a`: `hub_token` cannot be set in a stage"),
         ("fsdp: full_shard\nstages: [{name: a, loss_on: key, context: detached}]\n", r"not supported under FSDP"),
     ],
 )
