@@ -11,6 +11,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..files import read_json
+from .diagnosis import diagnose
 from .report import METRIC_LABELS, _cell, result_rows
 
 TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}\n"
@@ -225,6 +226,11 @@ def model_card(folder: Path, output_dir: Path, stage: str, form: str, repo_id: s
         "Greedy generation on the evaluation data after each stage (`results.json`):",
         "",
         *results_section(results),
+        *(
+            ["", "What the numbers say:", "", *(f"- {line}" for line in diagnose(results))]
+            if diagnose(results)
+            else []
+        ),
         *comparison_section(output_dir, stages),
     ]
     if recipe and Path(recipe).is_file():

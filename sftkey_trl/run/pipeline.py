@@ -28,6 +28,7 @@ from ..train.modeling import load_model, load_tokenizer, lora_config, resolve_mo
 from ..train.objectives import Stage
 from ..train.steps import global_batch, keep_best_interval, stage_training_args
 from ..train.trainer import SFTKeyTrainer
+from .diagnosis import diagnose
 from .plan import Manifest, PlannedStage, evaluated, last_complete_checkpoint, plan_stages
 from .report import plot_results, results_markdown
 from .tracking import stage_run_name, track_stage
@@ -95,7 +96,9 @@ class Pipeline:
         for planned in plan:
             self.run_stage(planned, manifest, results, start_from, evaluate)
             start_from = self.output_dir / planned.stage.name
+        results["summary"] = diagnose(results)
         if main:
+            write_json(results_path, results)
             write_text(self.output_dir / "results.md", results_markdown(results))
             plot_results(results, self.output_dir)
         self.state.wait_for_everyone()

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..evaluation.metrics import REPORTED
+from .diagnosis import diagnose
 
 COLUMNS = [(metric.name, metric.label) for metric in REPORTED] + [("num_examples", "n")]
 
@@ -57,7 +58,10 @@ def results_table(results: dict, output_dir: Path) -> Table:
 
 def print_results(results: dict, output_dir: Path, console: Console | None = None) -> None:
     """Print the results table: 80 columns hold the base model and three stages with names of up to 7 characters."""
-    (console or Console()).print(results_table(results, output_dir))
+    console = console or Console()
+    console.print(results_table(results, output_dir))
+    for line in diagnose(results):
+        console.print(line, markup=False, highlight=False)
 
 
 def results_markdown(results: dict) -> str:
@@ -78,6 +82,8 @@ def results_markdown(results: dict) -> str:
             f"{_cell(training.get('train_seconds'))} | {_cell(training.get('tokens_per_second'))} | "
             f"{_cell(training.get('global_batch_size'))} | {kept} |"
         )
+    if summary := diagnose(results):
+        lines += ["", "## What the numbers say", "", *(f"- {line}" for line in summary)]
     return "\n".join(lines) + "\n"
 
 
