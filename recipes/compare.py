@@ -4,6 +4,7 @@ confidence intervals and paired differences against the continuation and compute
     python recipes/compare.py                          # offline demo, recipes/demo/remainder.yaml: 6 arms x 3 seeds
     python recipes/compare.py --config recipes/<...>.yaml --variants sftkey_tag,sft_continue,sft_tag_matched --seeds 5
     python recipes/compare.py --converged 2 --seeds 5           # stage 1 trained to convergence first (the paper)
+    python recipes/compare.py --variants sft_continue,sft_keyweight_2,sft_keyweight_10 --seeds 5  # a key_weight sweep
 
 Rerunning with other `--variants` and the same output folder adds them to the existing table (the earlier arms stay
 when they were measured with the same configuration and seeds).
@@ -48,7 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     run, rest = run_options(rest, COMPARE_DEMO_RECIPE)
     from sftkey_trl.evaluation.metrics import METRIC_NAMES
     from sftkey_trl.run.compare import arm_configuration, carried_arms, write_comparison
-    from sftkey_trl.run.variants import DEFAULT_VARIANTS, MATCHED, PAPER, build_variants, run_variant
+    from sftkey_trl.run.variants import (
+        DEFAULT_VARIANTS,
+        MATCHED,
+        PAPER,
+        build_variants,
+        run_variant,
+        swept_key_weights,
+    )
 
     with user_errors(run.debug):
         if options.metric not in METRIC_NAMES:
@@ -57,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         if training_args.push_to_hub:
             raise SFTKeyError("compare.py trains many variants and pushes none; remove `push_to_hub` (run.py pushes)")
         converge = (options.converged, options.converged_epochs) if options.converged else None
-        variants = build_variants(stages, training_args, script_args.response_format, converge)
         names = [name.strip() for name in (options.variants or ",".join(DEFAULT_VARIANTS)).split(",") if name.strip()]
+        weights = swept_key_weights(names)
+        variants = build_variants(stages, training_args, script_args.response_format, converge, weights)
         for name in names:
             if name not in variants:
                 raise SFTKeyError(f"unknown variant `{name}`{closest(name, variants)}; choose from {list(variants)}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,12 @@ from ..train.steps import optimizer_steps, stage_training_args
 MATCHED = "sft_tag_matched"
 PAPER = "sftkey_tag"
 KEY_WEIGHT = 5.0  # the answer emphasis of the key_weight arms
+KEY_WEIGHT_SWEEP = re.compile(r"sft_keyweight_(\d+(?:\.\d+)?)")  # `sft_keyweight_10`: sft_keyweight at weight 10
+
+
+def swept_key_weights(names: list[str]) -> list[float]:
+    """The weights asked for by `sft_keyweight_<weight>` names (a sweep: one arm per weight)."""
+    return [float(match[1]) for name in names if (match := KEY_WEIGHT_SWEEP.fullmatch(name))]
 
 
 @dataclass(frozen=True)
@@ -47,7 +54,11 @@ def _settings(args) -> str:
 
 
 def build_variants(
-    stages: list[Stage], training_args, recipe_format: str = "tags", converge: tuple[int, float] | None = None
+    stages: list[Stage],
+    training_args,
+    recipe_format: str = "tags",
+    converge: tuple[int, float] | None = None,
+    key_weights: list[float] = (),
 ) -> dict[str, Variant]:
     """Every arm of the comparison, from the recipe's stage 1 and stage 2 (see the module docstring).
 
@@ -57,6 +68,8 @@ def build_variants(
     `converge` = (patience, max epochs): the converged-stage-1 protocol. Stage 1 trains until its validation metric
     has not improved for `patience` evaluations (at most `max epochs`) and keeps its best checkpoint, so the stage-2
     forms and `sft_continue` start from a converged model, as the paper describes.
+
+    `key_weights`: one more `sft_keyweight_<weight>` arm per weight, `sft_keyweight` with that weight.
     """
     first = next((s for s in stages if s.loss_on == "completion"), None)
     second = next((s for s in stages if s.loss_on == "key"), None)
@@ -123,6 +136,11 @@ def build_variants(
     ]  # fmt: skip
     variants += [Variant(name, "tags", "tags", (sft, stage), f"{PAPER}'s key stage with {what}")
                  for name, (stage, what) in forms.items()]  # fmt: skip
+    for weight in key_weights:
+        label = f"{weight:g}"
+        variants.append(Variant(f"sft_keyweight_{label}", f"keyweight_{label}", "tags",
+                                (dataclasses.replace(sft, key_weight=weight),),
+                                f"sft_keyweight with the key tokens weighted {label} ({s1}), one stage"))  # fmt: skip
     return {variant.name: variant for variant in variants}
 
 

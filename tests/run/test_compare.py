@@ -191,3 +191,18 @@ def test_a_rerun_carries_only_earlier_arms_with_the_same_configuration_and_seeds
     compare("--variants", "sft_tag", "--seeds", "2")
     summary = compare("--variants", "sftkey_tag", "--seeds", "2", "--learning_rate", "3e-3")  # another recipe
     assert set(summary["per_seed"]) == {"sftkey_tag"}
+
+
+def test_a_key_weight_sweep_is_one_arm_per_weight_beside_sft_keyweight():
+    from sftkey_trl.run.variants import swept_key_weights
+
+    names = ["sft_continue", "sft_keyweight_2", "sft_keyweight_10", "sft_keyweight_2.5", "sft_keyweight_x"]
+    weights = swept_key_weights(names)
+    assert weights == [2.0, 10.0, 2.5]
+    stages = [Stage(name="sft", loss_on="completion", keep_best=True, patience=4), Stage(name="key", loss_on="key")]
+    variants = build_variants(stages, training_args(), key_weights=weights)
+    for weight, name in zip(weights, ("sft_keyweight_2", "sft_keyweight_10", "sft_keyweight_2.5")):
+        (stage,) = variants[name].stages
+        assert stage.key_weight == weight and stage.patience == 4 and stage.loss_on == "completion"
+        assert variants[name].folder not in {v.folder for n, v in variants.items() if n != name}  # its own runs
+    assert variants["sft_keyweight"].stages[0].key_weight == 5.0 and "sft_keyweight_x" not in variants
