@@ -113,11 +113,12 @@ def _first_line(error: Exception) -> str:
 
 def _load_demo(name: str, split: str, what: str) -> Dataset:
     """Build a demo dataset under the cache on first use (folder names are versioned), then load one split."""
-    from . import synthetic
+    from . import synthetic, word_problems
 
     writers = {
         "demo:arithmetic": ("demo-arithmetic-v2", synthetic.write_arithmetic_dataset),
         "demo:remainder": ("demo-remainder-v1", synthetic.write_remainder_dataset),
+        "demo:word_problems": ("demo-word-problems-v1", word_problems.write_word_problem_dataset),
     }  # bump a folder's version when its generator changes
     if name not in writers:
         raise SFTKeyError(f"`{what}: {name}` is not a known demo dataset; use one of {', '.join(writers)}")

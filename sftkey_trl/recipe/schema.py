@@ -29,7 +29,10 @@ class SFTKeyScriptArguments:
 
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "Hub id, local .jsonl/.json/.parquet/.csv file, `demo:arithmetic` or `demo:remainder`."},
+        metadata={
+            "help": "Hub id, local .jsonl/.json/.parquet/.csv file, or a demo task: `demo:arithmetic`, "
+            "`demo:remainder`, `demo:word_problems`."
+        },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset config name (hub datasets)."})
     dataset_split: str | None = field(default=None, metadata={"help": "Training split (default: the adapter's)."})
