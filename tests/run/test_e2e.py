@@ -57,7 +57,8 @@ def test_demo_end_to_end(tmp_path):
     assert sorted(p["index"] for p in predictions) == list(range(200))
     assert all(p["gold"] == rows[p["index"]]["answer"] for p in predictions)
     assert results["stages"]["sft"]["accuracy"] > majority_answer_rate(rows)
-    # The run reads its numbers back, in the terminal and in results.json
+    # The key stage runs as the guide says (keep_best on the validation split) and the run reads its numbers back
+    assert "keep_best" in results["stages"]["key"]["training"]
     assert results["summary"] and results["summary"][0].startswith("`key` against `sft`: accuracy ")
     assert all(line.split(" (n = ")[0][:60] in " ".join(done.stdout.split()) for line in results["summary"][:1])
 
