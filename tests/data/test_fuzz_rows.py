@@ -124,8 +124,9 @@ def usable(row: dict) -> bool:
 def recipe_argv(path: str, on_invalid: str) -> list[str]:
     """The demo recipe on the file at `path`."""
     out = str(Path(path).parent / "out")
-    return ["--dataset_name", path, "--eval_fraction", "0", "--eval_dataset_name", "demo:arithmetic",
-            "--max_eval_samples", "4", "--on_invalid", on_invalid, "--output_dir", out]  # fmt: skip
+    return ["--dataset_name", path, "--eval_fraction", "0", "--select_on_test", "true",
+            "--eval_dataset_name", "demo:arithmetic", "--max_eval_samples", "4", "--on_invalid", on_invalid,
+            "--output_dir", out]  # fmt: skip
 
 
 def dry_run(argv: list[str]) -> str | None:

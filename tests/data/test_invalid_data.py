@@ -44,7 +44,19 @@ def run(tmp_path: Path, capsys, *args: str) -> str:
     out = tmp_path / "out"
     evaluation = write(tmp_path / "eval.jsonl", [GOOD])
     with pytest.raises(SystemExit) as exit_:
-        main(["--output_dir", str(out), "--eval_dataset_name", evaluation, "--eval_fraction", "0", *args])
+        main(
+            [
+                "--output_dir",
+                str(out),
+                "--eval_dataset_name",
+                evaluation,
+                "--eval_fraction",
+                "0",
+                "--select_on_test",
+                "true",
+                *args,
+            ]
+        )
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err, err
@@ -92,7 +104,17 @@ def test_empty_file_is_one_line(tmp_path, capsys, text, message):
 
 def test_empty_file_is_refused_by_the_dry_run_too(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(["--dry_run", "--dataset_name", write(tmp_path / "train.jsonl", text=""), "--eval_fraction", "0"])
+        main(
+            [
+                "--dry_run",
+                "--dataset_name",
+                write(tmp_path / "train.jsonl", text=""),
+                "--eval_fraction",
+                "0",
+                "--select_on_test",
+                "true",
+            ]
+        )
     assert "is empty" in capsys.readouterr().err
 
 

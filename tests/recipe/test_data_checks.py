@@ -47,7 +47,7 @@ def test_an_evaluation_set_the_adapter_empties_stops_before_training(tmp_path, c
                                                    for i in range(8)])  # fmt: skip
     other = write_jsonl(tmp_path / "eval.jsonl", [{"question": "q", "answer": "4"}] * 5)  # no `#### N` line
     args = ["--config", DEMO, "--dataset_name", train, "--dataset_format", "gsm8k", "--eval_dataset_name", other,
-            "--eval_fraction", "0", "--output_dir", str(tmp_path / "out")]  # fmt: skip
+            "--eval_fraction", "0", "--select_on_test", "true", "--output_dir", str(tmp_path / "out")]  # fmt: skip
     for flags in (["--dry_run"], []):
         with pytest.raises(SystemExit) as exit_:
             cli.main(args + flags)

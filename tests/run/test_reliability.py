@@ -85,7 +85,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, previous_run, capsys
     }[case]
     before = snapshot(previous_run)
     with pytest.raises(SystemExit) as exit_:
-        main(["--output_dir", str(previous_run), "--eval_fraction", "0", *args])
+        main(["--output_dir", str(previous_run), "--eval_fraction", "0", "--select_on_test", "true", *args])
     assert exit_.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error: ") and re.search(message, error), error
