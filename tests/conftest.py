@@ -84,6 +84,29 @@ def bpe_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>")
 
 
+SLIDING_WINDOW = 16  # shorter than the tests' prefixes (about 50 to 90 characters) and their differences
+
+
+@pytest.fixture(scope="session")
+def mistral_dir(tmp_path_factory):
+    """A tiny random Mistral with sliding-window attention (`SLIDING_WINDOW`), with the character tokenizer."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from sftkey_trl.models.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    config = MistralConfig(vocab_size=len(tokenizer), sliding_window=SLIDING_WINDOW, max_position_embeddings=512,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+                           tie_word_embeddings=True, num_key_value_heads=2, **sizes)  # fmt: skip
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("tiny-mistral")
+    MistralForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def script_args(**overrides):
     """`SFTKeyScriptArguments` with overrides, for building a Formatter without parsing a recipe."""
     from sftkey_trl.recipe.schema import SFTKeyScriptArguments

@@ -4,7 +4,10 @@ In the manner of TRL's `tests/invariant`: each case trains the real `SFTKeyTrain
 underneath) for a few optimiser steps from the same weights, data and seed, and compares the logged loss and
 grad-norm trajectories. Tolerances (float32 on CPU): relative 1e-5 on the loss and 1e-4 on the grad norm, where
 the two configurations sum the same terms in another order (accumulation, padding-free); exact-to-1e-6 where they
-compute the same tensors (weights that reduce to another stage). Select with `-m invariance`.
+compute the same tensors (weights that reduce to another stage). Also here: stage 1 against bare `trl.SFTTrainer`
+on SmolLM2, `context: detached` against full context before any update (Llama and sliding-window Mistral), and a
+stage killed and resumed against an uninterrupted one (full and LoRA); across processes: test_processes.py. The
+README's "What is held equal" lists every case with its tolerance. Select with `-m invariance`.
 
 Pinned losses: the first steps' (loss, grad norm) of a completion and a key stage on the tiny model and of a SmolLM2
 LoRA stage 1 are stored in `pinned_losses.json` and checked to relative 1e-4 (float32 CPU arithmetic differs
@@ -17,6 +20,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -234,3 +241,77 @@ def test_completion_stage_equals_trl_sft_trainer(smollm2_dir, smollm2_tokenizer,
     assert_same_trajectory(project, given_our_masks, 1e-5, 1e-4)
     trl_labels = logged(trl_own)
     assert not torch.allclose(torch.tensor(trl_labels)[0, 0], torch.tensor(project)[0, 0], rtol=1e-4, atol=0)
+
+
+# --- detached context before any update, on a Llama and on a sliding-window Mistral --------------------------------
+
+
+@pytest.mark.parametrize("model", ["llama", "mistral"])
+def test_detached_context_equals_full_context_before_any_update(
+    tiny_model_dir, char_tokenizer, tiny_dataset, tmp_path, request, model
+):
+    """The first step's loss (computed before the first update) of `context: detached` equals the ordinary key
+    stage's on batched rows of different prefix lengths, also where the sliding window is shorter than every prefix;
+    afterwards they train differently (no gradient through the prefix), so only that step is in this class."""
+    model_dir = tiny_model_dir if model == "llama" else request.getfixturevalue("mistral_dir")
+    full = train(model_dir, char_tokenizer, tiny_dataset, tmp_path, Stage(name="key", loss_on="key"))
+    detached = train(model_dir, char_tokenizer, tiny_dataset, tmp_path, Stage(name="key", loss_on="key",
+                                                                              context="detached"))  # fmt: skip
+    assert detached[0][0] == pytest.approx(full[0][0], rel=LOSS_RTOL)
+    assert detached[0][1] != pytest.approx(full[0][1], rel=1e-3)  # the gradients differ: the test can tell them apart
+
+
+# --- a stage killed and resumed, LoRA and full fine-tuning --------------------------------------------------------
+
+KILLED_STAGE = ["--max_train_samples", "64", "--per_device_train_batch_size", "8", "--logging_steps", "1",
+                "--save_strategy", "steps", "--save_steps", "3", "--eval_after_stages", "false",
+                "--stages", "[{name: sft, loss_on: completion, num_train_epochs: 1}]"]  # fmt: skip
+
+
+def run_demo(out: Path, flags: list[str], kill_after_checkpoint: bool = False) -> None:
+    """recipes/run.py (the demo model and data) through this interpreter; optionally SIGKILLed as soon as the stage
+    has written its first complete checkpoint."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(root / "recipes/run.py"), "--output_dir", str(out), *flags]
+    process = subprocess.Popen(command, env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)  # fmt: skip
+    if kill_after_checkpoint:
+        deadline = time.time() + 300
+        while not list((out / "sft" / "checkpoints").glob("checkpoint-*/trainer_state.json")):
+            assert process.poll() is None and time.time() < deadline, "the stage ended before its first checkpoint"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        return
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_stage_killed_and_resumed_trains_like_an_uninterrupted_one(tmp_path, method):
+    """Every step's loss and grad norm, and the saved weights, equal the uninterrupted run's (relative 1e-6: the
+    resumed run replays the same data order, RNG state and optimizer state from the checkpoint)."""
+    from safetensors.torch import load_file
+
+    flags = KILLED_STAGE + (["--use_peft", "true", "--lora_dropout", "0"] if method == "lora" else [])
+    weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    uninterrupted, killed = tmp_path / "uninterrupted", tmp_path / "killed"
+    run_demo(uninterrupted, flags)
+    run_demo(killed, flags, kill_after_checkpoint=True)
+    assert not (killed / "sft" / weights).exists()
+    run_demo(killed, flags)
+
+    def trajectory(out: Path) -> list[tuple[int, float, float]]:
+        history = json.loads((out / "sft" / "log_history.json").read_text())
+        return [(e["step"], e["loss"], e["grad_norm"]) for e in history if "loss" in e]
+
+    expected, resumed = trajectory(uninterrupted), trajectory(killed)
+    assert [step for step, *_ in resumed] == [step for step, *_ in expected] == list(range(1, 9))
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(expected), rtol=1e-6, atol=0)
+    assert json.loads((killed / "results.json").read_text())["stages"]["sft"]["training"]["resumed_from"]
+    saved, reference = load_file(killed / "sft" / weights), load_file(uninterrupted / "sft" / weights)
+    assert saved.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(saved[name], tensor, rtol=1e-6, atol=1e-7)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import script_args
+from conftest import SLIDING_WINDOW, script_args
 from datasets import Dataset
 from test_loss import TRIPLES, grads
 
@@ -22,26 +22,6 @@ from sftkey_trl.train.trainer import SFTKeyTrainer
 
 DETACHED = Stage(name="key", loss_on="key", context="detached")
 FULL = Stage(name="key", loss_on="key")
-SLIDING_WINDOW = 16  # shorter than every prefix of TRIPLES (about 50 to 90 tokens), and than their differences
-
-
-@pytest.fixture(scope="module")
-def mistral_dir(tmp_path_factory):
-    """A tiny random Mistral with sliding-window attention, with the character tokenizer."""
-    from transformers import MistralConfig, MistralForCausalLM
-
-    from sftkey_trl.models.tiny import build_tiny_tokenizer
-
-    tokenizer = build_tiny_tokenizer()
-    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
-    config = MistralConfig(vocab_size=len(tokenizer), sliding_window=SLIDING_WINDOW, max_position_embeddings=512,
-                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-                           tie_word_embeddings=True, num_key_value_heads=2, **sizes)  # fmt: skip
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("tiny-mistral")
-    MistralForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(params=["llama", "mistral"])
