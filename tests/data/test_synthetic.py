@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import operator
+import random
 import re
 from pathlib import Path
 
@@ -114,3 +115,19 @@ def test_loader_names_the_known_demo_datasets():
         load_source("demo:remainders", None, "train")
     with pytest.raises(SFTKeyError, match="splits train and test"):
         load_source("demo:remainder", None, "validation")
+
+
+def test_word_problems_are_deterministic_and_half_ask_one_step_past_the_reasoning(tmp_path):
+    from sftkey_trl.data.word_problems import make_word_problem, write_word_problem_dataset
+
+    rows = [make_word_problem(random.Random(0)) for _ in range(2)]
+    assert rows[0] == rows[1]
+    rng = random.Random(0)
+    rows = [make_word_problem(rng) for _ in range(2000)]
+    beyond = [r for r in rows if re.findall(r"\d+", r["reasoning"])[-1] != r["answer"]]
+    assert 0.4 < len(beyond) / len(rows) < 0.6  # the module docstring says 48%
+    assert all(r["answer"].isdigit() and 2 <= len(r["reasoning"].splitlines()) <= 3 for r in rows)
+    directory = write_word_problem_dataset(tmp_path, num_train=50, num_test=20)
+    questions = [json.loads(line)["question"] for name in ("train", "test")
+                 for line in (directory / f"{name}.jsonl").read_text().splitlines()]  # fmt: skip
+    assert len(questions) == len(set(questions)) == 70
