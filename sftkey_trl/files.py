@@ -1,5 +1,5 @@
-"""Atomic file writes (a temporary name, then a rename, so a kill never leaves a half-written file behind) and
-the plain JSON/YAML-friendly form of configuration values."""
+"""Atomic file writes (a temporary name, then a rename, so a kill never leaves a half-written file behind), the
+plain JSON/YAML-friendly form of configuration values, and the cache where demo data and models are built."""
 
 from __future__ import annotations
 
@@ -9,6 +9,13 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+DEMO_PREFIX = "demo:"  # the names of the demo datasets and model, built locally under `cache_root()`
+
+
+def cache_root() -> Path:
+    """Where locally built demo data and models live (`SFTKEY_CACHE`, default `~/.cache/sftkey_trl`)."""
+    return Path(os.environ.get("SFTKEY_CACHE", Path.home() / ".cache" / "sftkey_trl"))
 
 
 def write_text(path: str | Path, text: str) -> None:

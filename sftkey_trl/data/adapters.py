@@ -296,6 +296,11 @@ def get_adapter(name: str) -> Adapter:
         ) from None
 
 
+def answer_type_of(script_args) -> str:
+    """The kind of answer the recipe's data has: its `answer_type`, else its adapter's."""
+    return script_args.answer_type or get_adapter(script_args.dataset_format).answer_type
+
+
 def check_columns(adapter: Adapter, columns: list[str], fields: FieldNames) -> None:
     """Raise a one-line `SFTKeyError` when the dataset lacks a column that `adapter` needs.
 

@@ -7,8 +7,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SFTKeyError
-from ..evaluation.answers import Tags
 from .adapters import Triple
+
+RESPONSE_FORMATS = ("tags", "plain")  # how a response is laid out (`Formatter.response`) and read back (evaluation)
+
+
+@dataclass(frozen=True)
+class Tags:
+    """The tag strings of the "tags" response format."""
+
+    thinking_open: str = "<Thinking>"
+    thinking_close: str = "</Thinking>"
+    answer_open: str = "<Answer>"
+    answer_close: str = "</Answer>"
+
+    def __post_init__(self) -> None:
+        if not all((self.thinking_open, self.thinking_close, self.answer_open, self.answer_close)):
+            raise ValueError("Tags: every tag string must be non-empty")
+
+
+def one_answer_slot(template: str) -> bool:
+    """Whether the plain format's `answer_template` holds `{answer}` exactly once (where the answer is read)."""
+    return template.count("{answer}") == 1
 
 
 @dataclass(frozen=True)

@@ -15,22 +15,16 @@ import torch
 from datasets import Dataset, load_dataset, load_from_disk
 
 from ..errors import SFTKeyError
-from ..recipe.checks import check_usable_rows, length_notes
-from .adapters import FieldNames, RowRejected, Triple, check_columns, get_adapter
+from ..files import DEMO_PREFIX, cache_root
+from .adapters import FieldNames, RowRejected, Triple, answer_type_of, check_columns, get_adapter
 from .formatting import Formatter
 from .masks import tokenize_rendered
 
 logger = logging.getLogger(__name__)
 
 FILE_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-DEMO_PREFIX = "demo:"
 MAX_CUT_FRACTION = 0.5
 ROW_INDEX = "__row_index__"
-
-
-def cache_root() -> Path:
-    """Where locally built demo data and models live (`SFTKEY_CACHE`, default `~/.cache/sftkey_trl`)."""
-    return Path(os.environ.get("SFTKEY_CACHE", Path.home() / ".cache" / "sftkey_trl"))
 
 
 @dataclass
@@ -288,10 +282,39 @@ def prepare_data(script_args, training_args, stages, tokenizer, formatter: Forma
         os.replace(tmp, cached)
     if len(tokenized) == 0:  # a guard: empty files are refused when loaded, all-invalid data above
         raise SFTKeyError("no training rows are left; check the dataset and its adapter (`dataset_format`)")
-    answer_type = script_args.answer_type or get_adapter(script_args.dataset_format).answer_type
+    answer_type = answer_type_of(script_args)
     eval_examples = _eval_examples(eval_rows, script_args, formatter) if eval_rows is not None else []
     validation = _eval_examples(validation_rows, script_args, formatter) if validation_rows is not None else None
     return PreparedData(tokenized, eval_examples, answer_type, data_hash, report, validation or eval_examples)
+
+
+LENGTH_WARN_SHARE = 0.05  # warn when more than this share of rows is cut
+
+
+def length_notes(lengths: list[int], responses: list[int], max_length: int | None, max_new_tokens: int) -> list[str]:
+    """Notes when `max_length` cuts training rows or `max_new_tokens` is below reference responses (in tokens)."""
+    notes = []
+    if max_length and lengths:
+        cut = sum(length > max_length for length in lengths) / len(lengths)
+        if cut > LENGTH_WARN_SHARE:
+            notes.append(f"`max_length: {max_length}` cuts {cut:.0%} of the training rows (the longest has "
+                         f"{max(lengths)} tokens): they are dropped as invalid; raise `max_length`")  # fmt: skip
+    if responses:
+        over = sum(length > max_new_tokens for length in responses) / len(responses)
+        if over > LENGTH_WARN_SHARE:
+            notes.append(f"`max_new_tokens: {max_new_tokens}` is below {over:.0%} of the reference responses (the "
+                         f"longest has {max(responses)} tokens): generations will be cut off; raise it")  # fmt: skip
+    return notes
+
+
+def check_usable_rows(rows: int, usable: int, report, dataset_format: str) -> None:
+    """Evaluation data that adapts to no usable row stops the run before training (never a silent skip)."""
+    if rows and not usable:
+        raise SFTKeyError(
+            f"evaluation data: none of its {rows} rows is usable by the `{dataset_format}` adapter "
+            f"({report.describe()}); set `dataset_format` for that file, or point the evaluation keys at data in "
+            "this layout"
+        )
 
 
 def _drop_unknown_tokens(tokenized: Dataset, texts: list[str], tokenizer, report: InvalidReport) -> Dataset:

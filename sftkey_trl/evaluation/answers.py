@@ -23,24 +23,10 @@ from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import Any
 
+from ..data.formatting import RESPONSE_FORMATS, Tags, one_answer_slot
 from .numbers import MINUS, NOT_UNITS, is_hedged, last_number, numbers_equal, parse_number, prepare
 
 ANSWER_TYPES = ("numeric", "math", "multiple_choice", "text")
-RESPONSE_FORMATS = ("tags", "plain")
-
-
-@dataclass(frozen=True)
-class Tags:
-    """The tag strings of the "tags" response format."""
-
-    thinking_open: str = "<Thinking>"
-    thinking_close: str = "</Thinking>"
-    answer_open: str = "<Answer>"
-    answer_close: str = "</Answer>"
-
-    def __post_init__(self) -> None:
-        if not all((self.thinking_open, self.thinking_close, self.answer_open, self.answer_close)):
-            raise ValueError("Tags: every tag string must be non-empty")
 
 
 @dataclass(frozen=True)
@@ -94,7 +80,7 @@ def _extract_tags(text: str, tags: Tags) -> Extraction | None:
 
 @lru_cache(maxsize=32)
 def _template_regex(template: str) -> re.Pattern[str]:
-    if template.count("{answer}") != 1:
+    if not one_answer_slot(template):
         raise ValueError(f"answer_template must contain '{{answer}}' exactly once, got {template!r}")
     prefix, suffix = template.split("{answer}")
     core = suffix.rstrip(_TRAILING_PUNCT)

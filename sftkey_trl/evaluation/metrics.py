@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from statistics import mean
 
 from ..errors import closest
-from .answers import answers_match, composite_score, extract_answer, gold_is_parseable
+from .answers import ANSWER_TYPES, answers_match, composite_score, extract_answer, gold_is_parseable
 from .reasoning import reasoning_final_value
 
-ANSWER_TYPES = ("numeric", "math", "multiple_choice", "text")
 NUMERIC = ("numeric", "math")  # answer types whose reasoning arrives at a value that can be compared
 
 

@@ -23,6 +23,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import SFTKeyError
+from ..files import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,6 @@ FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config
 
 def default_dir() -> Path:
     """Where the model folder is cached: `<SFTKEY_CACHE or ~/.cache/sftkey_trl>/smollm2-135m-instruct`."""
-    from ..data.loading import cache_root
-
     return cache_root() / NAME
 
 

@@ -6,14 +6,14 @@ any model or dataset is loaded, so a recipe that `--dry_run` rejects never train
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
 from pathlib import Path
 from typing import Any
 
-from ..data.adapters import Triple, get_adapter
-from ..errors import SFTKeyError, closest
+from ..data.adapters import Triple, answer_type_of, get_adapter
+from ..data.formatting import one_answer_slot
+from ..errors import SFTKeyError, closest, show_value
 from ..evaluation.metrics import DEFAULT_METRIC, selection_problem
 from ..train.distributed import check_sharding_compatibility, detect_launch
 from ..train.objectives import LOSS_TYPES, Stage
@@ -68,7 +68,7 @@ def check_response_format(script_args) -> list[str]:
     }
     defaults = SFTKeyScriptArguments()
     template = script_args.answer_template
-    if template.count("{answer}") != 1:
+    if not one_answer_slot(template):
         raise SFTKeyError("`answer_template` must contain `{answer}` exactly once, e.g. `The answer is {answer}.`")
     changed_tags = [key for key, value in tags.items() if value != getattr(defaults, key)]
     if script_args.response_format == "tags":
@@ -207,7 +207,7 @@ def check_keep_best_keys(script_args, training_args, stages: list[Stage]) -> lis
     """Keep-best's keys, recipe-wide or in a stage: its metric must be one it can select on for the answer type
     (higher is better, defined for those answers), `greater_is_better` cannot ask for the lowest, and a stage's own
     keep-best keys need `keep_best: true` in that stage; returns a note when the recipe-wide keys have no effect."""
-    answer_type = script_args.answer_type or get_adapter(script_args.dataset_format).answer_type
+    answer_type = answer_type_of(script_args)
     output_dir = Path(training_args.output_dir)
     for stage in stages:
         own = [key for key in KEEP_BEST_KEYS if key in stage.overrides]
@@ -267,69 +267,6 @@ def check_selection(script_args, stage_name: str) -> None:
             "numbers would be selected on test; set both `eval_fraction` (validation) and `eval_split` or "
             "`eval_dataset_name` (test), or `select_on_test: true` to accept and label that"
         )
-
-
-LENGTH_WARN_SHARE = 0.05  # warn when more than this share of rows is cut
-
-
-def length_notes(lengths: list[int], responses: list[int], max_length: int | None, max_new_tokens: int) -> list[str]:
-    """Notes when `max_length` cuts training rows or `max_new_tokens` is below reference responses (in tokens)."""
-    notes = []
-    if max_length and lengths:
-        cut = sum(length > max_length for length in lengths) / len(lengths)
-        if cut > LENGTH_WARN_SHARE:
-            notes.append(f"`max_length: {max_length}` cuts {cut:.0%} of the training rows (the longest has "
-                         f"{max(lengths)} tokens): they are dropped as invalid; raise `max_length`")  # fmt: skip
-    if responses:
-        over = sum(length > max_new_tokens for length in responses) / len(responses)
-        if over > LENGTH_WARN_SHARE:
-            notes.append(f"`max_new_tokens: {max_new_tokens}` is below {over:.0%} of the reference responses (the "
-                         f"longest has {max(responses)} tokens): generations will be cut off; raise it")  # fmt: skip
-    return notes
-
-
-def check_usable_rows(rows: int, usable: int, report, dataset_format: str) -> None:
-    """Evaluation data that adapts to no usable row stops the run before training (never a silent skip)."""
-    if rows and not usable:
-        raise SFTKeyError(
-            f"evaluation data: none of its {rows} rows is usable by the `{dataset_format}` adapter "
-            f"({report.describe()}); set `dataset_format` for that file, or point the evaluation keys at data in "
-            "this layout"
-        )
-
-
-def check_local_data(script_args, training_args, model_args, sample: int = 2000) -> list[str]:
-    """`--dry_run`'s look at what is on this machine: the evaluation rows that survive the adapter, and the length
-    notes a real run would give, from the first `sample` training rows and a tokenizer available offline."""
-    from ..data.formatting import Formatter
-    from ..data.loading import InvalidReport, load_splits, local_path, to_triples
-    from ..data.masks import tokenize_rendered
-    from ..train.modeling import load_tokenizer
-
-    names = [script_args.dataset_name or "", script_args.eval_dataset_name or ""]
-    if not any(name.startswith("demo:") or local_path(name) for name in names if name):
-        return ["data checks: the data is not local; they run when a real run loads it"]
-    local = dataclasses.replace(script_args, max_train_samples=min(sample, script_args.max_train_samples or sample))
-    train, _, evaluation = load_splits(local, training_args.seed)
-    notes = []
-    if evaluation is not None:
-        report = InvalidReport()
-        usable = len(to_triples(evaluation, script_args, report))
-        check_usable_rows(len(evaluation), usable, report, script_args.dataset_format)
-        notes.append(f"evaluation rows: {usable} of {len(evaluation)} usable")
-    try:
-        tokenizer = load_tokenizer(model_args, training_args, offline=True)
-    except SFTKeyError:
-        return notes + ["length checks: the tokenizer is not available offline; they run when a real run loads it"]
-    formatter = Formatter(tokenizer, script_args, training_args.eos_token)
-    rendered = [formatter.render(triple) for _, triple in to_triples(train, script_args, InvalidReport())]
-    if not rendered:
-        return notes + [f"length checks: none of the first {len(train)} training rows is usable; a real run stops "
-                        "with the invalid-row report"]  # fmt: skip
-    columns = tokenize_rendered(tokenizer, rendered)
-    lengths = [len(ids) for ids in columns["input_ids"]]
-    responses = [sum(mask) for mask in columns["completion_mask"]]
-    return notes + length_notes(lengths, responses, training_args.max_length, script_args.max_new_tokens)
 
 
 def check_patience(stage: Stage) -> None:
@@ -455,14 +392,6 @@ _KIND_WORDS = {"bool": "true or false", "int": "a whole number", "float": "a num
                "list": "a list", "dict": "a mapping"}  # fmt: skip
 
 
-def show_value(value: Any) -> str:
-    """A value as YAML would show it, on one short line (for error messages)."""
-    plain = isinstance(value, str) and value.isprintable() and value.strip() == value and value != ""
-    text = "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
-    text = value if plain else text
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def _number(value: Any, integer: bool) -> float | int | None:
     """`value` as a finite number (a numeric string too: PyYAML reads `2e-4` as one), else None. Never a bool."""
     if isinstance(value, str):
@@ -529,33 +458,6 @@ def check_key_values(script_args, training_args, model_args, stages: list[Stage]
     for index, stage in enumerate(stages):
         for key, value in stage.overrides.items():
             check_key_value(key, value, f"stages[{index}] ({stage.name}): ")
-
-
-def key_of_failure(cls: type, values: dict[str, Any], base: dict[str, Any] | None = None) -> str | None:
-    """The key of `values` that alone (over `base`, else the defaults) makes building `cls` fail, or None."""
-    import warnings
-
-    for key, value in values.items():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                cls(**{**(base or {}), key: value})
-        except Exception:  # any failure of TRL's __post_init__ points at this key
-            return key
-    return None
-
-
-def invalid_arguments(error: Exception, candidates: list[tuple[type, dict, dict | None]], where: str = ""):
-    """The one-line `SFTKeyError` for TRL / transformers refusing the recipe's arguments while building them (any
-    exception type: a missing DeepSpeed file, an unknown accelerator option, ...), naming the key that causes it.
-    `candidates`: (dataclass, the recipe's values for it, the values it is built over)."""
-    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    detail = detail if len(detail) <= 200 else detail[:197] + "..."
-    for cls, values, base in candidates:
-        key = key_of_failure(cls, values, base)
-        if key is not None:
-            return SFTKeyError(f"{where}`{key}: {show_value(values[key])}` is not valid ({detail}); fix or remove it")
-    return SFTKeyError(f"{where}invalid configuration: {detail}")
 
 
 NON_EMPTY_KEYS = ("dataset_format", "question_field", "reasoning_field", "answer_field", "answer_template",

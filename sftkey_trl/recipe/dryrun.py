@@ -17,11 +17,11 @@ from typing import Any
 import yaml
 from trl import ModelConfig
 
-from ..data.adapters import get_adapter
+from ..data.adapters import answer_type_of
 from ..files import plain
 from ..train.memory import estimate_for_recipe, training_method
 from ..train.objectives import Stage
-from ..train.steps import stage_training_args
+from ..train.steps import global_batch, stage_training_args
 from .checks import processes_of_launch
 from .schema import SFTKeyConfig, SFTKeyScriptArguments
 
@@ -104,7 +104,7 @@ def dry_run(
     if recipe_path is not None:
         report["hardware"] = header_value(recipe_path, HARDWARE_PREFIX)
         report["launch"] = header_value(recipe_path, LAUNCH_PREFIX)
-    report["answer_type"] = script_args.answer_type or get_adapter(script_args.dataset_format).answer_type
+    report["answer_type"] = answer_type_of(script_args)
     report["settings"] = {
         "model": _non_default(model_args, ModelConfig()),
         "data": _non_default(script_args, SFTKeyScriptArguments()),
@@ -129,7 +129,7 @@ def dry_run(
         effective = {key: plain(getattr(args, key)) for key in STAGE_SUMMARY_KEYS}
         if effective["max_steps"] in (-1, 0):
             del effective["max_steps"]
-        effective["global_batch"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * count
+        effective["global_batch"] = global_batch(args, count)
         effective["processes"] = count
         entry["effective"] = effective
         entry["output_dir"] = str(output_dir / stage.name)

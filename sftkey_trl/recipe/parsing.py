@@ -14,9 +14,9 @@ from typing import Any
 import yaml
 from trl import ModelConfig, TrlParser
 
-from ..errors import SFTKeyError, closest
+from ..errors import SFTKeyError, closest, invalid_arguments, show_value
 from ..train.objectives import parse_stages
-from .checks import check_key_value, invalid_arguments, show_value
+from .checks import check_key_value
 from .flags import flag_value
 from .schema import SFTKeyConfig, SFTKeyScriptArguments
 

@@ -11,15 +11,18 @@ from typing import Any
 
 from trl import ModelConfig, SFTConfig
 
+from ..data.formatting import RESPONSE_FORMATS, Tags
+from ..evaluation.answers import ANSWER_TYPES
+
 DEMO_RECIPE = "recipes/demo/sftkey_tiny.yaml"  # run.py with no --config
 COMPARE_DEMO_RECIPE = "recipes/demo/remainder.yaml"  # compare.py with no --config: a task with headroom
 PAPER_STAGES = [{"name": "sft", "loss_on": "completion"}, {"name": "key", "loss_on": "key"}]
 # Recipe keys with a fixed set of values (None: unset, the adapter decides)
 CHOICES = {
-    "response_format": ("tags", "plain"),
+    "response_format": RESPONSE_FORMATS,
     "on_invalid": ("error", "skip"),
     "eval_backend": ("hf", "vllm"),
-    "answer_type": (None, "numeric", "math", "multiple_choice", "text"),
+    "answer_type": (None, *ANSWER_TYPES),
 }
 
 
@@ -53,10 +56,10 @@ class SFTKeyScriptArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many rows."})
     response_format: str = field(default="tags", metadata={"help": "tags (<Thinking>/<Answer>) or plain."})
-    thinking_open: str = "<Thinking>"
-    thinking_close: str = "</Thinking>"
-    answer_open: str = "<Answer>"
-    answer_close: str = "</Answer>"
+    thinking_open: str = Tags.thinking_open
+    thinking_close: str = Tags.thinking_close
+    answer_open: str = Tags.answer_open
+    answer_close: str = Tags.answer_close
     answer_template: str = field(
         default="The answer is {answer}.", metadata={"help": "plain format: the final answer line."}
     )

@@ -121,10 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     with user_errors(options.debug):
         script_args, training_args, model_args, stages, notes = load_checked_recipe(rest, options.dry_run)
         if options.dry_run:
-            from ..recipe.checks import check_local_data
+            from ..data.checks import check_local_data
             from ..recipe.dryrun import dry_run
+            from ..train.modeling import load_tokenizer
 
-            notes += check_local_data(script_args, training_args, model_args)
+            notes += check_local_data(
+                script_args, training_args, lambda: load_tokenizer(model_args, training_args, offline=True)
+            )
             print(dry_run(script_args, training_args, model_args, stages, flag_value(rest, "--config"), notes))
             return 0
         if options.inspect is not None:

@@ -17,11 +17,11 @@ import torch
 from accelerate import PartialState
 
 from ..data.formatting import Formatter
-from ..data.loading import PreparedData, cache_root, prepare_data
+from ..data.loading import PreparedData, prepare_data
 from ..errors import SFTKeyError
 from ..evaluation.generation import evaluate_model
 from ..evaluation.metrics import DEFAULT_METRIC
-from ..files import read_json, write_json, write_jsonl, write_text
+from ..files import cache_root, read_json, write_json, write_jsonl, write_text
 from ..train.distributed import detect_launch
 from ..train.keep_best import BEST_DIR, KeepBestCallback, holds_keep_best_state
 from ..train.modeling import load_model, load_tokenizer, lora_config, resolve_model_path

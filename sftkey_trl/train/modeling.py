@@ -9,8 +9,8 @@ import torch
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from ..data.loading import DEMO_PREFIX, cache_root
 from ..errors import SFTKeyError
+from ..files import DEMO_PREFIX, cache_root
 from ..models.smollm2 import LOCAL_PREFIX, resolve_local
 from .distributed import detect_launch, quantized_device_map
 

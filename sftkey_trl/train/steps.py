@@ -7,7 +7,7 @@ import math
 
 from trl import SFTConfig
 
-from ..errors import SFTKeyError
+from ..errors import SFTKeyError, invalid_arguments
 from .objectives import Stage
 
 
@@ -39,8 +39,6 @@ def stage_training_args(base: SFTConfig, stage: Stage, output_dir: str, processe
     try:
         args = type(base)(**values)
     except Exception as error:  # TRL's __post_init__ raises many types for values it refuses
-        from ..recipe.checks import invalid_arguments
-
         recipe = {key: value for key, value in values.items() if key not in stage.overrides}
         where = f"stage `{stage.name}`: "
         raise invalid_arguments(error, [(type(base), stage.overrides, recipe)], where) from error

@@ -7,10 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from sftkey_trl.data.formatting import Tags
 from sftkey_trl.evaluation.answers import (
     ANSWER_TYPES,
     Extraction,
-    Tags,
     answers_match,
     composite_score,
     extract_answer,

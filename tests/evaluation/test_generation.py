@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import script_args
 
-from sftkey_trl.evaluation.answers import Tags
+from sftkey_trl.data.formatting import Tags
 from sftkey_trl.evaluation.metrics import score
 
 

@@ -10,7 +10,7 @@ import re
 import pytest
 from conftest import ROOT
 
-from sftkey_trl.recipe.checks import length_notes
+from sftkey_trl.data.loading import length_notes
 from sftkey_trl.run import cli
 
 DEMO = str(ROOT / "recipes/demo/sftkey_tiny.yaml")
