@@ -83,10 +83,10 @@ def check_response_format(script_args) -> list[str]:
     if template.count("{answer}") != 1:
         raise SFTKeyError("`answer_template` must contain `{answer}` exactly once, e.g. `The answer is {answer}.`")
     changed_tags = [key for key, value in tags.items() if value != getattr(defaults, key)]
+    for key, value in tags.items():  # with `plain` too: they still build the tags (evaluation.answers.Tags)
+        if not value or not value.strip():
+            raise SFTKeyError(f"`{key}` is empty; the four tag strings must be non-empty (remove it for its default)")
     if script_args.response_format == "tags":
-        for key, value in tags.items():
-            if not value or not value.strip():
-                raise SFTKeyError(f"`{key}` is empty; response_format `tags` needs four non-empty tag strings")
         for key, value in tags.items():
             for other, other_value in tags.items():
                 if key != other and value in other_value:
