@@ -33,11 +33,10 @@ def check_recipe(script_args, training_args, model_args, stages: list[Stage], pr
     """Run every check; return notes worth showing (nothing wrong, but worth knowing).
 
     `processes`: the process counts the recipe must work with (the real run's world size; for `--dry_run` one
-    process and the count its launch line names). Raises `SFTKeyError` for the first failed check. Every rule a
-    recipe can break is reached from here, so `--dry_run` refuses what a real run refuses; left to the real run are
-    the machine (`distributed.check_engine_runs_here`: a dry run checks a GPU recipe on any machine) and what only
-    the loaded model or tokenizer tells (a router for `router_aux_loss_coef`, an EOS token).
-    """
+    process and the count its launch line names). Raises `SFTKeyError` for the first failed check. Every recipe
+    rule is reached from here, so `--dry_run` refuses what a real run refuses, but for the machine (a real run's
+    `check_engine_runs_here`: a dry run checks a GPU recipe anywhere) and what only the loaded model tells (an EOS
+    token, a router for `router_aux_loss_coef`)."""
     notes: list[str] = []
     check_key_values(script_args, training_args, model_args, stages)
     check_stage_options(stages)

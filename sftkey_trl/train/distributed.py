@@ -323,32 +323,27 @@ def _storage_target(model_args, training_args, launch: Launch) -> str:
 
 
 def resolve_sharding_defaults(model_args, training_args) -> list[str]:
-    """Set `bnb_4bit_quant_storage` and `dtype` to the float dtype QLoRA under ZeRO-3/FSDP needs (both equal); call
-    once, after parsing and before the checks. Returns the changes; a combination with no working dtype is left as
-    it is, for `check_sharding_compatibility` to refuse."""
+    """QLoRA under ZeRO-3/FSDP: set `bnb_4bit_quant_storage` and `dtype` to the one float dtype it needs; returns
+    the changes. A combination with none is left as it is, for `check_sharding_compatibility` to refuse."""
     launch = detect_launch(training_args)
-    if not getattr(model_args, "load_in_4bit", False) or model_args.load_in_8bit or not launch.shards_parameters:
+    if not model_args.load_in_4bit or model_args.load_in_8bit or not launch.shards_parameters:
         return []
     try:
         target = _storage_target(model_args, training_args, launch)
     except SFTKeyError:
         return []
-    storage, fixes = _storage_name(model_args.bnb_4bit_quant_storage), []
-    if storage != target:
-        fixes.append(f"bnb_4bit_quant_storage: {storage or 'uint8'} -> {target}")
-    if model_args.dtype != target:
-        fixes.append(f"dtype: {model_args.dtype} -> {target}")
+    storage = _storage_name(model_args.bnb_4bit_quant_storage) or "uint8"
+    fixes = [f"bnb_4bit_quant_storage: {storage} -> {target}"] if storage != target else []
+    fixes += [f"dtype: {model_args.dtype} -> {target}"] if model_args.dtype != target else []
     model_args.bnb_4bit_quant_storage = model_args.dtype = target
     if fixes and is_main_process():
-        logger.warning("QLoRA under %s needs the 4-bit storage dtype to equal the model dtype; set %s",
-                       launch.name, ", ".join(fixes))  # fmt: skip
+        logger.warning("QLoRA under %s needs the 4-bit storage dtype to equal the dtype; set %s", launch.name, fixes)
     return fixes
 
 
 def check_sharding_compatibility(model_args, training_args) -> list[str]:
-    """Refuse quantised + sharding combinations that do not work (`resolve_sharding_defaults` sets the dtypes of
-    the ones that do; this never changes `model_args`). Raises `SFTKeyError` (one line: problem and a working
-    alternative); returns no notes (the settings that cost memory are logged on the main process).
+    """Refuse quantised + sharding combinations that do not work (one line: the problem and a working alternative);
+    never changes `model_args` (`resolve_sharding_defaults` sets the dtypes). Returns no notes: it logs them.
     The rules and their sources (peft, bitsandbytes, accelerate, transformers) are in docs/distributed.md:
     ZeRO-3 must gather 16-bit weights on save; 8-bit cannot be sharded by ZeRO-3/FSDP; 4-bit under ZeRO-3/FSDP
     needs a float storage dtype equal to the model dtype (set automatically; float16 refused); QLoRA + FSDP +
