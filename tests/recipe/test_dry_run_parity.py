@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -72,17 +73,18 @@ def arguments(tmp_path, name: str, extra: list[str]) -> list[str]:
 
 
 @pytest.fixture()
-def no_token(tmp_path, monkeypatch) -> dict:
-    """No Hugging Face token anywhere: HF_TOKEN unset, HF_HOME an empty folder (this process and the real run)."""
+def real_run_env(tmp_path, monkeypatch) -> dict:
+    """The real run's environment, and this process's: no Hugging Face token anywhere (HF_TOKEN unset, HF_HOME an
+    empty folder), this checkout's code; plus the DeepSpeed JSON the `zero3_json` case names."""
     (tmp_path / "hf_home").mkdir()
     (tmp_path / "zero3.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
-    env = {key: value for key, value in __import__("os").environ.items() if key != "HF_TOKEN"}
+    env = {key: value for key, value in os.environ.items() if key != "HF_TOKEN"}
     return {**env, "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
 
 
-def test_dry_run_and_real_run_refuse_alike(tmp_path, no_token, monkeypatch, capsys):
+def test_dry_run_and_real_run_refuse_alike(tmp_path, real_run_env, monkeypatch, capsys):
     dry = {}
     for name, extra, env, pattern in CASES:
         with monkeypatch.context() as patch:
@@ -95,10 +97,8 @@ def test_dry_run_and_real_run_refuse_alike(tmp_path, no_token, monkeypatch, caps
         assert err.startswith("error: ") and "\n" not in err, (name, err)
         dry[name] = err
     cases = [(name, arguments(tmp_path, name, extra), env, str(tmp_path / name)) for name, extra, env, _ in CASES]
-    run = subprocess.run(
-        [sys.executable, "-c", DRIVER, json.dumps(cases)],
-        cwd=ROOT, env=no_token, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    command = [sys.executable, "-c", DRIVER, json.dumps(cases)]
+    run = subprocess.run(command, cwd=ROOT, env=real_run_env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.split("RESULTS ", 1)[1])
     for name, *_ in CASES:
