@@ -15,29 +15,40 @@ from ..data.adapters import Triple, answer_type_of, get_adapter
 from ..data.formatting import one_answer_slot
 from ..errors import SFTKeyError, closest, show_value
 from ..evaluation.metrics import DEFAULT_METRIC, selection_problem
-from ..train.distributed import check_sharding_compatibility, detect_launch
-from ..train.objectives import LOSS_TYPES, Stage
+from ..train.distributed import check_sharding_compatibility, detect_launch, resolve_sharding_defaults
+from ..train.objectives import DEFAULTS, LOSS_TYPES, OPTIONS, Stage, _check_option
 from ..train.steps import stage_training_args
 from .schema import CHOICES, KEY_RANGES, SFTKeyScriptArguments, key_types
 
 SAMPLE = Triple("What is 2 + 3?", "2 + 3 = 5", "5")
 
 
+def resolve_recipe(training_args, model_args) -> list[str]:
+    """Fill in the defaults that depend on other keys, once, after parsing and before `check_recipe` (which never
+    changes the recipe): QLoRA's storage and model dtype under ZeRO-3/FSDP. Returns the changes, as notes."""
+    return resolve_sharding_defaults(model_args, training_args)
+
+
 def check_recipe(script_args, training_args, model_args, stages: list[Stage], processes: list[int]) -> list[str]:
     """Run every check; return notes worth showing (nothing wrong, but worth knowing).
 
     `processes`: the process counts the recipe must work with (the real run's world size; for `--dry_run` one
-    process and the count its launch line names). Raises `SFTKeyError` for the first failed check.
-    """
+    process and the count its launch line names). Raises `SFTKeyError` for the first failed check. Every recipe
+    rule is reached from here, so `--dry_run` refuses what a real run refuses, but for the machine (a real run's
+    `check_engine_runs_here`: a dry run checks a GPU recipe anywhere) and what only the loaded model tells (an EOS
+    token, a router for `router_aux_loss_coef`)."""
     notes: list[str] = []
     check_key_values(script_args, training_args, model_args, stages)
+    check_stage_options(stages)
     check_choices(script_args)
     notes += check_response_format(script_args)
     notes += check_chat_template(script_args, training_args)
     check_named_values(script_args, model_args)
     notes += check_data(script_args)
     check_model(model_args)
+    check_model_name(model_args.model_name_or_path)
     check_stages(script_args, training_args, stages, processes)
+    check_push(training_args, stages)
     notes += check_keep_best_keys(script_args, training_args, stages)
     notes += check_trainer_options(training_args, stages)
     notes += check_detached_context(training_args, stages)
@@ -71,10 +82,10 @@ def check_response_format(script_args) -> list[str]:
     if not one_answer_slot(template):
         raise SFTKeyError("`answer_template` must contain `{answer}` exactly once, e.g. `The answer is {answer}.`")
     changed_tags = [key for key, value in tags.items() if value != getattr(defaults, key)]
+    for key, value in tags.items():  # with `plain` too: they still build the tags (evaluation.answers.Tags)
+        if not value or not value.strip():
+            raise SFTKeyError(f"`{key}` is empty; the four tag strings must be non-empty (remove it for its default)")
     if script_args.response_format == "tags":
-        for key, value in tags.items():
-            if not value or not value.strip():
-                raise SFTKeyError(f"`{key}` is empty; response_format `tags` needs four non-empty tag strings")
         for key, value in tags.items():
             for other, other_value in tags.items():
                 if key != other and value in other_value:
@@ -176,6 +187,26 @@ def check_model(model_args) -> None:
         )
 
 
+def check_model_name(name: str) -> None:
+    """The project's own models (`demo:`, `local:`) are named exactly: they are built, not found."""
+    from ..models.smollm2 import LOCAL_NAME, LOCAL_PREFIX
+
+    if name.startswith("demo:") and name != "demo:tiny-llama":
+        raise SFTKeyError(f"`model_name_or_path: {name}` is not a known demo model; use `demo:tiny-llama`")
+    if name.startswith(LOCAL_PREFIX) and name != LOCAL_NAME:
+        raise SFTKeyError(f"`model_name_or_path: {name}` is not a known local model; use `{LOCAL_NAME}`")
+
+
+def check_stage_options(stages: list[Stage]) -> None:
+    """Each stage's objective options (`objectives._check_option`), also for stages not built by the parser."""
+    for index, stage in enumerate(stages):
+        for key in [key for key in sorted(OPTIONS) if getattr(stage, key) != DEFAULTS[key]]:
+            try:
+                _check_option(key, value := getattr(stage, key))
+            except (TypeError, ValueError) as error:
+                raise SFTKeyError(f"stages[{index}] ({stage.name}): `{key}: {value}` is not valid: {error}") from None
+
+
 def check_stages(script_args, training_args, stages: list[Stage], processes: list[int]) -> None:
     """Each stage's training arguments resolve for every process count; keep-best has validation data and
     patience has keep-best; `restart_from` names a stage; vLLM evaluation runs in one process."""
@@ -198,6 +229,37 @@ def check_stages(script_args, training_args, stages: list[Stage], processes: lis
         )
     if script_args.eval_backend == "vllm" and max(processes) > 1:
         raise SFTKeyError("`eval_backend: vllm` runs in one process; evaluate with --eval_only and one process")
+    if script_args.eval_backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise SFTKeyError("`eval_backend: vllm` needs vllm (`pip install vllm`); or set `eval_backend: hf`")
+
+
+PUSH_KEYS = ("push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo", "hub_stage", "hub_merge")
+
+
+def check_push(training_args, stages: list[Stage]) -> None:
+    """A run is pushed once, after its last stage (`run/hub.py`): no push key in a stage, `hub_stage` names a
+    stage, no Trainer checkpoint pushes, and a token is found now (local credentials only), not after training."""
+    for stage in stages:
+        for key in [key for key in PUSH_KEYS if key in stage.overrides]:
+            raise SFTKeyError(
+                f"stage `{stage.name}` sets `{key}`, but a run is pushed once after its last stage; move `{key}` to "
+                "the top level of the recipe (`hub_stage` picks the stage to push)"
+            )
+    if not training_args.push_to_hub:
+        return
+    names = [stage.name for stage in stages]
+    if training_args.hub_stage is not None and training_args.hub_stage not in names:
+        raise SFTKeyError(f"`hub_stage: {training_args.hub_stage}` is not a stage of this recipe; stages are {names}")
+    strategy = str(_plain(training_args.hub_strategy))
+    if strategy not in ("every_save", "end"):
+        raise SFTKeyError(
+            f"`hub_strategy: {strategy}` would push Trainer checkpoints of every stage; SFTKey pushes one stage once "
+            "at the end, so remove `hub_strategy`"
+        )
+    from huggingface_hub import get_token
+
+    if not (training_args.hub_token or get_token()):
+        raise SFTKeyError("`push_to_hub: true` needs a Hugging Face token; run `hf auth login` or set HF_TOKEN")
 
 
 KEEP_BEST_KEYS = ("metric_for_best_model", "greater_is_better", "eval_steps")  # read by keep_best only

@@ -90,19 +90,21 @@ def inspect(script_args, training_args, model_args, stages, count: int, as_json:
 
 
 def load_checked_recipe(rest: list[str], dry_run: bool = False):
-    """Parse the recipe and run every check on it (`recipe/checks.py`) before anything is loaded.
+    """Parse the recipe, resolve its defaults and run every check on it (`recipe/checks.py`) before anything is
+    loaded: `--dry_run` and a real run refuse the same recipes with the same line.
 
     Returns (script_args, training_args, model_args, stages, notes). A real run checks the batch arithmetic for
     its own process count; `--dry_run` for one process and the count the recipe's `# Launch:` line names.
     """
-    from ..recipe.checks import check_recipe
+    from ..recipe.checks import check_recipe, resolve_recipe
     from ..recipe.dryrun import launch_processes
     from ..recipe.parsing import parse_config
     from ..train.distributed import world_size
 
     script_args, training_args, model_args, stages = parse_config(rest)
     processes = launch_processes(flag_value(rest, "--config")) if dry_run else [world_size()]
-    notes = check_recipe(script_args, training_args, model_args, stages, processes)
+    notes = resolve_recipe(training_args, model_args)
+    notes += check_recipe(script_args, training_args, model_args, stages, processes)
     return script_args, training_args, model_args, stages, notes
 
 
@@ -140,11 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             export(options.merge, options.merge_dir, script_args, training_args, model_args, stages, recipe, overrides)
             return 0
         from ..train.distributed import check_engine_runs_here
-        from .hub import check_push, push_run
+        from .hub import push_run
         from .pipeline import Pipeline
         from .report import print_results
 
-        check_push(training_args, stages)
         check_engine_runs_here(training_args)  # a real run only: a dry run checks a GPU recipe on any machine
         pipeline = Pipeline(script_args, training_args, model_args, stages)
         if options.eval_only:

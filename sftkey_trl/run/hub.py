@@ -1,47 +1,19 @@
 """`push_to_hub` for a multi-stage run: one stage (the last, or `hub_stage`) is pushed once, after the run, as an
-adapter, merged (`hub_merge: true`) or as full weights, with a model card. The Trainer's own push, which would
-fire for every stage and checkpoint, is switched off per stage (`Pipeline.stage_args`)."""
+adapter, merged (`hub_merge: true`) or as full weights, with a model card (its settings: `checks.check_push`). The
+Trainer's own push, which would fire for every stage and checkpoint, is off per stage (`Pipeline.stage_args`)."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from ..errors import SFTKeyError
 from .card import write_card
 from .export import merge_stage, stage_folder
 
 logger = logging.getLogger(__name__)
 
-PUSH_KEYS = ("push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo", "hub_stage", "hub_merge")
 # Never uploaded from a stage folder: Trainer checkpoints, the merged copy, evaluation outputs, temporary files
 IGNORE = ["checkpoints/**", "merged/**", "predictions.jsonl", ".*"]
-
-
-def check_push(training_args, stages) -> None:
-    """Refuse push settings that would push per stage, or name no stage, before anything is trained."""
-    for stage in stages:
-        for key in PUSH_KEYS:
-            if key in stage.overrides:
-                raise SFTKeyError(
-                    f"stage `{stage.name}` sets `{key}`, but a run is pushed once after its last stage; move "
-                    f"`{key}` to the top level of the recipe (`hub_stage` picks the stage to push)"
-                )
-    if not training_args.push_to_hub:
-        return
-    names = [stage.name for stage in stages]
-    if training_args.hub_stage is not None and training_args.hub_stage not in names:
-        raise SFTKeyError(f"`hub_stage: {training_args.hub_stage}` is not a stage of this recipe; stages are {names}")
-    strategy = str(getattr(training_args.hub_strategy, "value", training_args.hub_strategy))
-    if strategy not in ("every_save", "end"):
-        raise SFTKeyError(
-            f"`hub_strategy: {strategy}` would push Trainer checkpoints of every stage; SFTKey pushes one stage "
-            "once at the end, so remove `hub_strategy`"
-        )
-    from huggingface_hub import get_token
-
-    if not (training_args.hub_token or get_token()):  # found now, not after hours of training
-        raise SFTKeyError("`push_to_hub: true` needs a Hugging Face token; run `hf auth login` or set HF_TOKEN")
 
 
 def repo_id(training_args) -> str:

@@ -296,8 +296,9 @@ def _storage_name(value) -> str | None:
     return str(value).removeprefix("torch.")
 
 
-def _fix_quant_storage(model_args, training_args, launch: Launch) -> list[str]:
-    """Make `bnb_4bit_quant_storage` a float dtype equal to the dtype the model is loaded in (see the rules below)."""
+def _storage_target(model_args, training_args, launch: Launch) -> str:
+    """The float dtype that QLoRA under weight sharding stores 4-bit weights in and loads the model in (see
+    `check_sharding_compatibility`); refuses the combinations that have none."""
     storage = _storage_name(getattr(model_args, "bnb_4bit_quant_storage", None))
     dtype = getattr(model_args, "dtype", None)
     fp16 = bool(getattr(training_args, "fp16", False))
@@ -318,21 +319,31 @@ def _fix_quant_storage(model_args, training_args, launch: Launch) -> list[str]:
             f"QLoRA under {launch.name} with `fp16: true` needs float32 4-bit storage, but the storage would be "
             f"{target}; use `bf16: true` instead of fp16, or set `dtype: float32`"
         )
-    fixes = []
-    if storage != target:
-        model_args.bnb_4bit_quant_storage = target
-        fixes.append(f"bnb_4bit_quant_storage: {storage or 'uint8'} -> {target}")
-    if dtype != target:
-        model_args.dtype = target
-        fixes.append(f"dtype: {dtype} -> {target}")
+    return target
+
+
+def resolve_sharding_defaults(model_args, training_args) -> list[str]:
+    """QLoRA under ZeRO-3/FSDP: set `bnb_4bit_quant_storage` and `dtype` to the one float dtype it needs; returns
+    the changes. A combination with none is left as it is, for `check_sharding_compatibility` to refuse."""
+    launch = detect_launch(training_args)
+    if not model_args.load_in_4bit or model_args.load_in_8bit or not launch.shards_parameters:
+        return []
+    try:
+        target = _storage_target(model_args, training_args, launch)
+    except SFTKeyError:
+        return []
+    storage = _storage_name(model_args.bnb_4bit_quant_storage) or "uint8"
+    fixes = [f"bnb_4bit_quant_storage: {storage} -> {target}"] if storage != target else []
+    fixes += [f"dtype: {model_args.dtype} -> {target}"] if model_args.dtype != target else []
+    model_args.bnb_4bit_quant_storage = model_args.dtype = target
+    if fixes and is_main_process():
+        logger.warning("QLoRA under %s needs the 4-bit storage dtype to equal the dtype; set %s", launch.name, fixes)
     return fixes
 
 
 def check_sharding_compatibility(model_args, training_args) -> list[str]:
-    """Refuse quantised + sharding combinations that do not work; apply the safe fixes for the ones that do.
-
-    Call it once per process before the model is loaded (it may change `model_args`). Returns the fixes applied
-    (also logged on the main process); raises `SFTKeyError` (one line: problem and a working alternative) otherwise.
+    """Refuse quantised + sharding combinations that do not work (one line: the problem and a working alternative);
+    never changes `model_args` (`resolve_sharding_defaults` sets the dtypes). Returns no notes: it logs them.
     The rules and their sources (peft, bitsandbytes, accelerate, transformers) are in docs/distributed.md:
     ZeRO-3 must gather 16-bit weights on save; 8-bit cannot be sharded by ZeRO-3/FSDP; 4-bit under ZeRO-3/FSDP
     needs a float storage dtype equal to the model dtype (set automatically; float16 refused); QLoRA + FSDP +
@@ -355,7 +366,7 @@ def check_sharding_compatibility(model_args, training_args) -> list[str]:
             "use `load_in_4bit: true` (QLoRA works with ZeRO-3 and FSDP), or keep 8-bit and launch with "
             "accelerate_configs/deepspeed_zero2.yaml or multi_gpu.yaml"
         )
-    fixes = _fix_quant_storage(model_args, training_args, launch)
+    _storage_target(model_args, training_args, launch)
     main = is_main_process()
     if launch.engine == "fsdp":
         optim = getattr(training_args, "optim", None)
@@ -379,10 +390,4 @@ def check_sharding_compatibility(model_args, training_args) -> list[str]:
             logger.info("QLoRA under FSDP2: peft documents QLoRA with FSDP1 (accelerate_configs/fsdp.yaml)")
     if main and launch.engine == "deepspeed" and launch.offload_param:
         logger.warning("QLoRA under ZeRO-3 with parameter offload uses more GPU memory than without (peft caveat)")
-    if main and fixes:
-        logger.warning(
-            "QLoRA under %s needs the 4-bit storage dtype to equal the model dtype; set %s",
-            launch.name,
-            ", ".join(fixes),
-        )
-    return fixes
+    return []

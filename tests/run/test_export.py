@@ -145,7 +145,7 @@ def test_merged_push_records_the_comparison_intervals(lora_run, monkeypatch):
     ],
 )
 def test_push_settings_that_would_push_per_stage_are_refused(extra, needle, monkeypatch, tmp_path):
-    from sftkey_trl.run.hub import check_push
+    from sftkey_trl.recipe.checks import check_push
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "token"))  # no stored token

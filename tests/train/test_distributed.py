@@ -25,6 +25,7 @@ from sftkey_trl.train.distributed import (
     detect_launch,
     is_main_process,
     quantized_device_map,
+    resolve_sharding_defaults,
     world_size,
 )
 
@@ -169,11 +170,12 @@ def test_qlora_sharded_gets_bfloat16_storage(launched, name, caplog):
     launched(name)
     model_args = qlora(dtype="auto")
     with caplog.at_level("WARNING", logger="sftkey_trl.train.distributed"):
-        fixes = check_sharding_compatibility(model_args, training_args())
+        fixes = resolve_sharding_defaults(model_args, training_args())
     assert fixes == ["bnb_4bit_quant_storage: uint8 -> bfloat16", "dtype: auto -> bfloat16"]
     assert (model_args.bnb_4bit_quant_storage, model_args.dtype) == ("bfloat16", "bfloat16")
     assert "bnb_4bit_quant_storage" in caplog.text
-    assert check_sharding_compatibility(model_args, training_args()) == []  # idempotent (one call per stage is fine)
+    assert resolve_sharding_defaults(model_args, training_args()) == []  # idempotent (one call per stage is fine)
+    assert check_sharding_compatibility(model_args, training_args()) == []  # the resolved recipe passes
     # what modeling.py builds from it
     from sftkey_trl.train.modeling import DTYPES, quantization_config
 
@@ -185,21 +187,21 @@ def test_qlora_sharded_gets_bfloat16_storage(launched, name, caplog):
 def test_qlora_sharded_storage_follows_a_float_dtype(launched):
     launched("fsdp")
     model_args = qlora()  # TRL's default dtype: float32
-    assert check_sharding_compatibility(model_args, training_args()) == ["bnb_4bit_quant_storage: uint8 -> float32"]
+    assert resolve_sharding_defaults(model_args, training_args()) == ["bnb_4bit_quant_storage: uint8 -> float32"]
     assert (model_args.bnb_4bit_quant_storage, model_args.dtype) == ("float32", "float32")
 
 
 def test_qlora_sharded_dtype_follows_an_explicit_float_storage(launched):
     launched("deepspeed_zero3")
     model_args = qlora(bnb_4bit_quant_storage="bfloat16")
-    assert check_sharding_compatibility(model_args, training_args()) == ["dtype: float32 -> bfloat16"]
+    assert resolve_sharding_defaults(model_args, training_args()) == ["dtype: float32 -> bfloat16"]
     assert model_args.dtype == "bfloat16"
 
 
 def test_qlora_sharded_with_fp16_training_uses_float32_storage(launched):
     launched("fsdp")
     model_args = qlora(dtype=None)
-    check_sharding_compatibility(model_args, training_args(fp16=True, bf16=False))
+    resolve_sharding_defaults(model_args, training_args(fp16=True, bf16=False))
     assert (model_args.bnb_4bit_quant_storage, model_args.dtype) == ("float32", "float32")
 
 
@@ -270,4 +272,4 @@ def test_qlora_with_fsdp_from_training_arguments(launched, tmp_path):
     with pytest.raises(SFTKeyError):
         check_sharding_compatibility(ModelConfig(model_name_or_path="m", use_peft=True, load_in_8bit=True), args)
     model_args = qlora(dtype="bfloat16")
-    assert check_sharding_compatibility(model_args, args) == ["bnb_4bit_quant_storage: uint8 -> bfloat16"]
+    assert resolve_sharding_defaults(model_args, args) == ["bnb_4bit_quant_storage: uint8 -> bfloat16"]

@@ -1,0 +1,131 @@
+"""`--dry_run` refuses every recipe a real run refuses before loading the model, with the same one line: each
+refusal is run both ways on the tiny demo recipe, the dry run in this process and the real run as
+`recipes/run.py` in a separate `sys.executable` process (one process for all cases, each case run as the program
+`recipes/run.py` is, so the import of the ML stack is paid once)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from sftkey_trl.run import cli
+
+DEMO = str(ROOT / "recipes/demo/sftkey_tiny.yaml")
+TWO_STAGES = "[{name: sft, loss_on: completion, %s}, {name: key, loss_on: key}]"
+FSDP = {"ACCELERATE_USE_FSDP": "true"}
+# (name, command-line keys over the demo recipe, environment of the launch, the error line's pattern)
+CASES = [
+    ("stage_push_key", ["--stages", TWO_STAGES % "push_to_hub: true"], {}, r"stage `sft` sets `push_to_hub`.*top"),
+    ("unknown_hub_stage", ["--push_to_hub", "true", "--hub_stage", "nope"], {}, r"`hub_stage: nope` is not a stage"),
+    ("hub_strategy", ["--push_to_hub", "true", "--hub_strategy", "checkpoint"], {}, r"remove `hub_strategy`$"),
+    ("no_token", ["--push_to_hub", "true"], {}, r"`push_to_hub: true` needs a Hugging Face token"),
+    ("key_weight", ["--stages", TWO_STAGES % "key_weight: 0.5"], {}, r"`key_weight: 0.5` is not valid: .*to 100$"),
+    ("context", ["--stages", "[{name: k, loss_on: key, context: frozen}]"], {}, r"`context: frozen` is not valid"),
+    ("zero3_json", ["--deepspeed", "{ds}"], {}, r"ZeRO-3 without `zero3_save_16bit_model: true`"),
+    ("fsdp_8bit", ["--use_peft", "true", "--load_in_8bit", "true"], FSDP, r"`load_in_8bit` cannot be sharded by"),
+    ("fsdp_qlora_fp16", ["--use_peft", "true", "--load_in_4bit", "true", "--dtype", "float16"], FSDP, r"float16 w"),
+    ("global_batch", ["--per_device_train_batch_size", "4", "--global_batch_size", "10"], {}, r"not a multiple of"),
+    ("demo_model", ["--model_name_or_path", "demo:huge"], {}, r"`model_name_or_path: demo:huge` is not a known"),
+    ("local_model", ["--model_name_or_path", "local:no"], {}, r"`model_name_or_path: local:no` is not a known"),
+    ("plain_empty_tag", ["--response_format", "plain", "--thinking_open", ""], {}, r"`thinking_open` is empty"),
+]
+if importlib.util.find_spec("vllm") is None:  # otherwise vllm is there and the recipe is fine
+    CASES.append(("vllm_missing", ["--eval_backend", "vllm"], {}, r"`eval_backend: vllm` needs vllm"))
+
+# Runs each case as `python recipes/run.py ...` would (argv from sys.argv, the program's process set-up), in turn;
+# records the exit status, the `error:` lines, and whether the run got as far as the pipeline (which loads the
+# tokenizer, the data and the model) or wrote into its output folder
+DRIVER = """
+import contextlib, io, json, os, runpy, sys
+from pathlib import Path
+cases, results = json.loads(sys.argv[1]), {}
+for name, argv, env, out in cases:
+    saved = dict(os.environ)
+    os.environ.update(env)
+    if sys.modules.get("bitsandbytes", 0) is None:  # hidden by the previous case's set-up, not by this one's
+        del sys.modules["bitsandbytes"]
+    sys.argv, err, code = ["recipes/run.py", *argv], io.StringIO(), 0
+    try:
+        with contextlib.redirect_stderr(err):
+            runpy.run_path("recipes/run.py", run_name="__main__")
+    except SystemExit as exit_:
+        code = exit_.code
+    os.environ.clear()
+    os.environ.update(saved)
+    errors = [line for line in err.getvalue().splitlines() if line.startswith(("error:", "Traceback"))]
+    wrote = Path(out).exists() and any(Path(out).iterdir())
+    results[name] = [code, errors, "sftkey_trl.run.pipeline" in sys.modules or wrote]
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def arguments(tmp_path, name: str, extra: list[str]) -> list[str]:
+    extra = [item.replace("{ds}", str(tmp_path / "zero3.json")) for item in extra]
+    return ["--config", DEMO, "--output_dir", str(tmp_path / name), *extra]
+
+
+@pytest.fixture()
+def real_run_env(tmp_path, monkeypatch) -> dict:
+    """The real run's environment, and this process's: no Hugging Face token anywhere (HF_TOKEN unset, HF_HOME an
+    empty folder), this checkout's code; plus the DeepSpeed JSON the `zero3_json` case names."""
+    (tmp_path / "hf_home").mkdir()
+    (tmp_path / "zero3.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
+    env = {key: value for key, value in os.environ.items() if key != "HF_TOKEN"}
+    return {**env, "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+
+
+def test_dry_run_and_real_run_refuse_alike(tmp_path, real_run_env, monkeypatch, capsys):
+    dry = {}
+    for name, extra, env, pattern in CASES:
+        with monkeypatch.context() as patch:
+            for key, value in env.items():
+                patch.setenv(key, value)
+            with pytest.raises(SystemExit) as exit_:
+                cli.main([*arguments(tmp_path, name, extra), "--dry_run"])
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and re.search(pattern, err), (name, exit_.value.code, err)
+        assert err.startswith("error: ") and "\n" not in err, (name, err)
+        dry[name] = err
+    cases = [(name, arguments(tmp_path, name, extra), env, str(tmp_path / name)) for name, extra, env, _ in CASES]
+    command = [sys.executable, "-c", DRIVER, json.dumps(cases)]
+    run = subprocess.run(command, cwd=ROOT, env=real_run_env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.split("RESULTS ", 1)[1])
+    for name, *_ in CASES:
+        code, errors, reached = results[name]
+        assert (code, errors) == (2, [dry[name]]), (name, code, errors, dry[name])
+        assert not reached, f"{name}: the real run reached the pipeline before refusing the recipe"
+
+
+def test_checking_never_changes_the_recipe_resolving_does(tmp_path, monkeypatch):
+    """QLoRA under FSDP: `check_recipe` leaves the dtypes as parsed; `resolve_recipe` (which both paths call
+    first) sets them, and the dry run shows the resolved values and the change."""
+    import yaml
+
+    from sftkey_trl.recipe.checks import check_recipe, resolve_recipe
+    from sftkey_trl.recipe.dryrun import dry_run
+    from sftkey_trl.recipe.parsing import parse_config
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    argv = arguments(tmp_path, "qlora", ["--use_peft", "true", "--load_in_4bit", "true", "--dtype", "auto"])
+    script_args, training_args, model_args, stages = parse_config(argv)
+    parsed = dataclasses.asdict(model_args)
+    check_recipe(script_args, training_args, model_args, stages, [1])
+    assert dataclasses.asdict(model_args) == parsed
+    fixes = resolve_recipe(training_args, model_args)
+    assert fixes == ["bnb_4bit_quant_storage: uint8 -> bfloat16", "dtype: auto -> bfloat16"]
+    checked = cli.load_checked_recipe(argv, dry_run=True)
+    report = yaml.safe_load(dry_run(*checked[:4], DEMO, checked[4]))
+    model = report["settings"]["model"]
+    assert model["dtype"] == "bfloat16" == model["bnb_4bit_quant_storage"]
+    assert set(fixes) <= set(report["notes"])
