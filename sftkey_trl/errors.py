@@ -14,6 +14,12 @@ class SFTKeyError(Exception):
     """
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's first line, or its type when it has no message (`StopIteration`, `IndexError`, ...)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def closest(name: str, candidates: Iterable[str]) -> str:
     """Return ' (did you mean `x`?)' for the closest candidate to `name`, or '' when none is close."""
     match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset, load_dataset, load_from_disk
 
-from ..errors import SFTKeyError
+from ..errors import SFTKeyError, first_line
 from ..recipe.checks import check_usable_rows, length_notes
 from .adapters import FieldNames, RowRejected, Triple, check_columns, get_adapter
 from .formatting import Formatter
@@ -105,12 +105,6 @@ def _is_blank(path: Path) -> bool:
     return size == 0 or (path.suffix in (".jsonl", ".json", ".csv") and size < 4096 and not path.read_bytes().strip())
 
 
-def _first_line(error: Exception) -> str:
-    """An exception's first line, or its type when it has no message (`StopIteration`, `IndexError`, ...)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _load_demo(name: str, split: str, what: str) -> Dataset:
     """Build a demo dataset under the cache on first use (folder names are versioned), then load one split."""
     from . import synthetic, word_problems
@@ -144,7 +138,7 @@ def load_source(name: str, config: str | None, split: str, what: str = "dataset_
                 dataset = load_dataset(FILE_LOADERS[path.suffix], data_files=str(path), split="train")
         except Exception as error:  # datasets raises many types for malformed files
             raise SFTKeyError(
-                f"`{what}`: could not read `{name}` ({_first_line(error)}); check that it is a valid "
+                f"`{what}`: could not read `{name}` ({first_line(error)}); check that it is a valid "
                 f"{path.suffix or 'dataset folder'} with at least one row"
             ) from error
         if len(dataset) == 0:
@@ -154,7 +148,7 @@ def load_source(name: str, config: str | None, split: str, what: str = "dataset_
         return load_dataset(name, config, split=split)
     except Exception as error:  # network, auth, missing split: all are user-fixable
         raise SFTKeyError(
-            f"`{what}: {name}` could not be loaded from the Hugging Face Hub ({_first_line(error)}); check the id, "
+            f"`{what}: {name}` could not be loaded from the Hugging Face Hub ({first_line(error)}); check the id, "
             "split and network, or download it and point `{what}` at a local .jsonl/.parquet copy".replace(
                 "{what}", what
             )

@@ -22,7 +22,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from ..errors import SFTKeyError
+from ..errors import SFTKeyError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def _convert(gguf_file: Path, output: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except (ValueError, RuntimeError) as error:  # a truncated or foreign GGUF file
-        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        detail = first_line(error)
         raise SFTKeyError(f"`{gguf_file}` could not be read as SmolLM2 ({detail}); download it again") from error
     detach_gguf_quantizer(model)
     model.save_pretrained(output)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.adapters import Triple, get_adapter
-from ..errors import SFTKeyError, closest
+from ..errors import SFTKeyError, closest, first_line
 from ..evaluation.metrics import DEFAULT_METRIC, selection_problem
 from ..train.distributed import check_sharding_compatibility, detect_launch
 from ..train.objectives import LOSS_TYPES, Stage
@@ -120,8 +120,7 @@ def check_chat_template(script_args, training_args) -> list[str]:
     except SFTKeyError:
         raise
     except Exception as error:  # jinja syntax or runtime errors
-        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise SFTKeyError(f"`chat_template` does not render ({detail}); fix the Jinja template") from error
+        raise SFTKeyError(f"`chat_template` does not render ({first_line(error)}); fix the Jinja template") from error
     return []
 
 
@@ -560,7 +559,7 @@ def invalid_arguments(error: Exception, candidates: list[tuple[type, dict, dict 
     """The one-line `SFTKeyError` for TRL / transformers refusing the recipe's arguments while building them (any
     exception type: a missing DeepSpeed file, an unknown accelerator option, ...), naming the key that causes it.
     `candidates`: (dataclass, the recipe's values for it, the values it is built over)."""
-    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    detail = first_line(error)
     detail = detail if len(detail) <= 200 else detail[:197] + "..."
     for cls, values, base in candidates:
         key = key_of_failure(cls, values, base)

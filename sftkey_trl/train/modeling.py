@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from trl import get_peft_config, get_quantization_config
 
 from ..data.loading import DEMO_PREFIX, cache_root
-from ..errors import SFTKeyError
+from ..errors import SFTKeyError, first_line
 from ..models.smollm2 import LOCAL_PREFIX, resolve_local
 from .distributed import detect_launch, quantized_device_map
 
@@ -36,10 +36,9 @@ def resolve_model_path(name: str) -> str:
 
 
 def _hub_error(name: str, error: Exception) -> SFTKeyError:
-    detail = str(error).splitlines()[0] if str(error) else type(error).__name__
     return SFTKeyError(
-        f"model `{name}` could not be loaded ({detail}); if the Hugging Face Hub is unreachable, download the model "
-        "and set `model_name_or_path` to the local folder"
+        f"model `{name}` could not be loaded ({first_line(error)}); if the Hugging Face Hub is unreachable, download "
+        "the model and set `model_name_or_path` to the local folder"
     )
 
 
