@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from datasets import Dataset, load_dataset, load_from_disk
 
 from ..errors import SFTKeyError, first_line
+from ..files import write_folder
 from ..recipe.checks import check_usable_rows, length_notes
 from .adapters import FieldNames, RowRejected, Triple, check_columns, get_adapter
 from .formatting import Formatter
@@ -275,11 +275,9 @@ def prepare_data(script_args, training_args, stages, tokenizer, formatter: Forma
             raise _invalid_rows_error(report, len(train_rows), script_args.on_invalid, len(tokenized) == 0)
         logger.warning("%s; skipped (on_invalid: skip)", report.summary(len(train_rows)))
     if cached is not None and not cached.exists():  # only valid data is cached; temp name then rename
-        tmp = cached.with_name(cached.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
         full = tokenized if len(tokenized) == num_tokenized else Dataset.from_dict(columns)
-        full.save_to_disk(str(tmp))
-        os.replace(tmp, cached)
+        with write_folder(cached) as tmp:
+            full.save_to_disk(str(tmp))
     if len(tokenized) == 0:  # a guard: empty files are refused when loaded, all-invalid data above
         raise SFTKeyError("no training rows are left; check the dataset and its adapter (`dataset_format`)")
     answer_type = script_args.answer_type or get_adapter(script_args.dataset_format).answer_type

@@ -14,7 +14,6 @@ import argparse
 import errno
 import importlib.util
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import SFTKeyError, first_line
+from ..files import write_folder
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +82,8 @@ def build_smollm2(output: str | Path | None = None, source: str | Path | None = 
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         gguf_file = _gguf_file(source or _download(tmp), tmp)
-        _convert(gguf_file, tmp / "model")
-        try:
-            os.replace(tmp / "model", directory)
-        except OSError:
-            if not is_built(directory):  # else another process built it first: its copy is identical
-                raise
+        with write_folder(directory) as model:  # another process may build it first: its copy is identical
+            _convert(gguf_file, model)
     except OSError as error:
         if error.errno == errno.ENOSPC:
             raise SFTKeyError(
