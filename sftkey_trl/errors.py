@@ -16,6 +16,12 @@ class SFTKeyError(Exception):
     """
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's first line, or its type when it has no message (`StopIteration`, `IndexError`, ...)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def closest(name: str, candidates: Iterable[str]) -> str:
     """Return ' (did you mean `x`?)' for the closest candidate to `name`, or '' when none is close."""
     match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
@@ -46,7 +52,7 @@ def invalid_arguments(error: Exception, candidates: list[tuple[type, dict, dict 
     """The one-line `SFTKeyError` for TRL / transformers refusing the recipe's arguments while building them (any
     exception type: a missing DeepSpeed file, an unknown accelerator option, ...), naming the key that causes it.
     `candidates`: (dataclass, the recipe's values for it, the values it is built over)."""
-    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    detail = first_line(error)
     detail = detail if len(detail) <= 200 else detail[:197] + "..."
     for cls, values, base in candidates:
         key = key_of_failure(cls, values, base)

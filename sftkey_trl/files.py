@@ -1,12 +1,16 @@
-"""Atomic file writes (a temporary name, then a rename, so a kill never leaves a half-written file behind), the
-plain JSON/YAML-friendly form of configuration values, and the cache where demo data and models are built."""
+"""Atomic file and folder writes (a temporary name, then a rename, so a kill never leaves a half-written file
+behind), the plain JSON/YAML-friendly form of configuration values, and the cache where demo data and models are
+built."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import json
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,25 @@ def write_json(path: str | Path, data: Any) -> None:
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     """Write one JSON object per line, atomically."""
     write_text(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
+
+
+@contextlib.contextmanager
+def write_folder(directory: str | Path) -> Iterator[Path]:
+    """A fresh temporary folder beside `directory` to write into, renamed onto it when the block ends (removed on an
+    error). When another process completed `directory` first (several ranks may build it at once), its copy stays."""
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        try:
+            os.replace(tmp, directory)
+        except OSError:
+            if not directory.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_json(path: str | Path, default: Any = None) -> Any:

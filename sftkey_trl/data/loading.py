@@ -6,16 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from datasets import Dataset, load_dataset, load_from_disk
 
-from ..errors import SFTKeyError
-from ..files import DEMO_PREFIX, cache_root
+from ..errors import SFTKeyError, first_line
+from ..files import DEMO_PREFIX, cache_root, write_folder
 from .adapters import FieldNames, RowRejected, Triple, answer_type_of, check_columns, get_adapter
 from .formatting import Formatter
 from .masks import tokenize_rendered
@@ -99,12 +97,6 @@ def _is_blank(path: Path) -> bool:
     return size == 0 or (path.suffix in (".jsonl", ".json", ".csv") and size < 4096 and not path.read_bytes().strip())
 
 
-def _first_line(error: Exception) -> str:
-    """An exception's first line, or its type when it has no message (`StopIteration`, `IndexError`, ...)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _load_demo(name: str, split: str, what: str) -> Dataset:
     """Build a demo dataset under the cache on first use (folder names are versioned), then load one split."""
     from . import synthetic, word_problems
@@ -138,7 +130,7 @@ def load_source(name: str, config: str | None, split: str, what: str = "dataset_
                 dataset = load_dataset(FILE_LOADERS[path.suffix], data_files=str(path), split="train")
         except Exception as error:  # datasets raises many types for malformed files
             raise SFTKeyError(
-                f"`{what}`: could not read `{name}` ({_first_line(error)}); check that it is a valid "
+                f"`{what}`: could not read `{name}` ({first_line(error)}); check that it is a valid "
                 f"{path.suffix or 'dataset folder'} with at least one row"
             ) from error
         if len(dataset) == 0:
@@ -148,7 +140,7 @@ def load_source(name: str, config: str | None, split: str, what: str = "dataset_
         return load_dataset(name, config, split=split)
     except Exception as error:  # network, auth, missing split: all are user-fixable
         raise SFTKeyError(
-            f"`{what}: {name}` could not be loaded from the Hugging Face Hub ({_first_line(error)}); check the id, "
+            f"`{what}: {name}` could not be loaded from the Hugging Face Hub ({first_line(error)}); check the id, "
             "split and network, or download it and point `{what}` at a local .jsonl/.parquet copy".replace(
                 "{what}", what
             )
@@ -275,11 +267,9 @@ def prepare_data(script_args, training_args, stages, tokenizer, formatter: Forma
             raise _invalid_rows_error(report, len(train_rows), script_args.on_invalid, len(tokenized) == 0)
         logger.warning("%s; skipped (on_invalid: skip)", report.summary(len(train_rows)))
     if cached is not None and not cached.exists():  # only valid data is cached; temp name then rename
-        tmp = cached.with_name(cached.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
         full = tokenized if len(tokenized) == num_tokenized else Dataset.from_dict(columns)
-        full.save_to_disk(str(tmp))
-        os.replace(tmp, cached)
+        with write_folder(cached) as tmp:
+            full.save_to_disk(str(tmp))
     if len(tokenized) == 0:  # a guard: empty files are refused when loaded, all-invalid data above
         raise SFTKeyError("no training rows are left; check the dataset and its adapter (`dataset_format`)")
     answer_type = answer_type_of(script_args)

@@ -10,11 +10,11 @@
 
 from __future__ import annotations
 
-import json
-import os
 import random
 from collections.abc import Callable
 from pathlib import Path
+
+from ..files import write_jsonl
 
 REMAINDER_DIVISORS = tuple(range(3, 10))
 REMAINDER_SHARE = 2 / 3  # rows that draw a remainder question; it is kept when a divisor below the value exists
@@ -88,9 +88,7 @@ def write_dataset(
                 continue
             seen.add(example["question"])
             rows.append(example)
-        tmp = directory / f".{split}.jsonl.tmp-{os.getpid()}"  # several ranks may build it at once
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        tmp.replace(directory / f"{split}.jsonl")
+        write_jsonl(directory / f"{split}.jsonl", rows)  # several ranks may build it at once
     return directory
 
 

@@ -14,7 +14,6 @@ import argparse
 import errno
 import importlib.util
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -22,8 +21,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from ..errors import SFTKeyError
-from ..files import cache_root
+from ..errors import SFTKeyError, first_line
+from ..files import cache_root, write_folder
 
 logger = logging.getLogger(__name__)
 
@@ -81,12 +80,8 @@ def build_smollm2(output: str | Path | None = None, source: str | Path | None = 
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         gguf_file = _gguf_file(source or _download(tmp), tmp)
-        _convert(gguf_file, tmp / "model")
-        try:
-            os.replace(tmp / "model", directory)
-        except OSError:
-            if not is_built(directory):  # else another process built it first: its copy is identical
-                raise
+        with write_folder(directory) as model:  # another process may build it first: its copy is identical
+            _convert(gguf_file, model)
     except OSError as error:
         if error.errno == errno.ENOSPC:
             raise SFTKeyError(
@@ -145,7 +140,7 @@ def _convert(gguf_file: Path, output: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except (ValueError, RuntimeError) as error:  # a truncated or foreign GGUF file
-        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        detail = first_line(error)
         raise SFTKeyError(f"`{gguf_file}` could not be read as SmolLM2 ({detail}); download it again") from error
     detach_gguf_quantizer(model)
     model.save_pretrained(output)

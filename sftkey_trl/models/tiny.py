@@ -3,10 +3,10 @@ locally so that the demo and the tests never touch the Hugging Face Hub."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import string
 from pathlib import Path
+
+from ..files import write_folder
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -71,16 +71,11 @@ def build_tiny_model(directory: str | Path, hidden_size: int = 192, num_layers: 
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")  # several ranks may build it at once
-    tmp.mkdir(parents=True, exist_ok=True)
-    # Not `model.save_pretrained`: once torch.distributed is up it writes nothing on ranks other than 0, and a rank
-    # whose copy lacks the weights and config could win the rename below
-    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    model.config.save_pretrained(tmp)
-    model.generation_config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.replace(directory)
-    except OSError:  # another process finished first: its copy is identical (same seed)
-        shutil.rmtree(tmp, ignore_errors=True)
+    with write_folder(directory) as tmp:  # several ranks may build it at once: identical copies (same seed)
+        # Not `model.save_pretrained`: once torch.distributed is up it writes nothing on ranks other than 0, and a
+        # rank whose copy lacks the weights and config could win the rename
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return directory

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..data.adapters import Triple, answer_type_of, get_adapter
 from ..data.formatting import one_answer_slot
-from ..errors import SFTKeyError, closest, show_value
+from ..errors import SFTKeyError, closest, first_line, show_value
 from ..evaluation.metrics import DEFAULT_METRIC, selection_problem
 from ..train.distributed import check_sharding_compatibility, detect_launch, resolve_sharding_defaults
 from ..train.objectives import DEFAULTS, LOSS_TYPES, OPTIONS, Stage, _check_option
@@ -131,8 +131,7 @@ def check_chat_template(script_args, training_args) -> list[str]:
     except SFTKeyError:
         raise
     except Exception as error:  # jinja syntax or runtime errors
-        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise SFTKeyError(f"`chat_template` does not render ({detail}); fix the Jinja template") from error
+        raise SFTKeyError(f"`chat_template` does not render ({first_line(error)}); fix the Jinja template") from error
     return []
 
 
@@ -449,7 +448,18 @@ def processes_of_launch(launch_tokens: list[str], root: Path) -> int | None:
 # Every value against its key's type and range (`schema.KEY_RANGES`, `schema.key_types`). YAML values bypass
 # argparse's typing, so `parse_config` checks each raw recipe value here before TRL's `__post_init__` sees it, and
 # `check_recipe` checks the stage overrides and the resolved values (command-line ones included).
-_BOOL_WORDS = ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0")  # what argparse's string_to_bool reads
+def _is_bool_word(value: str) -> bool:
+    """Whether the recipe parser reads `value` as a boolean (transformers' `string_to_bool`, its argparse type)."""
+    from argparse import ArgumentTypeError
+
+    from transformers.hf_argparser import string_to_bool
+
+    try:
+        return isinstance(string_to_bool(value), bool)
+    except ArgumentTypeError:
+        return False
+
+
 _KIND_WORDS = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "a string",
                "list": "a list", "dict": "a mapping"}  # fmt: skip
 
@@ -484,7 +494,7 @@ def check_key_value(key: str, value: Any, where: str = "") -> None:
     if isinstance(value, bool) and "bool" in kind.kinds:
         return
     rule = KEY_RANGES.get(key)
-    bool_word = "bool" in kind.kinds and isinstance(value, str) and value.lower() in _BOOL_WORDS
+    bool_word = "bool" in kind.kinds and isinstance(value, str) and _is_bool_word(value)
     if isinstance(value, str) and not rule and ("str" in kind.kinds or bool_word):
         return
     numeric = kind.kinds & {"int", "float"}

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from ..errors import SFTKeyError
+from ..files import write_folder
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +62,10 @@ def merge_stage(stage_dir: Path, model_args, training_args, end_of_turn: str | N
     # `generate` then stops at the end-of-turn token the stage learned to emit, as the evaluation did
     model.generation_config.eos_token_id = stop_token_ids(tokenizer, end_of_turn or tokenizer.eos_token)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    tmp = merge_dir.with_name(f".{merge_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(merge_dir, ignore_errors=True)
-    tmp.replace(merge_dir)
+    with write_folder(merge_dir) as tmp:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        shutil.rmtree(merge_dir, ignore_errors=True)  # an earlier merge is replaced, not merged into
     logger.info(
         "merged %s into %s (%s): %s", stage_dir.name, model_args.model_name_or_path, unquantized.dtype, merge_dir
     )

@@ -27,7 +27,6 @@ NON_RESULT_KEYS = {
     "hub_revision", "hub_stage", "hub_merge",
 }  # fmt: skip
 PACKAGES = ["sftkey-trl", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes"]
-STATUSES = ("running", "trained", "done", "failed")
 
 
 def library_versions() -> dict[str, str | None]:

@@ -8,16 +8,19 @@ import os
 import sys
 from pathlib import Path
 
+from accelerate.utils import get_int_from_env, parse_flag_from_env, str_to_bool
+
 logger = logging.getLogger("sftkey_trl")
 
 QUANTIZATION_KEYS = ("load_in_4bit", "load_in_8bit")
-FALSE_WORDS = {"false", "f", "no", "n", "0", "off", ""}
 
 
 def _truthy(value) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() not in FALSE_WORDS
-    return bool(value)
+    """False only for a plainly false value (a word accelerate's `str_to_bool` reads as false)."""
+    try:
+        return bool(str_to_bool(value.strip())) if isinstance(value, str) else bool(value)
+    except ValueError:
+        return True
 
 
 def quantizes(argv: list[str], recipe: str | Path | None) -> bool:
@@ -97,11 +100,11 @@ def use_available_cores() -> int | None:
     """When this is the only process and it trains on the CPU, undo `accelerate launch`'s OMP_NUM_THREADS=1 so
     torch uses the cores `python recipes/run.py` would use. A user's OMP_NUM_THREADS is left alone. Returns the
     number of threads set, or None when nothing was changed."""
-    if os.environ.get("WORLD_SIZE", "1") != "1" or not threads_set_by_accelerate():
+    if get_int_from_env(["WORLD_SIZE"], 1) != 1 or not threads_set_by_accelerate():
         return None  # several processes share the cores (accelerate splits them), or the value is the user's
     import torch
 
-    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" or not torch.accelerator.is_available()
+    on_cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available()
     if not on_cpu:
         return None
     threads = usable_cores()

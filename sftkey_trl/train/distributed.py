@@ -16,33 +16,30 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from accelerate.state import AcceleratorState, PartialState, is_initialized
+from accelerate.utils import get_cpu_distributed_information, get_int_from_env, str_to_bool
+
 from ..errors import SFTKeyError
 
 logger = logging.getLogger(__name__)
 
 FLOAT_STORAGE = ("bfloat16", "float32", "float16")
-TRUE = ("1", "true", "yes", "on", "y", "t")
-
-SOURCES = {
-    "peft_deepspeed": "https://huggingface.co/docs/peft/accelerate/deepspeed"
-    "#use-peft-qlora-and-deepspeed-with-zero3-for-finetuning-large-models-on-multiple-gpus",
-    "peft_fsdp": "https://huggingface.co/docs/peft/accelerate/fsdp"
-    "#use-peft-qlora-and-fsdp-for-finetuning-large-models-on-multiple-gpus",
-    "bnb_fsdp": "https://huggingface.co/docs/bitsandbytes/main/fsdp_qlora",
-}
 
 
 def _env_flag(name: str, default: bool = False) -> bool:
-    value = os.environ.get(name)
-    return default if value is None else value.strip().lower() in TRUE
+    return _as_bool(os.environ.get(name), name, default)
 
 
-def _as_bool(value, default: bool | None = None) -> bool | None:
+def _as_bool(value, name: str, default: bool | None = None) -> bool | None:
+    """A launch setting read as accelerate reads it (`str_to_bool`), which would stop on any other word later."""
     if value is None or value == "auto":
         return default
     if isinstance(value, bool):
         return value
-    return str(value).strip().lower() in TRUE
+    try:
+        return bool(str_to_bool(str(value).strip()))
+    except ValueError:
+        raise SFTKeyError(f"`{name}: {value}` is not a boolean; set it to true or false") from None
 
 
 @dataclass(frozen=True)
@@ -76,10 +73,6 @@ class Launch:
 
 def _initialized_state():
     """The `AcceleratorState` (or `PartialState`) if this process already created one, else None; creates nothing."""
-    try:
-        from accelerate.state import AcceleratorState, PartialState, is_initialized
-    except ImportError:  # pragma: no cover - accelerate is a dependency
-        return None
     if is_initialized():
         return AcceleratorState()
     if PartialState._shared_state:
@@ -120,25 +113,24 @@ def _deepspeed_launch(training_args) -> Launch | None:
             engine="deepspeed",
             zero_stage=int(getattr(plugin, "zero_stage", 2) or 0),
             offload_param=offload not in ("none", "auto"),
-            zero3_save_16bit_model=_as_bool(getattr(plugin, "zero3_save_16bit_model", None)),
+            zero3_save_16bit_model=_as_bool(getattr(plugin, "zero3_save_16bit_model", None), "zero3_save_16bit_model"),
         )
     # A DeepSpeed JSON (recipe `deepspeed:` or accelerate's `deepspeed_config_file`), or accelerate's env variables
     data = _deepspeed_json(config) or _deepspeed_json(os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"))
     if data:
         zero = data.get("zero_optimization", {}) or {}
         offload = str((zero.get("offload_param") or {}).get("device", "none")).lower()
-        gather = zero.get(
-            "stage3_gather_16bit_weights_on_model_save", zero.get("stage3_gather_fp16_weights_on_model_save")
-        )
+        key = "stage3_gather_16bit_weights_on_model_save"
+        gather = zero.get(key, zero.get("stage3_gather_fp16_weights_on_model_save"))
         return Launch(
             engine="deepspeed",
             zero_stage=int(zero.get("stage", 0) or 0),
             offload_param=offload not in ("none", "auto"),
-            zero3_save_16bit_model=False if gather is None else _as_bool(gather),  # DeepSpeed's default: false
+            zero3_save_16bit_model=False if gather is None else _as_bool(gather, key),  # DeepSpeed's default: false
         )
     return Launch(
         engine="deepspeed",
-        zero_stage=int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")),
+        zero_stage=get_int_from_env(["ACCELERATE_DEEPSPEED_ZERO_STAGE"], 2),
         offload_param=os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none").lower() not in ("none", ""),
         zero3_save_16bit_model=_env_flag("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"),
     )
@@ -159,27 +151,25 @@ def _fsdp_launch(training_args) -> Launch | None:
             return None
     fsdp_plugin = getattr(state, "fsdp_plugin", None)
 
-    def setting(key: str, env: str, default):
+    def setting(key: str, env: str, default: str) -> bool | None:
         for source in (plugin_args, fsdp_config):
             if source.get(key) is not None:
-                return source[key]
+                return _as_bool(source[key], f"fsdp_{key}")
         if fsdp_plugin is not None and getattr(fsdp_plugin, key, None) is not None:
-            return getattr(fsdp_plugin, key)
-        return os.environ.get(env, default)
+            return _as_bool(getattr(fsdp_plugin, key), f"fsdp_{key}")
+        return _as_bool(os.environ.get(env, default), env)
 
     # transformers defaults `fsdp_config["version"]` to 2; accelerate's launcher and plugin default to 1
     version = plugin_args.get("fsdp_version", fsdp_config.get("version", 2 if from_args else None))
     if version is None:
         version = getattr(fsdp_plugin, "fsdp_version", None) or os.environ.get("FSDP_VERSION", "1")
     version = int(version)
-    use_orig_params = _as_bool(setting("use_orig_params", "FSDP_USE_ORIG_PARAMS", "false")) if version == 1 else None
+    use_orig_params = setting("use_orig_params", "FSDP_USE_ORIG_PARAMS", "false") if version == 1 else None
     return Launch(
         engine="fsdp",
         fsdp_version=version,
         fsdp_use_orig_params=use_orig_params,
-        fsdp_cpu_ram_efficient_loading=_as_bool(
-            setting("cpu_ram_efficient_loading", "FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
-        ),
+        fsdp_cpu_ram_efficient_loading=setting("cpu_ram_efficient_loading", "FSDP_CPU_RAM_EFFICIENT_LOADING", "false"),
     )
 
 
@@ -196,19 +186,18 @@ def detect_launch(training_args) -> Launch:
 
 
 def world_size() -> int:
-    """Number of processes in the job (1 outside `accelerate launch` / `torchrun`)."""
+    """Number of processes in the job (1 outside `accelerate launch` / `torchrun`): the accelerate state's once it
+    exists, before that the launcher's variables as accelerate reads them. Never creates the state, which would
+    start the process group before the training arguments choose its backend (and in a dry run)."""
     state = _initialized_state()
-    if state is not None:
-        return int(state.num_processes)
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return int(state.num_processes) if state is not None else get_cpu_distributed_information().world_size
 
 
 def is_main_process() -> bool:
-    """True on the process of global rank 0 (the one that should log, save and write reports)."""
+    """True on the process of global rank 0 (the one that should log, save and write reports); read like
+    `world_size`."""
     state = _initialized_state()
-    if state is not None:
-        return bool(state.is_main_process)
-    return int(os.environ.get("RANK", "0") or 0) == 0
+    return bool(state.is_main_process) if state is not None else get_cpu_distributed_information().rank == 0
 
 
 def _on_cpu(training_args) -> bool:
@@ -241,7 +230,7 @@ def check_engine_runs_here(training_args) -> None:
             f"`use_cpu: true` under {launch.name}: accelerate then ignores DeepSpeed and runs plain DDP; on CPU "
             "processes remove `use_cpu` and set `ddp_backend: gloo`"
         )
-    processes = int(os.environ.get("WORLD_SIZE", "1") or 1)  # torchrun's count: accelerate's is 1 in this case
+    processes = get_int_from_env(["WORLD_SIZE"], 1)  # torchrun's count: accelerate's is 1 in this case
     if processes > 1 and getattr(training_args, "ddp_backend", None) not in ("gloo", "ccl"):
         raise SFTKeyError(
             f"{launch.name} on CPU processes needs `ddp_backend: gloo` (without it accelerate counts one process "
@@ -260,8 +249,6 @@ def release_engine_state(training_args) -> bool:
     """
     if getattr(training_args, "deepspeed_plugin", None) is None:
         return False
-    from accelerate.state import AcceleratorState, is_initialized
-
     if not is_initialized() or _distributed_type(AcceleratorState()) != "DEEPSPEED":
         return False
     AcceleratorState._reset_state()

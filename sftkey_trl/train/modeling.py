@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from trl import get_peft_config, get_quantization_config
 
-from ..errors import SFTKeyError
+from ..errors import SFTKeyError, first_line
 from ..files import DEMO_PREFIX, cache_root
 from ..models.smollm2 import LOCAL_PREFIX, resolve_local
 from .distributed import detect_launch, quantized_device_map
@@ -34,10 +36,9 @@ def resolve_model_path(name: str) -> str:
 
 
 def _hub_error(name: str, error: Exception) -> SFTKeyError:
-    detail = str(error).splitlines()[0] if str(error) else type(error).__name__
     return SFTKeyError(
-        f"model `{name}` could not be loaded ({detail}); if the Hugging Face Hub is unreachable, download the model "
-        "and set `model_name_or_path` to the local folder"
+        f"model `{name}` could not be loaded ({first_line(error)}); if the Hugging Face Hub is unreachable, download "
+        "the model and set `model_name_or_path` to the local folder"
     )
 
 
@@ -62,36 +63,17 @@ def load_tokenizer(model_args, training_args, offline: bool = False):
 
 
 def quantization_config(model_args) -> BitsAndBytesConfig | None:
-    """nf4 + double quantisation with bf16 compute by default (the QLoRA paper's recipe)."""
-    if model_args.load_in_4bit:
-        compute = DTYPES.get(model_args.dtype or "bfloat16", torch.bfloat16)
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
-            bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
-            bnb_4bit_compute_dtype=torch.bfloat16 if compute in (torch.float32, "auto") else compute,
-            bnb_4bit_quant_storage=model_args.bnb_4bit_quant_storage,
-        )
-    if model_args.load_in_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return None
+    """TRL's 4-bit/8-bit config, computing in bfloat16 unless the model loads in bfloat16 or float16 (TRL computes in
+    `dtype`, which cannot be `auto` and is float32 by default; the QLoRA paper computes in bf16)."""
+    compute = model_args.dtype if model_args.dtype in ("bfloat16", "float16") else "bfloat16"
+    return get_quantization_config(dataclasses.replace(model_args, dtype=compute))
 
 
 def lora_config(model_args) -> LoraConfig | None:
-    """LoRA on every linear layer but the LM head by default (`all-linear` excludes `lm_head`)."""
-    if not model_args.use_peft:
-        return None
-    return LoraConfig(
-        task_type="CAUSAL_LM",
-        r=model_args.lora_r,
-        lora_alpha=model_args.lora_alpha,
-        lora_dropout=model_args.lora_dropout,
-        target_modules=model_args.lora_target_modules or "all-linear",
-        use_rslora=model_args.use_rslora,
-        use_dora=model_args.use_dora,
-        modules_to_save=model_args.lora_modules_to_save,
-        bias="none",
-    )
+    """TRL's LoRA config, on every linear layer but the LM head when `lora_target_modules` is unset (`all-linear`
+    excludes `lm_head`; peft's own default for Llama is q_proj and v_proj)."""
+    targets = model_args.lora_target_modules or "all-linear"
+    return get_peft_config(dataclasses.replace(model_args, lora_target_modules=targets))
 
 
 def load_model(model_args, training_args, checkpoint: str | Path | None = None, trainable: bool = True):

@@ -33,12 +33,11 @@ def global_batch(args: SFTConfig, processes: int) -> int:
 def stage_training_args(base: SFTConfig, stage: Stage, output_dir: str, processes: int = 1) -> SFTConfig:
     """The training arguments of one stage: the recipe's values with the stage's overrides applied and gradient
     accumulation derived from `global_batch_size`, so the process count does not change the optimisation."""
-    values = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init}
-    values.update(stage.overrides)
-    values["output_dir"] = output_dir
+    changes = {**stage.overrides, "output_dir": output_dir}
     try:
-        args = type(base)(**values)
+        args = dataclasses.replace(base, **changes)
     except Exception as error:  # TRL's __post_init__ raises many types for values it refuses
+        values = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init} | changes
         recipe = {key: value for key, value in values.items() if key not in stage.overrides}
         where = f"stage `{stage.name}`: "
         raise invalid_arguments(error, [(type(base), stage.overrides, recipe)], where) from error

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import script_args
 
+from sftkey_trl.data import loading
 from sftkey_trl.data.formatting import Formatter
 from sftkey_trl.data.loading import prepare_data
 from sftkey_trl.errors import SFTKeyError
@@ -60,3 +61,15 @@ def test_unknown_characters_are_skipped_and_logged(char_tokenizer, data_file, ca
 def test_a_tokenizer_without_unknown_tokens_keeps_every_row(bpe_tokenizer, data_file):
     data = prepare(bpe_tokenizer, data_file, "error")  # byte-level BPE represents every character
     assert data.train["index"] == [0, 1, 2, 3, 4] and data.report.total == 0
+
+
+def test_the_tokenized_cache_is_written_whole_and_read_back(char_tokenizer, data_file, tmp_path, monkeypatch):
+    args = script_args(dataset_name=str(data_file), on_invalid="skip")
+    training_args = SimpleNamespace(seed=0, max_length=None)
+    cache = tmp_path / "cache"
+    first = prepare_data(args, training_args, STAGES, char_tokenizer, Formatter(char_tokenizer, args), cache)
+    assert [path.name for path in cache.iterdir()] == [f"tokenized-{first.data_hash}"]  # no temporary folder left
+    monkeypatch.setattr(loading, "tokenize_rendered", None)  # a second run must read the cache
+    second = prepare_data(args, training_args, STAGES, char_tokenizer, Formatter(char_tokenizer, args), cache)
+    assert second.train["index"] == first.train["index"] == [0, 2, 4]
+    assert second.train["input_ids"] == first.train["input_ids"]

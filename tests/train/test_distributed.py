@@ -6,12 +6,16 @@ the YAML and builds the environment each training process gets; the tests put th
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 from accelerate.utils import DistributedType
 from launching import (  # the simulated launches shared with test_accelerate_configs.py / test_distributed.py
+    ROOT,
     assert_one_line_with,
     qlora,
     training_args,
@@ -98,6 +102,57 @@ def test_world_size_and_main_process_from_environment(launched):
     assert world_size() == 4 and is_main_process() is False
     launched(None)
     assert world_size() == 1 and is_main_process() is True
+
+
+UNSTARTED = """
+import torch
+from accelerate.state import PartialState
+from sftkey_trl.train.distributed import is_main_process, world_size
+print("READ", world_size(), is_main_process(), PartialState._shared_state == {}, torch.distributed.is_initialized())
+"""
+
+
+def test_world_size_before_the_state_exists_starts_no_process_group(tmp_path):
+    """Read before the launch is set up (a real run's recipe check): creating accelerate's state there would join a
+    process group of two that never forms (this process would hang; the timeout fails the test)."""
+    script = tmp_path / "read.py"
+    script.write_text(UNSTARTED)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "CUDA_VISIBLE_DEVICES": "",
+        "WORLD_SIZE": "2",
+        "RANK": "1",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29591",
+    }
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "READ 2 False True False" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("word", "expected"), [("1", True), ("yes", True), ("On", True), ("off", False), ("N", False)]
+)
+def test_launch_flags_read_as_accelerate_reads_them(launched, word, expected):
+    launched("fsdp", FSDP_USE_ORIG_PARAMS=word, FSDP_VERSION="1")
+    assert detect_launch(training_args()).fsdp_use_orig_params is expected
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"FSDP_USE_ORIG_PARAMS": "maybe", "FSDP_VERSION": "1"}, "`FSDP_USE_ORIG_PARAMS: maybe`"),
+        ({"FSDP_CPU_RAM_EFFICIENT_LOADING": "sometimes"}, "`FSDP_CPU_RAM_EFFICIENT_LOADING: sometimes`"),
+    ],
+)
+def test_a_launch_flag_that_is_no_boolean_is_refused_in_one_line(launched, env, needle):
+    """accelerate's FSDP plugin would stop on the word later (`str_to_bool`); the old reading took it as false."""
+    launched("fsdp", **env)
+    with pytest.raises(SFTKeyError) as error:
+        detect_launch(training_args())
+    assert_one_line_with(error, needle, "true or false")
 
 
 # ---------------------------------------------------------------- device map ----------------------------------------
