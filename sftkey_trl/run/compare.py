@@ -9,13 +9,12 @@ import math
 import statistics
 from pathlib import Path
 
-from ..evaluation.metrics import DEFAULT_METRIC, REPORTED
+from ..evaluation.metrics import DEFAULT_METRIC, reported
 from ..files import plain, write_json, write_text
+from .report import markdown_table
 from .variants import MATCHED, PAPER
 
 logger = logging.getLogger(__name__)
-
-METRICS = [metric.name for metric in REPORTED]
 
 
 def arm_configuration(variant, script_args, training_args, model_args) -> str:
@@ -65,7 +64,7 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
 def paired(per_seed: dict[str, dict[int, dict]], a: str, b: str) -> dict:
     """Per metric: mean and 95% CI of `a - b` over the seeds both variants ran with (same seed, same data order)."""
     result = {}
-    for metric in METRICS:
+    for metric in (m.name for m in reported()):
         seeds = [s for s in per_seed[a] if s in per_seed[b]
                  and per_seed[a][s].get(metric) is not None and per_seed[b][s].get(metric) is not None]  # fmt: skip
         if seeds:
@@ -83,7 +82,7 @@ def summarise_variants(per_seed: dict[str, dict[int, dict]], reference: str = PA
     table, compute = {}, {}
     for variant, runs in per_seed.items():
         table[variant] = {}
-        for metric in METRICS:
+        for metric in (m.name for m in reported()):
             values = [run[metric] for run in runs.values() if run.get(metric) is not None]
             if values:
                 mean, half = mean_ci(values)
@@ -103,18 +102,16 @@ def summarise_variants(per_seed: dict[str, dict[int, dict]], reference: str = PA
             "versus": versus, "matched": matched}  # fmt: skip
 
 
+def _difference(row: dict, metric: str, several_seeds: bool) -> str:
+    if metric not in row:
+        return "-"
+    mean, half = row[metric]["mean"], row[metric]["ci95"]
+    return f"{mean:+.3f} ± {half:.3f}{' *' if abs(mean) > half and several_seeds else ''}"
+
+
 def _difference_table(title: str, rows: dict, metrics: list[str], several_seeds: bool) -> list[str]:
-    lines = ["", title, "", "| variant | " + " | ".join(metrics) + " |", "| --- " * (len(metrics) + 1) + "|"]
-    for other, row in rows.items():
-        cells = []
-        for m in metrics:
-            if m not in row:
-                cells.append("-")
-                continue
-            mean, half = row[m]["mean"], row[m]["ci95"]
-            cells.append(f"{mean:+.3f} ± {half:.3f}{' *' if abs(mean) > half and several_seeds else ''}")
-        lines.append(f"| {other} | " + " | ".join(cells) + " |")
-    return lines
+    cells = [[other, *(_difference(row, m, several_seeds) for m in metrics)] for other, row in rows.items()]
+    return ["", title, "", *markdown_table(["variant", *metrics], cells)]
 
 
 def _baseline_label(summary: dict, baseline: str) -> str:
@@ -131,16 +128,16 @@ def _baseline_label(summary: dict, baseline: str) -> str:
 def markdown(summary: dict, descriptions: dict[str, str], seeds: list[int], metric: str = DEFAULT_METRIC) -> str:
     """The comparison as Markdown tables: arms ranked by `metric` (mean ± 95% CI, compute), then the paired
     differences."""
-    metrics = [m for m in METRICS if any(m in row for row in summary["variants"].values())]
+    metrics = [m.name for m in reported() if any(m.name in row for row in summary["variants"].values())]
     ranked = sorted(summary["variants"], key=lambda v: -summary["variants"][v].get(metric, {}).get("mean", -1))
-    lines = [f"## Variants, ranked by {metric} ({len(seeds)} seeds: {', '.join(map(str, seeds))}; mean ± 95% CI)",
-             "", "| variant | " + " | ".join(metrics) + " | steps | tokens | what it is |",
-             "| --- " * (len(metrics) + 4) + "|"]  # fmt: skip
+    rows = []
     for variant in ranked:
         row, compute = summary["variants"][variant], summary["compute"].get(variant, {})
         cells = [f"{row[m]['mean']:.3f} ± {row[m]['ci95']:.3f}" if m in row else "-" for m in metrics]
         cells += [f"{compute.get('optimizer_steps', 0):.0f}", f"{compute.get('train_tokens', 0):,.0f}"]
-        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {descriptions.get(variant, '')} |")
+        rows.append([variant, *cells, descriptions.get(variant, "")])
+    lines = [f"## Variants, ranked by {metric} ({len(seeds)} seeds: {', '.join(map(str, seeds))}; mean ± 95% CI)", ""]
+    lines += markdown_table(["variant", *metrics, "steps", "tokens", "what it is"], rows)
     several = len(seeds) > 1
     if summary["differences"]:
         title = f"## Paired difference: {summary['reference']} minus each variant (same seed; 95% CI)"
@@ -171,7 +168,8 @@ def plot(summary: dict, path: Path, baseline: str = "sft_continue") -> None:
         means = [summary["variants"][v].get(metric, {}).get("mean", 0) for v in variants]
         errors = [summary["variants"][v].get(metric, {}).get("ci95", 0) for v in variants]
         clipped = [[min(e, m) for m, e in zip(means, errors)], [min(e, 1 - m) for m, e in zip(means, errors)]]
-        ax.bar([i + offset for i in range(len(variants))], means, width, yerr=clipped, capsize=4, label=metric)
+        label = next(m.title for m in reported() if m.name == metric)
+        ax.bar([i + offset for i in range(len(variants))], means, width, yerr=clipped, capsize=4, label=label)
     ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("mean over seeds (95% CI, clipped to [0, 1])")
