@@ -1,6 +1,6 @@
 """The comparison's statistics and reports: mean and exact Student-t 95% intervals per arm, paired differences
 against the paper's arm and against the baselines, compute per arm, ranked on a named metric. The arms themselves
-are in `variants.py`; `recipes/compare.py` runs them."""
+are in `variants.py`; `comparison.py` (behind `recipes/compare.py`) runs them."""
 
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ logger = logging.getLogger(__name__)
 
 def arm_configuration(variant, script_args, training_args, model_args) -> str:
     """A hash of everything that decides an arm's numbers but its seed: the recipe's data, model and training keys
-    (not those that only say where or how often things are written) and the arm's own stages and format."""
+    (not those that only say where or how often things are written) and the arm's own stages and format (not its
+    description: rewording one keeps its measured seeds)."""
     from .plan import NON_RESULT_KEYS, config_hash
 
-    skip = NON_RESULT_KEYS | {"seed", "stages"}
+    skip = NON_RESULT_KEYS | {"seed", "stages", "description"}
     sections = {"data": script_args, "model": model_args, "training": training_args, "variant": variant}
     return config_hash({name: {k: v for k, v in plain(obj).items() if k not in skip and not k.startswith("_")}
                         for name, obj in sections.items()})  # fmt: skip
