@@ -62,16 +62,19 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return average, float(t.ppf(0.975, n - 1)) * statistics.stdev(values) / math.sqrt(n)
 
 
+def _interval(values: list[float]) -> dict:
+    mean, half = mean_ci(values)
+    return {"mean": mean, "ci95": half, "values": values}
+
+
 def paired(per_seed: dict[str, dict[int, dict]], a: str, b: str) -> dict:
     """Per metric: mean and 95% CI of `a - b` over the seeds both variants ran with (same seed, same data order)."""
     result = {}
     for metric in (m.name for m in reported()):
-        seeds = [s for s in per_seed[a] if s in per_seed[b]
-                 and per_seed[a][s].get(metric) is not None and per_seed[b][s].get(metric) is not None]  # fmt: skip
-        if seeds:
-            deltas = [per_seed[a][s][metric] - per_seed[b][s][metric] for s in seeds]
-            mean, half = mean_ci(deltas)
-            result[metric] = {"mean": mean, "ci95": half, "values": deltas}
+        pairs = [(run.get(metric), per_seed[b].get(seed, {}).get(metric)) for seed, run in per_seed[a].items()]
+        deltas = [x - y for x, y in pairs if x is not None and y is not None]
+        if deltas:
+            result[metric] = _interval(deltas)
     return result
 
 
@@ -82,12 +85,8 @@ def summarise_variants(per_seed: dict[str, dict[int, dict]], reference: str = PA
     really took `reference`'s steps in every seed."""
     table, compute = {}, {}
     for variant, runs in per_seed.items():
-        table[variant] = {}
-        for metric in (m.name for m in reported()):
-            values = [run[metric] for run in runs.values() if run.get(metric) is not None]
-            if values:
-                mean, half = mean_ci(values)
-                table[variant][metric] = {"mean": mean, "ci95": half, "values": values}
+        values = {m.name: [run[m.name] for run in runs.values() if run.get(m.name) is not None] for m in reported()}
+        table[variant] = {metric: _interval(found) for metric, found in values.items() if found}
         compute[variant] = {key: statistics.fmean(run.get(key, 0) for run in runs.values()) if runs else 0
                             for key in ("optimizer_steps", "train_tokens")}  # fmt: skip
     others = [v for v in per_seed if v != reference]
