@@ -1,7 +1,7 @@
 """Scoring: each generation judged against its gold answer, and the metrics every report reads, in one list.
 
-A new metric is one `Metric` entry in `METRICS`: the results table, `results.md`, the comparison and keep-best
-(which selects on a named metric) all read this list.
+A new metric is one `Metric` entry in `METRICS`: the terminal table, `results.md`, the plots, the model card, the
+comparison and keep-best (which selects on a named metric) all read this list when they run.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class Metric:
     reported: bool = False  # a column of the results tables and of the comparison
     higher_is_better: bool | None = True  # None: no direction (it describes generations, it does not score them)
     answer_types: tuple[str, ...] = ANSWER_TYPES  # the answer types it is defined for (None for the others)
+    title: str = ""  # a reported metric's row label in the terminal table and the card
 
 
 def _rate(key: str, rows: list[dict]) -> float:
@@ -46,13 +47,14 @@ def _judged_rate(key: str) -> Callable[[list[dict], str], float | None]:
 
 METRICS: list[Metric] = [
     Metric("accuracy", "acc", "the answer in the answer slot (tags or answer line) matches the gold answer",
-           lambda r, t: _rate("correct", r), reported=True),
+           lambda r, t: _rate("correct", r), reported=True, title="accuracy"),
     Metric("lenient_accuracy", "lenient", "accuracy counting the last number of a generation without an answer slot",
            lambda r, t: _rate("lenient_correct", r)),
     Metric("format_accuracy", "fmt", "generation has the trained response format",
-           lambda r, t: _rate("format_ok", r), reported=True),
+           lambda r, t: _rate("format_ok", r), reported=True, title="format accuracy"),
     Metric("composite", "0.7a+0.3f", "the paper's composite: 0.7 accuracy + 0.3 format accuracy",
-           lambda r, t: composite_score(_rate("correct", r), _rate("format_ok", r)), reported=True),
+           lambda r, t: composite_score(_rate("correct", r), _rate("format_ok", r)), reported=True,
+           title="composite (0.7 acc + 0.3 fmt)"),
     Metric("accuracy_given_format", "acc|fmt", "accuracy among well-formatted generations",
            lambda r, t: _rate("correct", [p for p in r if p["format_ok"]])),
     Metric("strict_accuracy", "strict", "correct and well formatted",
@@ -60,23 +62,30 @@ METRICS: list[Metric] = [
     Metric("last_number_fallback_rate", "fallback", "answers taken from the last number (no answer slot)",
            lambda r, t: sum(p["extraction_method"] == "last_number" for p in r) / len(r), higher_is_better=False),
     Metric("reasoning_final_accuracy", "reas", "the reasoning's final value matches the gold answer",
-           _judged_rate("reasoning_final_correct"), reported=True, answer_types=NUMERIC),
+           _judged_rate("reasoning_final_correct"), reported=True, answer_types=NUMERIC,
+           title="reasoning reaches gold answer"),
     Metric("answer_reasoning_consistency", "consist", "the answer equals the reasoning's final value",
-           _judged_rate("consistent"), reported=True, answer_types=NUMERIC),
+           _judged_rate("consistent"), reported=True, answer_types=NUMERIC, title="answer follows reasoning"),
     Metric("reasoning_reference_accuracy", "reas=ref",
            "the reasoning's final value matches the reference reasoning's (rows whose reference states one): "
            "whether the reasoning is right even where the answer transforms it",
-           _judged_rate("reasoning_matches_reference"), reported=True, answer_types=NUMERIC),
+           _judged_rate("reasoning_matches_reference"), reported=True, answer_types=NUMERIC,
+           title="reasoning reaches reference"),
     Metric("mean_generated_tokens", "tokens", "mean generated tokens per example",
-           lambda r, t: mean(p["generated_tokens"] for p in r), reported=True, higher_is_better=False),
+           lambda r, t: mean(p["generated_tokens"] for p in r), reported=True, higher_is_better=False,
+           title="generated tokens (mean)"),
     Metric("mean_reasoning_length", "reas len", "mean reasoning length in characters",
            lambda r, t: mean(p["reasoning_length"] for p in r), higher_is_better=None),
 ]  # fmt: skip
 METRIC_NAMES = [metric.name for metric in METRICS]
-BY_NAME = {metric.name: metric for metric in METRICS}
 DEFAULT_METRIC = "accuracy"
 NO_ANSWER_SLOT = ("last_number", "none")  # extraction methods that found no answer tag / answer line
-REPORTED = [metric for metric in METRICS if metric.reported]
+
+
+def reported() -> list[Metric]:
+    """The metrics shown in every results table, the card and the comparison, in `METRICS`' order (read at call
+    time, so a new entry needs nothing else)."""
+    return [metric for metric in METRICS if metric.reported]
 
 
 def selectable(answer_type: str) -> list[str]:
@@ -87,7 +96,7 @@ def selectable(answer_type: str) -> list[str]:
 def selection_problem(name: str, answer_type: str) -> str | None:
     """Why keep_best (which keeps the highest score) cannot select on metric `name` for `answer_type` answers, as
     the end of a sentence about `metric_for_best_model: <name>`; None when it can."""
-    metric, valid = BY_NAME.get(name), selectable(answer_type)
+    metric, valid = next((m for m in METRICS if m.name == name), None), selectable(answer_type)
     use = f"use one of {', '.join(valid)}"
     if metric is None:
         return f"is not an evaluation metric keep_best can select on{closest(name, valid)}; {use}"

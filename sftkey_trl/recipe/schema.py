@@ -11,8 +11,10 @@ from typing import Any
 
 from trl import ModelConfig, SFTConfig
 
+from ..data.adapters import ADAPTERS
 from ..data.formatting import RESPONSE_FORMATS, Tags
 from ..evaluation.answers import ANSWER_TYPES
+from ..train.objectives import OBJECTIVES
 
 DEMO_RECIPE = "recipes/demo/sftkey_tiny.yaml"  # run.py with no --config
 COMPARE_DEMO_RECIPE = "recipes/demo/remainder.yaml"  # compare.py with no --config: a task with headroom
@@ -41,13 +43,13 @@ class SFTKeyScriptArguments:
     dataset_split: str | None = field(default=None, metadata={"help": "Training split (default: the adapter's)."})
     dataset_format: str = field(
         default="generic",
-        metadata={"help": "Adapter: generic, gsm8k, openr1_math, openbookqa, cot_collection, math."},
+        metadata={"help": f"Adapter: {', '.join(ADAPTERS)}."},
     )
     question_field: str = field(default="question", metadata={"help": "generic adapter: question column."})
     reasoning_field: str = field(default="reasoning", metadata={"help": "generic adapter: reasoning column."})
     answer_field: str = field(default="answer", metadata={"help": "generic adapter: answer column."})
     answer_type: str | None = field(
-        default=None, metadata={"help": "numeric, math, multiple_choice or text (default: the adapter's)."}
+        default=None, metadata={"help": f"{', '.join(CHOICES['answer_type'][1:])} (default: the adapter's)."}
     )
     eval_dataset_name: str | None = field(default=None, metadata={"help": "Evaluation dataset (id or local file)."})
     eval_dataset_config: str | None = field(default=None, metadata={"help": "Evaluation dataset config name."})
@@ -89,7 +91,7 @@ class SFTKeyConfig(SFTConfig):
 
     stages: list[dict] = field(
         default_factory=lambda: [dict(stage) for stage in PAPER_STAGES],
-        metadata={"help": "Stages in order: each has name, loss_on (completion|key) and training-argument overrides."},
+        metadata={"help": f"Stages in order, each: name, loss_on ({'|'.join(OBJECTIVES)}), training overrides."},
     )
     global_batch_size: int | None = field(
         default=None,

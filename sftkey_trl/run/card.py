@@ -11,8 +11,9 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..files import read_json
+from ..train.objectives import Stage
 from .diagnosis import diagnose
-from .report import METRIC_LABELS, _cell, result_rows
+from .report import _cell, markdown_table, metric_rows, result_rows
 
 TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}\n"
 FORMS = {
@@ -95,41 +96,32 @@ def is_hub_id(name: str | None) -> bool:
 
 
 def objective(stage: dict) -> str:
-    """What a stage's loss is on, in words, from its resolved `Stage` entry in the manifest."""
-    if stage.get("loss_on") == "completion":
-        text = "the whole response (reasoning and answer)"
-    else:
-        text = "the final-answer (key) tokens only"
-        if stage.get("reasoning_weight"):
-            text += f", reasoning tokens at weight {stage['reasoning_weight']:g}"
-        if stage.get("loss_normalization") == "completion_tokens":
-            text += ", summed over the response's token count"
+    """What a stage's loss is on, in words, from its resolved `Stage` entry in the manifest (`Stage.summary`)."""
+    text = Stage(**{key: value for key, value in stage.items() if key in Stage.__dataclass_fields__}).summary
     return text + ("; best checkpoint kept (keep_best)" if stage.get("keep_best") else "")
 
 
 def stages_section(output_dir: Path, results: dict) -> list[str]:
     manifest = read_json(output_dir / "manifest.json", {}) or {}
-    lines = ["| stage | loss on | " + " | ".join(title for _, title in SETTINGS) + " | global batch | kept |"]
-    lines.append("| --- " * (len(SETTINGS) + 4) + "|")
+    rows = []
     for name, entry in manifest.get("stages", {}).items():
         config = entry.get("config", {})
         training = config.get("training", {})
         summary = results.get("stages", {}).get(name, {}).get("training", {})
         kept = summary.get("keep_best", {}).get("kept", "final weights")
-        settings = " | ".join(_setting(training.get(key)) for key, _ in SETTINGS)
-        batch = _cell(summary.get("global_batch_size"))
-        lines.append(f"| {name} | {objective(config.get('stage', {}))} | {settings} | {batch} | {kept} |")
-    return lines
+        settings = [_setting(training.get(key)) for key, _ in SETTINGS]
+        rows.append(
+            [name, objective(config.get("stage", {})), *settings, _cell(summary.get("global_batch_size")), kept]
+        )
+    return markdown_table(["stage", "loss on", *(title for _, title in SETTINGS), "global batch", "kept"], rows)
 
 
 def results_section(results: dict) -> list[str]:
     rows = result_rows(results)
     if not any("accuracy" in metrics for _, metrics in rows):
         return ["No evaluation was run (`eval_after_stages: false` or no evaluation data)."]
-    lines = ["| metric | " + " | ".join(name for name, _ in rows) + " |", "| --- " * (len(rows) + 1) + "|"]
-    for key, label in METRIC_LABELS.items():
-        lines.append(f"| {label} | " + " | ".join(_cell(metrics.get(key)) for _, metrics in rows) + " |")
-    return lines
+    table = [[label] + [_cell(metrics.get(key)) for _, metrics in rows] for key, label in metric_rows().items()]
+    return markdown_table(["metric"] + [name for name, _ in rows], table)
 
 
 def comparison_section(output_dir: Path, stages) -> list[str]:

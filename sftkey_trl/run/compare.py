@@ -1,6 +1,6 @@
 """The comparison's statistics and reports: mean and exact Student-t 95% intervals per arm, paired differences
 against the paper's arm and against the baselines, compute per arm, ranked on a named metric. The arms themselves
-are in `variants.py`; `recipes/compare.py` runs them."""
+are in `variants.py`; `comparison.py` (behind `recipes/compare.py`) runs them."""
 
 from __future__ import annotations
 
@@ -9,21 +9,21 @@ import math
 import statistics
 from pathlib import Path
 
-from ..evaluation.metrics import DEFAULT_METRIC, REPORTED
+from ..evaluation.metrics import DEFAULT_METRIC, reported
 from ..files import plain, write_json, write_text
+from .report import markdown_table
 from .variants import MATCHED, PAPER
 
 logger = logging.getLogger(__name__)
 
-METRICS = [metric.name for metric in REPORTED]
-
 
 def arm_configuration(variant, script_args, training_args, model_args) -> str:
     """A hash of everything that decides an arm's numbers but its seed: the recipe's data, model and training keys
-    (not those that only say where or how often things are written) and the arm's own stages and format."""
+    (not those that only say where or how often things are written) and the arm's own stages and format (not its
+    description: rewording one keeps its measured seeds)."""
     from .plan import NON_RESULT_KEYS, config_hash
 
-    skip = NON_RESULT_KEYS | {"seed", "stages"}
+    skip = NON_RESULT_KEYS | {"seed", "stages", "description"}
     sections = {"data": script_args, "model": model_args, "training": training_args, "variant": variant}
     return config_hash({name: {k: v for k, v in plain(obj).items() if k not in skip and not k.startswith("_")}
                         for name, obj in sections.items()})  # fmt: skip
@@ -62,16 +62,19 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return average, float(t.ppf(0.975, n - 1)) * statistics.stdev(values) / math.sqrt(n)
 
 
+def _interval(values: list[float]) -> dict:
+    mean, half = mean_ci(values)
+    return {"mean": mean, "ci95": half, "values": values}
+
+
 def paired(per_seed: dict[str, dict[int, dict]], a: str, b: str) -> dict:
     """Per metric: mean and 95% CI of `a - b` over the seeds both variants ran with (same seed, same data order)."""
     result = {}
-    for metric in METRICS:
-        seeds = [s for s in per_seed[a] if s in per_seed[b]
-                 and per_seed[a][s].get(metric) is not None and per_seed[b][s].get(metric) is not None]  # fmt: skip
-        if seeds:
-            deltas = [per_seed[a][s][metric] - per_seed[b][s][metric] for s in seeds]
-            mean, half = mean_ci(deltas)
-            result[metric] = {"mean": mean, "ci95": half, "values": deltas}
+    for metric in (m.name for m in reported()):
+        pairs = [(run.get(metric), per_seed[b].get(seed, {}).get(metric)) for seed, run in per_seed[a].items()]
+        deltas = [x - y for x, y in pairs if x is not None and y is not None]
+        if deltas:
+            result[metric] = _interval(deltas)
     return result
 
 
@@ -82,12 +85,8 @@ def summarise_variants(per_seed: dict[str, dict[int, dict]], reference: str = PA
     really took `reference`'s steps in every seed."""
     table, compute = {}, {}
     for variant, runs in per_seed.items():
-        table[variant] = {}
-        for metric in METRICS:
-            values = [run[metric] for run in runs.values() if run.get(metric) is not None]
-            if values:
-                mean, half = mean_ci(values)
-                table[variant][metric] = {"mean": mean, "ci95": half, "values": values}
+        values = {m.name: [run[m.name] for run in runs.values() if run.get(m.name) is not None] for m in reported()}
+        table[variant] = {metric: _interval(found) for metric, found in values.items() if found}
         compute[variant] = {key: statistics.fmean(run.get(key, 0) for run in runs.values()) if runs else 0
                             for key in ("optimizer_steps", "train_tokens")}  # fmt: skip
     others = [v for v in per_seed if v != reference]
@@ -103,18 +102,16 @@ def summarise_variants(per_seed: dict[str, dict[int, dict]], reference: str = PA
             "versus": versus, "matched": matched}  # fmt: skip
 
 
+def _difference(row: dict, metric: str, several_seeds: bool) -> str:
+    if metric not in row:
+        return "-"
+    mean, half = row[metric]["mean"], row[metric]["ci95"]
+    return f"{mean:+.3f} ± {half:.3f}{' *' if abs(mean) > half and several_seeds else ''}"
+
+
 def _difference_table(title: str, rows: dict, metrics: list[str], several_seeds: bool) -> list[str]:
-    lines = ["", title, "", "| variant | " + " | ".join(metrics) + " |", "| --- " * (len(metrics) + 1) + "|"]
-    for other, row in rows.items():
-        cells = []
-        for m in metrics:
-            if m not in row:
-                cells.append("-")
-                continue
-            mean, half = row[m]["mean"], row[m]["ci95"]
-            cells.append(f"{mean:+.3f} ± {half:.3f}{' *' if abs(mean) > half and several_seeds else ''}")
-        lines.append(f"| {other} | " + " | ".join(cells) + " |")
-    return lines
+    cells = [[other, *(_difference(row, m, several_seeds) for m in metrics)] for other, row in rows.items()]
+    return ["", title, "", *markdown_table(["variant", *metrics], cells)]
 
 
 def _baseline_label(summary: dict, baseline: str) -> str:
@@ -131,16 +128,16 @@ def _baseline_label(summary: dict, baseline: str) -> str:
 def markdown(summary: dict, descriptions: dict[str, str], seeds: list[int], metric: str = DEFAULT_METRIC) -> str:
     """The comparison as Markdown tables: arms ranked by `metric` (mean ± 95% CI, compute), then the paired
     differences."""
-    metrics = [m for m in METRICS if any(m in row for row in summary["variants"].values())]
+    metrics = [m.name for m in reported() if any(m.name in row for row in summary["variants"].values())]
     ranked = sorted(summary["variants"], key=lambda v: -summary["variants"][v].get(metric, {}).get("mean", -1))
-    lines = [f"## Variants, ranked by {metric} ({len(seeds)} seeds: {', '.join(map(str, seeds))}; mean ± 95% CI)",
-             "", "| variant | " + " | ".join(metrics) + " | steps | tokens | what it is |",
-             "| --- " * (len(metrics) + 4) + "|"]  # fmt: skip
+    rows = []
     for variant in ranked:
         row, compute = summary["variants"][variant], summary["compute"].get(variant, {})
         cells = [f"{row[m]['mean']:.3f} ± {row[m]['ci95']:.3f}" if m in row else "-" for m in metrics]
         cells += [f"{compute.get('optimizer_steps', 0):.0f}", f"{compute.get('train_tokens', 0):,.0f}"]
-        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {descriptions.get(variant, '')} |")
+        rows.append([variant, *cells, descriptions.get(variant, "")])
+    lines = [f"## Variants, ranked by {metric} ({len(seeds)} seeds: {', '.join(map(str, seeds))}; mean ± 95% CI)", ""]
+    lines += markdown_table(["variant", *metrics, "steps", "tokens", "what it is"], rows)
     several = len(seeds) > 1
     if summary["differences"]:
         title = f"## Paired difference: {summary['reference']} minus each variant (same seed; 95% CI)"
@@ -171,7 +168,8 @@ def plot(summary: dict, path: Path, baseline: str = "sft_continue") -> None:
         means = [summary["variants"][v].get(metric, {}).get("mean", 0) for v in variants]
         errors = [summary["variants"][v].get(metric, {}).get("ci95", 0) for v in variants]
         clipped = [[min(e, m) for m, e in zip(means, errors)], [min(e, 1 - m) for m, e in zip(means, errors)]]
-        ax.bar([i + offset for i in range(len(variants))], means, width, yerr=clipped, capsize=4, label=metric)
+        label = next(m.title for m in reported() if m.name == metric)
+        ax.bar([i + offset for i in range(len(variants))], means, width, yerr=clipped, capsize=4, label=label)
     ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("mean over seeds (95% CI, clipped to [0, 1])")

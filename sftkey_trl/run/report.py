@@ -7,10 +7,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ..evaluation.metrics import REPORTED
+from ..evaluation.metrics import reported
 from .diagnosis import diagnose
-
-COLUMNS = [(metric.name, metric.label) for metric in REPORTED] + [("num_examples", "n")]
 
 
 def result_rows(results: dict) -> list[tuple[str, dict]]:
@@ -25,17 +23,15 @@ def _cell(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-# Row labels of the terminal table: one row per metric, one column per evaluated model, so it fits in 80 columns
-METRIC_LABELS = {
-    "accuracy": "accuracy",
-    "format_accuracy": "format accuracy",
-    "composite": "composite (0.7 acc + 0.3 fmt)",
-    "reasoning_final_accuracy": "reasoning reaches gold answer",
-    "answer_reasoning_consistency": "answer follows reasoning",
-    "reasoning_reference_accuracy": "reasoning reaches reference",
-    "mean_generated_tokens": "generated tokens (mean)",
-    "num_examples": "examples",
-}
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    """A Markdown table's lines: the header, the `---` rule, then one line per row of cells."""
+    return ["| " + " | ".join(map(str, cells)) + " |" for cells in [header, ["---"] * len(header), *rows]]
+
+
+def metric_rows() -> dict[str, str]:
+    """Row labels of the terminal table and the card (one row per reported metric, one column per evaluated model,
+    so it fits in 80 columns), from the `Metric` entries."""
+    return {metric.name: metric.title or metric.name for metric in reported()} | {"num_examples": "examples"}
 
 
 def _short(key: str, value) -> str:
@@ -45,13 +41,13 @@ def _short(key: str, value) -> str:
 def results_table(results: dict, output_dir: Path) -> Table:
     """The metrics as rows and the evaluated models (base, then each stage) as columns. Labels and numbers are
     never cut; a model name too long for the width wraps onto a second header line."""
-    rows = result_rows(results)
-    cells = {name: [_short(key, metrics.get(key)) for key in METRIC_LABELS] for name, metrics in rows}
+    rows, labels = result_rows(results), metric_rows()
+    cells = {name: [_short(key, metrics.get(key)) for key in labels] for name, metrics in rows}
     table = Table(title="SFTKey results", caption=str(output_dir / "results.json"), expand=False)
-    table.add_column("metric", no_wrap=True, min_width=max(map(len, METRIC_LABELS.values())))
+    table.add_column("metric", no_wrap=True, min_width=max(map(len, labels.values())))
     for name, _ in rows:
         table.add_column(name, justify="right", overflow="fold", min_width=max(map(len, cells[name])))
-    for index, label in enumerate(METRIC_LABELS.values()):
+    for index, label in enumerate(labels.values()):
         table.add_row(label, *(cells[name][index] for name, _ in rows))
     return table
 
@@ -66,29 +62,27 @@ def print_results(results: dict, output_dir: Path, console: Console | None = Non
 
 def results_markdown(results: dict) -> str:
     """`results.md`: the metrics table plus each stage's training summary."""
-    header = "| stage | " + " | ".join(title for _, title in COLUMNS) + " |"
+    columns = [(metric.name, metric.label) for metric in reported()] + [("num_examples", "n")]
     lines = ["# SFTKey results", ""]
     if results.get("selected_on_test"):
         lines += ["**keep_best selected checkpoints on the evaluation set (`select_on_test: true`): optimistic.**", ""]
-    lines += [header, "| --- " * (len(COLUMNS) + 1) + "|"]
-    for name, metrics in result_rows(results):
-        lines.append(f"| {name} | " + " | ".join(_cell(metrics.get(key)) for key, _ in COLUMNS) + " |")
-    lines += ["", "| stage | loss on | train loss | seconds | tokens/s | global batch | kept |", "| --- " * 7 + "|"]
+    rows = [[name] + [_cell(metrics.get(key)) for key, _ in columns] for name, metrics in result_rows(results)]
+    lines += markdown_table(["stage"] + [title for _, title in columns], rows)
+    rows = []
     for name, entry in results.get("stages", {}).items():
         training = entry.get("training", {})
+        keys = ("train_loss", "train_seconds", "tokens_per_second", "global_batch_size")
         kept = training.get("keep_best", {}).get("kept", "final weights")
-        lines.append(
-            f"| {name} | {entry.get('loss_on', '-')} | {_cell(training.get('train_loss'))} | "
-            f"{_cell(training.get('train_seconds'))} | {_cell(training.get('tokens_per_second'))} | "
-            f"{_cell(training.get('global_batch_size'))} | {kept} |"
-        )
+        rows.append([name, entry.get("loss_on", "-"), *(_cell(training.get(key)) for key in keys), kept])
+    header = ["stage", "loss on", "train loss", "seconds", "tokens/s", "global batch", "kept"]
+    lines += ["", *markdown_table(header, rows)]
     if summary := diagnose(results):
         lines += ["", "## What the numbers say", "", *(f"- {line}" for line in summary)]
     return "\n".join(lines) + "\n"
 
 
 def plot_results(results: dict, output_dir: Path) -> None:
-    """`stages.png`: accuracy, format accuracy and reasoning diagnostics per stage; `training_curves.png`: the
+    """`stages.png`: the reported scores (`Metric.reported`, higher is better) per stage; `training_curves.png`: the
     reasoning-token and key-token losses over each stage's steps."""
     import json
 
@@ -98,12 +92,12 @@ def plot_results(results: dict, output_dir: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result_rows(results)
-    metrics = ["accuracy", "format_accuracy", "reasoning_final_accuracy", "answer_reasoning_consistency"]
+    metrics = [metric for metric in reported() if metric.higher_is_better]  # the scores, all rates in [0, 1]
     fig, ax = plt.subplots(figsize=(2 + 1.5 * max(1, len(rows)), 3.6))
     width = 0.8 / len(metrics)
     for k, metric in enumerate(metrics):
-        values = [m.get(metric) or 0.0 for _, m in rows]
-        ax.bar([i + (k - 1.5) * width for i in range(len(rows))], values, width, label=metric)
+        values = [m.get(metric.name) or 0.0 for _, m in rows]
+        ax.bar([i + (k - (len(metrics) - 1) / 2) * width for i in range(len(rows))], values, width, label=metric.title)
     ax.set_xticks(range(len(rows)), [name for name, _ in rows])
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7, loc="lower left")

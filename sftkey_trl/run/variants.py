@@ -45,12 +45,11 @@ class Variant:
     match_steps_of: tuple[Stage, ...] | None = None
 
 
-def _length(args) -> str:
-    return f"{args.max_steps} steps" if args.max_steps and args.max_steps > 0 else f"{args.num_train_epochs:g} ep"
-
-
-def _settings(args) -> str:
-    return f"{_length(args)}, lr {args.learning_rate:g}"
+def _settings(stage: Stage, args) -> str:
+    length = f"{args.max_steps} steps" if args.max_steps and args.max_steps > 0 else f"{args.num_train_epochs:g} ep"
+    if stage.patience is not None:
+        return f"to convergence: patience {stage.patience}, at most {length}, lr {args.learning_rate:g}"
+    return f"{length}, lr {args.learning_rate:g}" + (", keeping its best checkpoint" if stage.keep_best else "")
 
 
 def build_variants(
@@ -60,7 +59,8 @@ def build_variants(
     converge: tuple[int, float] | None = None,
     key_weights: list[float] = (),
 ) -> dict[str, Variant]:
-    """Every arm of the comparison, from the recipe's stage 1 and stage 2 (see the module docstring).
+    """Every arm of the comparison, from the recipe's stage 1 and stage 2 (see the module docstring). An arm's
+    description is built from its stages (each one's `Stage.summary` and settings) plus what they do not say.
 
     Stage 1 keeps the recipe's own `keep_best` and `patience`, so a recipe whose stage 1 trains to convergence
     (recipes/demo/remainder.yaml) gives a converged stage 1 to every arm built on it.
@@ -79,8 +79,6 @@ def build_variants(
     def args_of(stage: Stage):
         return stage_training_args(training_args, stage, "unused")
 
-    args_1, args_2 = args_of(first), args_of(second)
-    s1, s2 = _settings(args_1), _settings(args_2)
     # Stage 1 as the recipe writes it, its own convergence (keep_best + patience) included
     sft = Stage(name="sft", loss_on="completion", keep_best=first.keep_best, patience=first.patience,
                 overrides=dict(first.overrides))  # fmt: skip
@@ -88,60 +86,48 @@ def build_variants(
         patience, epochs = converge
         sft = dataclasses.replace(sft, keep_best=True, patience=patience,
                                   overrides={**sft.overrides, "num_train_epochs": epochs})  # fmt: skip
-    if sft.patience is not None:
-        cap = _length(args_of(sft))
-        s1 = f"to convergence: patience {sft.patience}, at most {cap}, lr {args_1.learning_rate:g}"
-    elif sft.keep_best:
-        s1 += ", keeping its best checkpoint"
     key = Stage(name="key", loss_on="key", overrides=dict(second.overrides))  # the paper's: hard mask, no keep_best
     continued = Stage(name="continue", loss_on="completion", overrides=dict(second.overrides))
-    matched = Stage(name="sft", loss_on="completion", overrides=dict(first.overrides))
-    key_from_base = Stage(
-        name="key", loss_on="key", overrides={**first.overrides, "num_train_epochs": args_2.num_train_epochs}
-    )
-    same_lr = {**second.overrides, "learning_rate": args_1.learning_rate}
-    forms = {
-        "sftkey_tag_norm": (dataclasses.replace(key, name="key_norm", loss_normalization="completion_tokens"),
-                            "loss divided by the response tokens (loss_normalization: completion_tokens)"),
-        "sftkey_tag_mix": (dataclasses.replace(key, name="key_mix", reasoning_weight=0.1),
-                           "reasoning tokens weighted 0.1 (reasoning_weight: 0.1)"),
-        "sftkey_tag_dft": (dataclasses.replace(key, name="key_dft", overrides={**key.overrides, "loss_type": "dft"}),
-                           "DFT on the key tokens: each token's loss scaled by its own probability (loss_type: dft)"),
-        "sftkey_tag_best": (dataclasses.replace(key, name="key_best", keep_best=True),
-                            "keeping the best checkpoint on validation, the incoming weights included (keep_best)"),
-        "sftkey_tag_detached": (dataclasses.replace(key, name="key_detached", context="detached"),
-                                "the reasoning as fixed context: no gradient through the prefix (context: detached)"),
-        "sftkey_tag_stage1_lr": (dataclasses.replace(key, name="key_stage1_lr", overrides=same_lr),
-                                 f"at stage 1's learning rate {args_1.learning_rate:g}"),
-    }  # fmt: skip
-    variants = [
-        Variant("sft", "plain", "plain", (sft,), f"plain format, whole response ({s1}), stage 1 only"),
-        Variant("sft_tag", "tags", "tags", (sft,), f"tags, whole response ({s1}), stage 1 only"),
-        Variant("key_tag", "key_only", "tags", (key_from_base,),
-                f"tags, key tokens only from the base model ({_settings(args_of(key_from_base))})"),
-        Variant(PAPER, "tags", "tags", (sft, key),
-                f"tags, stage 1 ({s1}) then the paper's key stage: key tokens only, hard mask, no keep_best ({s2})"),
-        Variant("sft_continue", "tags", "tags", (sft, continued),
-                f"tags, stage 1 ({s1}) then the whole response again with the key stage's steps and schedule ({s2})"),
-        Variant(MATCHED, "matched", "tags", (matched,),
-                f"tags, one whole-response run with as many optimizer steps as {PAPER}'s two stages (one schedule)",
-                match_steps_of=(sft, key)),
-        Variant("recipe", "recipe", recipe_format, tuple(copy.deepcopy(stages)),
-                "the recipe's own stages, exactly as written"),
-        Variant("sft_keyweight", "keyweight", "tags", (dataclasses.replace(sft, key_weight=KEY_WEIGHT),),
-                f"tags, whole response with key tokens weighted {KEY_WEIGHT:g} ({s1}), one stage: sft_tag's compute"),
-        Variant("sft_continue_keyweight", "tags", "tags",
-                (sft, dataclasses.replace(continued, name="continue_keyweight", key_weight=KEY_WEIGHT)),
-                f"sft_continue with key tokens weighted {KEY_WEIGHT:g} in the second stage: the same compute"),
+    epochs_2, lr_1 = args_of(second).num_train_epochs, args_of(first).learning_rate
+    key_from_base = Stage(name="key", loss_on="key", overrides={**first.overrides, "num_train_epochs": epochs_2})
+
+    def form(suffix: str, **changes) -> tuple[Stage, Stage]:  # a stage-2 form on the shared stage 1
+        return sft, dataclasses.replace(key, name=f"key_{suffix}", **changes)
+
+    weighted = dataclasses.replace(sft, key_weight=KEY_WEIGHT)
+    # (name, folder, response format, stages, what the stages' own words do not say)
+    arms = [
+        ("sft", "plain", "plain", (sft,), "stage 1 only"),
+        ("sft_tag", "tags", "tags", (sft,), "stage 1 only"),
+        ("key_tag", "key_only", "tags", (key_from_base,), "from the base model"),
+        (PAPER, "tags", "tags", (sft, key), "the paper's key stage: hard mask, no keep_best"),
+        ("sft_continue", "tags", "tags", (sft, continued), "stage 2 with the key stage's steps and schedule"),
+        (MATCHED, "matched", "tags", (Stage(name="sft", loss_on="completion", overrides=dict(first.overrides)),),
+         f"as many optimizer steps as {PAPER}'s two stages (one schedule)"),
+        ("recipe", "recipe", recipe_format, tuple(copy.deepcopy(stages)), "the recipe's stages, exactly as written"),
+        ("sft_keyweight", "keyweight", "tags", (weighted,), "one stage: sft_tag's compute"),
+        ("sft_continue_keyweight", "tags", "tags",
+         (sft, dataclasses.replace(continued, name="continue_keyweight", key_weight=KEY_WEIGHT)), "the same compute"),
+        ("sftkey_tag_norm", "tags", "tags", form("norm", loss_normalization="completion_tokens"), ""),
+        ("sftkey_tag_mix", "tags", "tags", form("mix", reasoning_weight=0.1), ""),
+        ("sftkey_tag_dft", "tags", "tags", form("dft", overrides={**key.overrides, "loss_type": "dft"}),
+         "DFT on the key tokens: each token's loss scaled by its own probability (loss_type: dft)"),
+        ("sftkey_tag_best", "tags", "tags", form("best", keep_best=True), "the incoming weights included"),
+        ("sftkey_tag_detached", "tags", "tags", form("detached", context="detached"), "no gradient into the prefix"),
+        ("sftkey_tag_stage1_lr", "tags", "tags", form("stage1_lr", overrides={**key.overrides, "learning_rate": lr_1}),
+         "stage 2 at stage 1's learning rate"),
     ]  # fmt: skip
-    variants += [Variant(name, "tags", "tags", (sft, stage), f"{PAPER}'s key stage with {what}")
-                 for name, (stage, what) in forms.items()]  # fmt: skip
-    for weight in key_weights:
-        label = f"{weight:g}"
-        variants.append(Variant(f"sft_keyweight_{label}", f"keyweight_{label}", "tags",
-                                (dataclasses.replace(sft, key_weight=weight),),
-                                f"sft_keyweight with the key tokens weighted {label} ({s1}), one stage"))  # fmt: skip
-    return {variant.name: variant for variant in variants}
+    arms += [(f"sft_keyweight_{w:g}", f"keyweight_{w:g}", "tags", (dataclasses.replace(sft, key_weight=w),), "")
+             for w in key_weights]  # fmt: skip
+    matched = {MATCHED: (sft, key)}
+    return {name: Variant(name, folder, response_format, arm, _describe(response_format, arm, args_of, note),
+                          matched.get(name)) for name, folder, response_format, arm, note in arms}  # fmt: skip
+
+
+def _describe(response_format: str, stages: tuple[Stage, ...], args_of, note: str) -> str:
+    """An arm in words: its format, each stage's objective (`Stage.summary`) and settings, then `note`."""
+    parts = [f"{stage.summary} [{_settings(stage, args_of(stage))}]" for stage in stages]
+    return f"{response_format}: " + ", then ".join(parts) + (f"; {note}" if note else "")
 
 
 DEFAULT_VARIANTS = ["sft", "sft_tag", "key_tag", PAPER, "sft_continue", MATCHED]

@@ -11,7 +11,8 @@ it weighed in stage 1).
 sequence) or `detached` (the reasoning is fixed context: `train/detached.py`).
 
 A new objective is one `Objective` entry in `OBJECTIVES` (plus a field on `Stage` if it has a new key, checked in
-`_check_option`) and its tests; the collator, the trainer, `--inspect` and `--dry_run` read it from here.
+`_check_option`) and its tests; the collator, the trainer, `--inspect`, `--dry_run`, the recipe's help, the model
+card and the comparison's arms read it from here.
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ CONTEXTS = {
 
 @dataclass(frozen=True)
 class Objective:
-    """One kind of stage loss: its per-token weights and the stage keys it accepts."""
+    """One kind of stage loss: its per-token weights, the stage keys it accepts, and what it trains on in words:
+    `description` for `--inspect` and `--dry_run`, `summary` (a few words) for the model card and the comparison."""
 
     name: str
     description: str
+    summary: str
     options: tuple[str, ...]
     weights: Callable[[torch.Tensor, torch.Tensor, Stage], torch.Tensor]
 
@@ -57,12 +60,14 @@ OBJECTIVES: dict[str, Objective] = {
         "completion",
         "every response token, end-of-turn included (stage 1: ordinary completion-only SFT); key tokens weigh "
         "`key_weight`",
+        "the whole response (reasoning and answer)",
         ("loss_normalization", "key_weight"),
         _completion_weights,
     ),
     "key": Objective(
         "key",
         "the key tokens after `</Thinking>` (stage 2: the paper's key stage); reasoning tokens get `reasoning_weight`",
+        "the final-answer (key) tokens only",
         ("loss_normalization", "reasoning_weight", "context"),
         _key_weights,
     ),
@@ -91,6 +96,11 @@ class Stage:
     def description(self) -> str:
         """What the stage trains on and how (`--inspect`, `--dry_run`)."""
         return self.objective.description + CONTEXTS[self.context]
+
+    @property
+    def summary(self) -> str:
+        """The objective's summary and the options that differ from their defaults (the card, the comparison)."""
+        return self.objective.summary + "".join(f", {key}: {value}" for key, value in self.options().items())
 
     def loss_weights(self, completion: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """Per-token loss weights (float32, the masks' shape) from boolean completion and key masks."""
