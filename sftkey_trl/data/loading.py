@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 FILE_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 MAX_CUT_FRACTION = 0.5
+DEMO_SPLITS = ("train", "test")
 ROW_INDEX = "__row_index__"
 
 
@@ -112,8 +113,8 @@ def _load_demo(name: str, split: str, what: str) -> Dataset:
     directory = cache_root() / folder
     if not (directory / "test.jsonl").exists():
         write(directory)
-    if split not in ("train", "test"):
-        raise SFTKeyError(f"the demo dataset has splits train and test, not `{split}`")
+    if split not in DEMO_SPLITS:
+        raise SFTKeyError(f"the demo dataset has splits {' and '.join(DEMO_SPLITS)}, not `{split}`")
     return load_dataset("json", data_files=str(directory / f"{split}.jsonl"), split="train")
 
 

@@ -14,7 +14,10 @@ from typing import Any
 from ..data.adapters import Triple, answer_type_of, get_adapter
 from ..data.formatting import one_answer_slot
 from ..errors import SFTKeyError, closest, first_line, show_value
+from ..evaluation.generation import VLLM_MISSING
 from ..evaluation.metrics import DEFAULT_METRIC, selection_problem
+from ..files import DEMO_PREFIX
+from ..models import check_model_name
 from ..train.distributed import check_sharding_compatibility, detect_launch, resolve_sharding_defaults
 from ..train.objectives import DEFAULTS, LOSS_TYPES, OPTIONS, Stage, _check_option
 from ..train.steps import stage_training_args
@@ -186,16 +189,6 @@ def check_model(model_args) -> None:
         )
 
 
-def check_model_name(name: str) -> None:
-    """The project's own models (`demo:`, `local:`) are named exactly: they are built, not found."""
-    from ..models.smollm2 import LOCAL_NAME, LOCAL_PREFIX
-
-    if name.startswith("demo:") and name != "demo:tiny-llama":
-        raise SFTKeyError(f"`model_name_or_path: {name}` is not a known demo model; use `demo:tiny-llama`")
-    if name.startswith(LOCAL_PREFIX) and name != LOCAL_NAME:
-        raise SFTKeyError(f"`model_name_or_path: {name}` is not a known local model; use `{LOCAL_NAME}`")
-
-
 def check_stage_options(stages: list[Stage]) -> None:
     """Each stage's objective options (`objectives._check_option`), also for stages not built by the parser."""
     for index, stage in enumerate(stages):
@@ -229,7 +222,7 @@ def check_stages(script_args, training_args, stages: list[Stage], processes: lis
     if script_args.eval_backend == "vllm" and max(processes) > 1:
         raise SFTKeyError("`eval_backend: vllm` runs in one process; evaluate with --eval_only and one process")
     if script_args.eval_backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise SFTKeyError("`eval_backend: vllm` needs vllm (`pip install vllm`); or set `eval_backend: hf`")
+        raise SFTKeyError(VLLM_MISSING)
 
 
 PUSH_KEYS = ("push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo", "hub_stage", "hub_merge")
@@ -259,6 +252,12 @@ def check_push(training_args, stages: list[Stage]) -> None:
 
     if not (training_args.hub_token or get_token()):
         raise SFTKeyError("`push_to_hub: true` needs a Hugging Face token; run `hf auth login` or set HF_TOKEN")
+
+
+def check_comparison(training_args) -> None:
+    """`compare.py` trains many variants and pushes none (`run.py` pushes the one run it trains)."""
+    if training_args.push_to_hub:
+        raise SFTKeyError("compare.py trains many variants and pushes none; remove `push_to_hub` (run.py pushes)")
 
 
 KEEP_BEST_KEYS = ("metric_for_best_model", "greater_is_better", "eval_steps")  # read by keep_best only
@@ -534,12 +533,12 @@ def check_key_values(script_args, training_args, model_args, stages: list[Stage]
 
 NON_EMPTY_KEYS = ("dataset_format", "question_field", "reasoning_field", "answer_field", "answer_template",
                   "prompt_template", "model_name_or_path")  # fmt: skip
-DEMO_SPLITS = ("train", "test")
 
 
 def check_named_values(script_args, model_args) -> None:
     """Values that name something: the adapter, the columns, the model (required) and the demo data's splits."""
     from ..data.adapters import ADAPTERS
+    from ..data.loading import DEMO_SPLITS
 
     for key in NON_EMPTY_KEYS:
         args = model_args if key == "model_name_or_path" else script_args
@@ -554,7 +553,7 @@ def check_named_values(script_args, model_args) -> None:
     splits = [(name, "dataset_split", script_args.dataset_split)]
     splits.append((eval_name or name, "eval_split", script_args.eval_split))
     for source, key, split in splits:
-        if source.startswith("demo:") and split is not None and split not in DEMO_SPLITS:
+        if source.startswith(DEMO_PREFIX) and split is not None and split not in DEMO_SPLITS:
             raise SFTKeyError(f"`{key}: {show_value(split)}`: the demo dataset `{source}` has the splits "
                               f"{' and '.join(DEMO_SPLITS)}; use one of them")  # fmt: skip
 

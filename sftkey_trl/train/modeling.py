@@ -12,8 +12,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from trl import get_peft_config, get_quantization_config
 
 from ..errors import SFTKeyError, first_line
-from ..files import DEMO_PREFIX, cache_root
-from ..models.smollm2 import LOCAL_PREFIX, resolve_local
+from ..files import cache_root
+from ..models import DEMO_MODEL, LOCAL_NAME, check_model_name
+from ..models.smollm2 import build_smollm2
 from .distributed import detect_launch, quantized_device_map
 
 logger = logging.getLogger(__name__)
@@ -24,13 +25,12 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 def resolve_model_path(name: str) -> str:
     """`demo:tiny-llama` and `local:smollm2-135m-instruct` are built locally by the project's own code (once, in
     the cache); anything else is a hub id or a folder."""
-    if name.startswith(LOCAL_PREFIX):
-        return str(resolve_local(name))
-    if name.startswith(DEMO_PREFIX):
+    check_model_name(name)
+    if name == LOCAL_NAME:
+        return str(build_smollm2())
+    if name == DEMO_MODEL:
         from ..models.tiny import build_tiny_model
 
-        if name != "demo:tiny-llama":
-            raise SFTKeyError(f"`model_name_or_path: {name}` is not a known demo model; use `demo:tiny-llama`")
         return str(build_tiny_model(cache_root() / "tiny-llama"))
     return name
 
