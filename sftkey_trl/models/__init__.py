@@ -9,6 +9,7 @@ from ..files import DEMO_PREFIX
 DEMO_MODEL = DEMO_PREFIX + "tiny-llama"
 LOCAL_PREFIX = "local:"
 LOCAL_NAME = LOCAL_PREFIX + "smollm2-135m-instruct"
+MODEL_TYPES = {DEMO_MODEL: "llama", LOCAL_NAME: "llama"}  # their architectures, known before they are built
 
 
 def check_model_name(name: str) -> None:

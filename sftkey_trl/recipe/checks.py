@@ -39,7 +39,7 @@ def check_recipe(script_args, training_args, model_args, stages: list[Stage], pr
     process and the count its launch line names). Raises `SFTKeyError` for the first failed check. Every recipe
     rule is reached from here, so `--dry_run` refuses what a real run refuses, but for the machine (a real run's
     `check_engine_runs_here`: a dry run checks a GPU recipe anywhere) and what only the loaded model tells (an EOS
-    token, a router for `router_aux_loss_coef`)."""
+    token; a router for `router_aux_loss_coef` when the model's config is not on this machine)."""
     notes: list[str] = []
     check_key_values(script_args, training_args, model_args, stages)
     check_stage_options(stages)
@@ -56,6 +56,7 @@ def check_recipe(script_args, training_args, model_args, stages: list[Stage], pr
     notes += check_trainer_options(training_args, stages)
     notes += check_detached_context(training_args, stages)
     notes += check_sharding_compatibility(model_args, training_args)
+    notes += check_router(training_args, model_args, stages)
     return notes
 
 
@@ -169,7 +170,8 @@ def check_data(script_args) -> list[str]:
 
 
 def check_model(model_args) -> None:
-    """QLoRA needs bitsandbytes and a LoRA adapter; one quantisation at a time; the LM head stays out of LoRA."""
+    """QLoRA needs bitsandbytes and a LoRA adapter; one quantisation at a time; the LM head stays out of LoRA; the
+    adapter is a causal LM's; LoRA on parameters (MoE experts) has no dropout."""
     if model_args.load_in_4bit and model_args.load_in_8bit:
         raise SFTKeyError("`load_in_4bit` and `load_in_8bit` are both true; set one of them to false")
     for key in ("load_in_4bit", "load_in_8bit"):
@@ -186,6 +188,16 @@ def check_model(model_args) -> None:
         raise SFTKeyError(
             "`lora_target_modules` must not contain `lm_head` (TRL's fused LM head reads its weight directly); "
             "remove it (leave the key unset for all linear layers but the LM head)"
+        )
+    if model_args.lora_task_type != "CAUSAL_LM":
+        raise SFTKeyError(
+            f"`lora_task_type: {model_args.lora_task_type}` would wrap the model for another task than SFTKey's "
+            "causal-LM training; remove `lora_task_type` (its default is CAUSAL_LM)"
+        )
+    if model_args.use_peft and model_args.lora_target_parameters and model_args.lora_dropout:
+        raise SFTKeyError(
+            f"`lora_target_parameters` needs `lora_dropout: 0` (peft's LoRA on parameters has no dropout), got "
+            f"`lora_dropout: {model_args.lora_dropout}`; set lora_dropout: 0"
         )
 
 
@@ -311,6 +323,24 @@ def check_detached_context(training_args, stages: list[Stage]) -> list[str]:
         if training_args.log_part_losses:
             notes.append(f"{where}: it logs key_loss only (the reasoning is not scored, so no reasoning_loss)")
     return notes
+
+
+def check_router(training_args, model_args, stages: list[Stage]) -> list[str]:
+    """`router_aux_loss_coef` (recipe-wide or in a stage) needs a Mixture-of-Experts model, told by its config alone
+    (offline); when the config is not on this machine, a note (the trainer checks the loaded model). Returns notes."""
+    coefs = [stage.overrides.get("router_aux_loss_coef", training_args.router_aux_loss_coef) for stage in stages]
+    if not any(coefs):
+        return []
+    from ..train.modeling import offline_config, router_problem
+
+    name = model_args.model_name_or_path
+    config = offline_config(name, model_args.model_revision, training_args.trust_remote_code)
+    if config is None:
+        return [f"`router_aux_loss_coef` is set and the config of `{name}` is not on this machine: checked on load"]
+    for problem in [router_problem(coef, config) for coef in coefs]:
+        if problem:
+            raise SFTKeyError(problem)
+    return []
 
 
 def check_selection(script_args, stage_name: str) -> None:

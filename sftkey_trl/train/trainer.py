@@ -23,6 +23,7 @@ from ..errors import SFTKeyError
 from .collator import SFTKeyCollator
 from .detached import detached_forward, split_at_key
 from .distributed import release_engine_state
+from .modeling import router_problem
 from .objectives import Stage, token_losses
 
 logger = logging.getLogger(__name__)
@@ -36,11 +37,8 @@ class SFTKeyTrainer(SFTTrainer):
     def __init__(self, *args, stage: Stage, log_part_losses: bool = True, **kwargs):
         training_args = kwargs["args"]
         coef, model = training_args.router_aux_loss_coef, kwargs.get("model")
-        if coef and model is not None and not hasattr(model.config.get_text_config(), "output_router_logits"):
-            raise SFTKeyError(
-                f"`router_aux_loss_coef: {coef}` weights a Mixture-of-Experts router loss, but "
-                f"{type(model).__name__} has no router; remove `router_aux_loss_coef`"
-            )
+        if model is not None and (problem := router_problem(coef, model.config)):  # when check_recipe could not
+            raise SFTKeyError(problem)
         self.stage = stage
         padding_free = training_args.padding_free
         training_args.padding_free = False  # TRL refuses a custom collator with padding_free; ours does it
