@@ -52,7 +52,7 @@ def offline_config(name: str, revision: str, trust_remote_code: bool):
 
 def router_problem(coef: float, config) -> str | None:
     """The one-line error when `router_aux_loss_coef` is set for a model (its config) without an MoE router."""
-    if coef and not hasattr(config.get_text_config(), "output_router_logits"):
+    if float(coef or 0) and not hasattr(config.get_text_config(), "output_router_logits"):  # "0" in a stage too
         return (
             f"`router_aux_loss_coef: {coef}` weights a Mixture-of-Experts router loss, but the model "
             f"({config.model_type}) has no router; remove `router_aux_loss_coef`"
