@@ -17,7 +17,7 @@ from ..errors import SFTKeyError, closest, first_line, show_value
 from ..evaluation.generation import VLLM_MISSING
 from ..evaluation.metrics import DEFAULT_METRIC, selection_problem
 from ..files import DEMO_PREFIX
-from ..models import check_model_name
+from ..models import DEMO_MODEL, check_model_name
 from ..train.distributed import check_sharding_compatibility, detect_launch, resolve_sharding_defaults
 from ..train.objectives import DEFAULTS, LOSS_TYPES, OPTIONS, Stage, _check_option
 from ..train.steps import stage_training_args
@@ -595,5 +595,5 @@ _NAMED = {
     "answer_field": "the answer column's name",
     "answer_template": "a line with `{answer}`, e.g. `The answer is {answer}.`",
     "prompt_template": "a layout with `{question}`",
-    "model_name_or_path": "a hub id, a local folder or `demo:tiny-llama`",
+    "model_name_or_path": f"a hub id, a local folder or `{DEMO_MODEL}`",
 }
