@@ -189,8 +189,6 @@ def load_splits(script_args, seed: int) -> tuple[Dataset, Dataset | None, Datase
     """
     adapter = get_adapter(script_args.dataset_format)
     name = script_args.dataset_name or adapter.hub_id
-    if not name:
-        raise SFTKeyError("no dataset: set `dataset_name` to a hub id or a local .jsonl/.json/.parquet/.csv file")
     config = script_args.dataset_config or (adapter.hub_config if name == adapter.hub_id else None)
     train = load_source(name, config, script_args.dataset_split or adapter.train_split)
     evaluation = holdout = None

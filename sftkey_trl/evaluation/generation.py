@@ -13,7 +13,6 @@ from ..errors import SFTKeyError
 from .metrics import score
 
 logger = logging.getLogger(__name__)
-
 VLLM_MISSING = "`eval_backend: vllm` needs vllm (`pip install vllm`); or set `eval_backend: hf`"  # also a recipe check
 
 

@@ -14,7 +14,6 @@ MODEL_TYPES = {DEMO_MODEL: "llama", LOCAL_NAME: "llama"}  # their architectures,
 
 def check_model_name(name: str) -> None:
     """The project's own models (`demo:`, `local:`) are named exactly: they are built, not found."""
-    if name.startswith(DEMO_PREFIX) and name != DEMO_MODEL:
-        raise SFTKeyError(f"`model_name_or_path: {name}` is not a known demo model; use `{DEMO_MODEL}`")
-    if name.startswith(LOCAL_PREFIX) and name != LOCAL_NAME:
-        raise SFTKeyError(f"`model_name_or_path: {name}` is not a known local model; use `{LOCAL_NAME}`")
+    for prefix, known, kind in ((DEMO_PREFIX, DEMO_MODEL, "demo"), (LOCAL_PREFIX, LOCAL_NAME, "local")):
+        if name.startswith(prefix) and name != known:
+            raise SFTKeyError(f"`model_name_or_path: {name}` is not a known {kind} model; use `{known}`")

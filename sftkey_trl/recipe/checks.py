@@ -17,7 +17,7 @@ from ..errors import SFTKeyError, closest, first_line, show_value
 from ..evaluation.generation import VLLM_MISSING
 from ..evaluation.metrics import DEFAULT_METRIC, selection_problem
 from ..files import DEMO_PREFIX
-from ..models import DEMO_MODEL, check_model_name
+from ..models import DEMO_MODEL, MODEL_TYPES, check_model_name
 from ..train.distributed import check_sharding_compatibility, detect_launch, resolve_sharding_defaults
 from ..train.objectives import DEFAULTS, LOSS_TYPES, OPTIONS, Stage, _check_option
 from ..train.steps import stage_training_args
@@ -190,15 +190,9 @@ def check_model(model_args) -> None:
             "remove it (leave the key unset for all linear layers but the LM head)"
         )
     if model_args.lora_task_type != "CAUSAL_LM":
-        raise SFTKeyError(
-            f"`lora_task_type: {model_args.lora_task_type}` would wrap the model for another task than SFTKey's "
-            "causal-LM training; remove `lora_task_type` (its default is CAUSAL_LM)"
-        )
+        raise SFTKeyError(f"`lora_task_type: {model_args.lora_task_type}` is not SFTKey's task (CAUSAL_LM); remove it")
     if model_args.use_peft and model_args.lora_target_parameters and model_args.lora_dropout:
-        raise SFTKeyError(
-            f"`lora_target_parameters` needs `lora_dropout: 0` (peft's LoRA on parameters has no dropout), got "
-            f"`lora_dropout: {model_args.lora_dropout}`; set lora_dropout: 0"
-        )
+        raise SFTKeyError("`lora_target_parameters` needs `lora_dropout: 0` (peft's LoRA on parameters has none)")
 
 
 def check_stage_options(stages: list[Stage]) -> None:
@@ -326,20 +320,24 @@ def check_detached_context(training_args, stages: list[Stage]) -> list[str]:
 
 
 def check_router(training_args, model_args, stages: list[Stage]) -> list[str]:
-    """`router_aux_loss_coef` (recipe-wide or in a stage) needs a Mixture-of-Experts model, told by its config alone
-    (offline); when the config is not on this machine, a note (the trainer checks the loaded model). Returns notes."""
-    coefs = [stage.overrides.get("router_aux_loss_coef", training_args.router_aux_loss_coef) for stage in stages]
+    """`router_aux_loss_coef` (recipe-wide or in a stage) needs a Mixture-of-Experts router, told by the model's config
+    read offline (the project's own models: their architecture); else a note: the trainer checks the loaded model."""
+    coefs = {stage.overrides.get("router_aux_loss_coef", training_args.router_aux_loss_coef) for stage in stages}
     if not any(coefs):
         return []
-    from ..train.modeling import offline_config, router_problem
+    from transformers import AutoConfig
+
+    from ..train import modeling
 
     name = model_args.model_name_or_path
-    config = offline_config(name, model_args.model_revision, training_args.trust_remote_code)
-    if config is None:
+    options = {"revision": model_args.model_revision, "trust_remote_code": training_args.trust_remote_code}
+    try:
+        known = AutoConfig.for_model(MODEL_TYPES[name]) if name in MODEL_TYPES else None
+        config = known or AutoConfig.from_pretrained(name, local_files_only=True, **options)
+    except (OSError, ValueError):
         return [f"`router_aux_loss_coef` is set and the config of `{name}` is not on this machine: checked on load"]
-    for problem in [router_problem(coef, config) for coef in coefs]:
-        if problem:
-            raise SFTKeyError(problem)
+    for coef in coefs:
+        modeling.check_router(coef, config)
     return []
 
 

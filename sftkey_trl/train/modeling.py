@@ -13,7 +13,7 @@ from trl import get_peft_config, get_quantization_config
 
 from ..errors import SFTKeyError, first_line
 from ..files import cache_root
-from ..models import DEMO_MODEL, LOCAL_NAME, MODEL_TYPES, check_model_name
+from ..models import DEMO_MODEL, LOCAL_NAME, check_model_name
 from ..models.smollm2 import build_smollm2
 from .distributed import detect_launch, quantized_device_map
 
@@ -35,29 +35,13 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def offline_config(name: str, revision: str, trust_remote_code: bool):
-    """A model's config without loading the model or downloading anything (the project's own models: their known
-    architecture); None when it is not on this machine."""
-    from transformers import AutoConfig
-
-    if name in MODEL_TYPES:
-        return AutoConfig.for_model(MODEL_TYPES[name])
-    try:
-        return AutoConfig.from_pretrained(
-            name, revision=revision, trust_remote_code=trust_remote_code, local_files_only=True
-        )
-    except (OSError, ValueError):
-        return None
-
-
-def router_problem(coef: float, config) -> str | None:
-    """The one-line error when `router_aux_loss_coef` is set for a model (its config) without an MoE router."""
-    if float(coef or 0) and not hasattr(config.get_text_config(), "output_router_logits"):  # "0" in a stage too
-        return (
+def check_router(coef: float, config) -> None:
+    """`router_aux_loss_coef` weights a Mixture-of-Experts router loss: the model (its config) must have a router."""
+    if float(coef or 0) and not hasattr(config.get_text_config(), "output_router_logits"):  # a stage's "0" is off
+        raise SFTKeyError(
             f"`router_aux_loss_coef: {coef}` weights a Mixture-of-Experts router loss, but the model "
             f"({config.model_type}) has no router; remove `router_aux_loss_coef`"
         )
-    return None
 
 
 def _hub_error(name: str, error: Exception) -> SFTKeyError:
