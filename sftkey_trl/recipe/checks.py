@@ -16,7 +16,7 @@ from ..data.formatting import one_answer_slot
 from ..errors import SFTKeyError, closest, first_line, show_value
 from ..evaluation.generation import VLLM_MISSING
 from ..evaluation.metrics import DEFAULT_METRIC, selection_problem
-from ..files import DEMO_PREFIX
+from ..files import DEMO_PREFIX, plain
 from ..models import DEMO_MODEL, MODEL_TYPES, check_model_name
 from ..train.distributed import check_sharding_compatibility, detect_launch, resolve_sharding_defaults
 from ..train.objectives import DEFAULTS, LOSS_TYPES, OPTIONS, Stage, _check_option
@@ -248,7 +248,7 @@ def check_push(training_args, stages: list[Stage]) -> None:
     names = [stage.name for stage in stages]
     if training_args.hub_stage is not None and training_args.hub_stage not in names:
         raise SFTKeyError(f"`hub_stage: {training_args.hub_stage}` is not a stage of this recipe; stages are {names}")
-    strategy = str(_plain(training_args.hub_strategy))
+    strategy = str(plain(training_args.hub_strategy))
     if strategy not in ("every_save", "end"):
         raise SFTKeyError(
             f"`hub_strategy: {strategy}` would push Trainer checkpoints of every stage; SFTKey pushes one stage once "
@@ -366,10 +366,6 @@ def check_patience(stage: Stage) -> None:
         )
 
 
-def _plain(value: Any) -> Any:
-    return getattr(value, "value", value)  # enums such as IntervalStrategy
-
-
 _BY_GENERATION = (
     "SFTKey evaluates by generating answers (`eval_after_stages`; a stage's `keep_best` every `eval_steps`), "
     "never by an eval loss; remove it"
@@ -395,7 +391,7 @@ UNSUPPORTED_OPTIONS = (
      "SFTKey never truncates (a longer example is reported as `key_truncated`); remove it and raise `max_length`"),
     ("model_init_kwargs", bool,
      "SFTKey loads the model itself; use the model keys (`dtype`, `attn_implementation`, `model_revision`, ...)"),
-    ("eval_strategy", lambda v: _plain(v) != "no", _BY_GENERATION),
+    ("eval_strategy", lambda v: plain(v) != "no", _BY_GENERATION),
     ("eval_on_start", bool, _BY_GENERATION),
     ("liger_kernel_config", lambda v: bool((v or {}).get("fused_linear_cross_entropy")),
      "Liger's fused linear cross-entropy replaces the forward that carries TRL's fused LM head; remove it "
@@ -422,7 +418,7 @@ def check_trainer_options(training_args, stages: list[Stage]) -> list[str]:
             value = getattr(args, key)
             if refused(value):
                 where = f"stage `{stage.name}`: " if key in stage.overrides else ""
-                raise SFTKeyError(f"{where}`{key}: {_plain(value)}` is not supported: {why}")
+                raise SFTKeyError(f"{where}`{key}: {plain(value)}` is not supported: {why}")
         for key, ignored, why in IGNORED_OPTIONS:
             note = f"`{key}` has no effect: {why}"
             if ignored(getattr(args, key)) and note not in notes:
