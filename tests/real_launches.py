@@ -1,13 +1,17 @@
 """Real `accelerate launch` runs of recipes/run.py on CPU processes, shared by the engine tests (multi-node,
-DeepSpeed): the shortened demo, the launcher, and the comparisons with one process."""
+DeepSpeed): the shortened demo, the launcher, and the comparisons with one process; and one-process runs that are
+killed and resumed (the reliability and invariance tests)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,6 +39,33 @@ EVAL_METRICS = ("accuracy", "format_accuracy", "num_examples", "mean_generated_t
 def launch_env() -> dict[str, str]:
     # One thread per process: two processes on two cores would otherwise oversubscribe the CPU badly
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def start_run(out: Path, args: list[str]) -> subprocess.Popen:
+    """recipes/run.py through this interpreter (the demo recipe unless `args` name another), writing to `out`."""
+    command = [sys.executable, RUN, "--output_dir", str(out), *args]
+    pipes = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "text": True}
+    return subprocess.Popen(command, env=launch_env(), cwd=ROOT, **pipes)
+
+
+def run_to_end(out: Path, args: list[str]) -> str:
+    """Run recipes/run.py to its end; it must succeed. Returns its stderr."""
+    process = start_run(out, args)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+    return stderr
+
+
+def kill_when(out: Path, ready: Callable[[Path], bool], args: list[str]) -> None:
+    """Start recipes/run.py and SIGKILL it as soon as `ready(out)` holds (within 300 s); it must not end first."""
+    process = start_run(out, args)
+    deadline = time.time() + 300
+    while not ready(out):
+        assert process.poll() is None, "the run ended before the kill point"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
 
 
 def accelerate(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:

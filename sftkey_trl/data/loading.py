@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 FILE_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 MAX_CUT_FRACTION = 0.5
+DEMO_SPLITS = ("train", "test")
 ROW_INDEX = "__row_index__"
 
 
@@ -112,8 +113,8 @@ def _load_demo(name: str, split: str, what: str) -> Dataset:
     directory = cache_root() / folder
     if not (directory / "test.jsonl").exists():
         write(directory)
-    if split not in ("train", "test"):
-        raise SFTKeyError(f"the demo dataset has splits train and test, not `{split}`")
+    if split not in DEMO_SPLITS:
+        raise SFTKeyError(f"the demo dataset has splits {' and '.join(DEMO_SPLITS)}, not `{split}`")
     return load_dataset("json", data_files=str(directory / f"{split}.jsonl"), split="train")
 
 
@@ -188,8 +189,6 @@ def load_splits(script_args, seed: int) -> tuple[Dataset, Dataset | None, Datase
     """
     adapter = get_adapter(script_args.dataset_format)
     name = script_args.dataset_name or adapter.hub_id
-    if not name:
-        raise SFTKeyError("no dataset: set `dataset_name` to a hub id or a local .jsonl/.json/.parquet/.csv file")
     config = script_args.dataset_config or (adapter.hub_config if name == adapter.hub_id else None)
     train = load_source(name, config, script_args.dataset_split or adapter.train_split)
     evaluation = holdout = None

@@ -13,6 +13,7 @@ from ..errors import SFTKeyError
 from .metrics import score
 
 logger = logging.getLogger(__name__)
+VLLM_MISSING = "`eval_backend: vllm` needs vllm (`pip install vllm`); or set `eval_backend: hf`"  # also a recipe check
 
 
 def stop_token_ids(tokenizer, end_of_turn: str) -> list[int]:
@@ -77,7 +78,7 @@ def generate_vllm(
         from vllm import LLM, SamplingParams
         from vllm.lora.request import LoRARequest
     except ImportError:
-        raise SFTKeyError("`eval_backend: vllm` needs vllm (`pip install vllm`); or set `eval_backend: hf`") from None
+        raise SFTKeyError(VLLM_MISSING) from None
     # Leave room for the training process's own model, which is still on the GPU
     llm = LLM(model=model_path, enable_lora=adapter_path is not None, gpu_memory_utilization=0.4)
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=stop_ids)

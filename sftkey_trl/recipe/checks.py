@@ -14,7 +14,10 @@ from typing import Any
 from ..data.adapters import Triple, answer_type_of, get_adapter
 from ..data.formatting import one_answer_slot
 from ..errors import SFTKeyError, closest, first_line, show_value
+from ..evaluation.generation import VLLM_MISSING
 from ..evaluation.metrics import DEFAULT_METRIC, selection_problem
+from ..files import DEMO_PREFIX, plain
+from ..models import DEMO_MODEL, MODEL_TYPES, check_model_name
 from ..train.distributed import check_sharding_compatibility, detect_launch, resolve_sharding_defaults
 from ..train.objectives import DEFAULTS, LOSS_TYPES, OPTIONS, Stage, _check_option
 from ..train.steps import stage_training_args
@@ -36,7 +39,7 @@ def check_recipe(script_args, training_args, model_args, stages: list[Stage], pr
     process and the count its launch line names). Raises `SFTKeyError` for the first failed check. Every recipe
     rule is reached from here, so `--dry_run` refuses what a real run refuses, but for the machine (a real run's
     `check_engine_runs_here`: a dry run checks a GPU recipe anywhere) and what only the loaded model tells (an EOS
-    token, a router for `router_aux_loss_coef`)."""
+    token; a router for `router_aux_loss_coef` when the model's config is not on this machine)."""
     notes: list[str] = []
     check_key_values(script_args, training_args, model_args, stages)
     check_stage_options(stages)
@@ -53,6 +56,7 @@ def check_recipe(script_args, training_args, model_args, stages: list[Stage], pr
     notes += check_trainer_options(training_args, stages)
     notes += check_detached_context(training_args, stages)
     notes += check_sharding_compatibility(model_args, training_args)
+    notes += check_router(training_args, model_args, stages)
     return notes
 
 
@@ -166,7 +170,8 @@ def check_data(script_args) -> list[str]:
 
 
 def check_model(model_args) -> None:
-    """QLoRA needs bitsandbytes and a LoRA adapter; one quantisation at a time; the LM head stays out of LoRA."""
+    """QLoRA needs bitsandbytes and a LoRA adapter; one quantisation at a time; the LM head stays out of LoRA; the
+    adapter is a causal LM's; LoRA on parameters (MoE experts) has no dropout."""
     if model_args.load_in_4bit and model_args.load_in_8bit:
         raise SFTKeyError("`load_in_4bit` and `load_in_8bit` are both true; set one of them to false")
     for key in ("load_in_4bit", "load_in_8bit"):
@@ -184,16 +189,10 @@ def check_model(model_args) -> None:
             "`lora_target_modules` must not contain `lm_head` (TRL's fused LM head reads its weight directly); "
             "remove it (leave the key unset for all linear layers but the LM head)"
         )
-
-
-def check_model_name(name: str) -> None:
-    """The project's own models (`demo:`, `local:`) are named exactly: they are built, not found."""
-    from ..models.smollm2 import LOCAL_NAME, LOCAL_PREFIX
-
-    if name.startswith("demo:") and name != "demo:tiny-llama":
-        raise SFTKeyError(f"`model_name_or_path: {name}` is not a known demo model; use `demo:tiny-llama`")
-    if name.startswith(LOCAL_PREFIX) and name != LOCAL_NAME:
-        raise SFTKeyError(f"`model_name_or_path: {name}` is not a known local model; use `{LOCAL_NAME}`")
+    if model_args.lora_task_type != "CAUSAL_LM":
+        raise SFTKeyError(f"`lora_task_type: {model_args.lora_task_type}` is not SFTKey's task (CAUSAL_LM); remove it")
+    if model_args.use_peft and model_args.lora_target_parameters and model_args.lora_dropout:
+        raise SFTKeyError("`lora_target_parameters` needs `lora_dropout: 0` (peft's LoRA on parameters has none)")
 
 
 def check_stage_options(stages: list[Stage]) -> None:
@@ -229,7 +228,7 @@ def check_stages(script_args, training_args, stages: list[Stage], processes: lis
     if script_args.eval_backend == "vllm" and max(processes) > 1:
         raise SFTKeyError("`eval_backend: vllm` runs in one process; evaluate with --eval_only and one process")
     if script_args.eval_backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise SFTKeyError("`eval_backend: vllm` needs vllm (`pip install vllm`); or set `eval_backend: hf`")
+        raise SFTKeyError(VLLM_MISSING)
 
 
 PUSH_KEYS = ("push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo", "hub_stage", "hub_merge")
@@ -249,7 +248,7 @@ def check_push(training_args, stages: list[Stage]) -> None:
     names = [stage.name for stage in stages]
     if training_args.hub_stage is not None and training_args.hub_stage not in names:
         raise SFTKeyError(f"`hub_stage: {training_args.hub_stage}` is not a stage of this recipe; stages are {names}")
-    strategy = str(_plain(training_args.hub_strategy))
+    strategy = str(plain(training_args.hub_strategy))
     if strategy not in ("every_save", "end"):
         raise SFTKeyError(
             f"`hub_strategy: {strategy}` would push Trainer checkpoints of every stage; SFTKey pushes one stage once "
@@ -259,6 +258,12 @@ def check_push(training_args, stages: list[Stage]) -> None:
 
     if not (training_args.hub_token or get_token()):
         raise SFTKeyError("`push_to_hub: true` needs a Hugging Face token; run `hf auth login` or set HF_TOKEN")
+
+
+def check_comparison(training_args) -> None:
+    """`compare.py` trains many variants and pushes none (`run.py` pushes the one run it trains)."""
+    if training_args.push_to_hub:
+        raise SFTKeyError("compare.py trains many variants and pushes none; remove `push_to_hub` (run.py pushes)")
 
 
 KEEP_BEST_KEYS = ("metric_for_best_model", "greater_is_better", "eval_steps")  # read by keep_best only
@@ -314,6 +319,28 @@ def check_detached_context(training_args, stages: list[Stage]) -> list[str]:
     return notes
 
 
+def check_router(training_args, model_args, stages: list[Stage]) -> list[str]:
+    """`router_aux_loss_coef` (recipe-wide or in a stage) needs a Mixture-of-Experts router, told by the model's config
+    read offline (the project's own models: their architecture); else a note: the trainer checks the loaded model."""
+    coefs = {stage.overrides.get("router_aux_loss_coef", training_args.router_aux_loss_coef) for stage in stages}
+    if not any(coefs):
+        return []
+    from transformers import AutoConfig
+
+    from ..train import modeling
+
+    name = model_args.model_name_or_path
+    options = {"revision": model_args.model_revision, "trust_remote_code": training_args.trust_remote_code}
+    try:
+        known = AutoConfig.for_model(MODEL_TYPES[name]) if name in MODEL_TYPES else None
+        config = known or AutoConfig.from_pretrained(name, local_files_only=True, **options)
+    except (OSError, ValueError):
+        return [f"`router_aux_loss_coef` is set and the config of `{name}` is not on this machine: checked on load"]
+    for coef in coefs:
+        modeling.check_router(coef, config)
+    return []
+
+
 def check_selection(script_args, stage_name: str) -> None:
     """Keep-best needs a validation split (the `eval_fraction` hold-out) that is not the evaluation set."""
     has_test = bool(script_args.eval_dataset_name or script_args.eval_split)
@@ -337,10 +364,6 @@ def check_patience(stage: Stage) -> None:
             f"stage `{stage.name}` has `patience: {stage.patience}` but not `keep_best: true`; patience counts "
             "keep_best's validation evaluations: add `keep_best: true` to the stage or remove `patience`"
         )
-
-
-def _plain(value: Any) -> Any:
-    return getattr(value, "value", value)  # enums such as IntervalStrategy
 
 
 _BY_GENERATION = (
@@ -368,7 +391,7 @@ UNSUPPORTED_OPTIONS = (
      "SFTKey never truncates (a longer example is reported as `key_truncated`); remove it and raise `max_length`"),
     ("model_init_kwargs", bool,
      "SFTKey loads the model itself; use the model keys (`dtype`, `attn_implementation`, `model_revision`, ...)"),
-    ("eval_strategy", lambda v: _plain(v) != "no", _BY_GENERATION),
+    ("eval_strategy", lambda v: plain(v) != "no", _BY_GENERATION),
     ("eval_on_start", bool, _BY_GENERATION),
     ("liger_kernel_config", lambda v: bool((v or {}).get("fused_linear_cross_entropy")),
      "Liger's fused linear cross-entropy replaces the forward that carries TRL's fused LM head; remove it "
@@ -395,7 +418,7 @@ def check_trainer_options(training_args, stages: list[Stage]) -> list[str]:
             value = getattr(args, key)
             if refused(value):
                 where = f"stage `{stage.name}`: " if key in stage.overrides else ""
-                raise SFTKeyError(f"{where}`{key}: {_plain(value)}` is not supported: {why}")
+                raise SFTKeyError(f"{where}`{key}: {plain(value)}` is not supported: {why}")
         for key, ignored, why in IGNORED_OPTIONS:
             note = f"`{key}` has no effect: {why}"
             if ignored(getattr(args, key)) and note not in notes:
@@ -534,12 +557,12 @@ def check_key_values(script_args, training_args, model_args, stages: list[Stage]
 
 NON_EMPTY_KEYS = ("dataset_format", "question_field", "reasoning_field", "answer_field", "answer_template",
                   "prompt_template", "model_name_or_path")  # fmt: skip
-DEMO_SPLITS = ("train", "test")
 
 
 def check_named_values(script_args, model_args) -> None:
     """Values that name something: the adapter, the columns, the model (required) and the demo data's splits."""
     from ..data.adapters import ADAPTERS
+    from ..data.loading import DEMO_SPLITS
 
     for key in NON_EMPTY_KEYS:
         args = model_args if key == "model_name_or_path" else script_args
@@ -554,7 +577,7 @@ def check_named_values(script_args, model_args) -> None:
     splits = [(name, "dataset_split", script_args.dataset_split)]
     splits.append((eval_name or name, "eval_split", script_args.eval_split))
     for source, key, split in splits:
-        if source.startswith("demo:") and split is not None and split not in DEMO_SPLITS:
+        if source.startswith(DEMO_PREFIX) and split is not None and split not in DEMO_SPLITS:
             raise SFTKeyError(f"`{key}: {show_value(split)}`: the demo dataset `{source}` has the splits "
                               f"{' and '.join(DEMO_SPLITS)}; use one of them")  # fmt: skip
 
@@ -566,5 +589,5 @@ _NAMED = {
     "answer_field": "the answer column's name",
     "answer_template": "a line with `{answer}`, e.g. `The answer is {answer}.`",
     "prompt_template": "a layout with `{question}`",
-    "model_name_or_path": "a hub id, a local folder or `demo:tiny-llama`",
+    "model_name_or_path": f"a hub id, a local folder or `{DEMO_MODEL}`",
 }

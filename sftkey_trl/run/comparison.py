@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None, description: str | None = None) -> int:
         prepare_process(rest, flag_value(rest, "--config"))
     from ..evaluation.metrics import METRIC_NAMES
     from ..files import read_json
+    from ..recipe.checks import check_comparison
     from ..recipe.schema import COMPARE_DEMO_RECIPE
     from . import variants as arms
     from .cli import load_checked_recipe, run_options, user_errors
@@ -43,8 +44,7 @@ def main(argv: list[str] | None = None, description: str | None = None) -> int:
         if options.metric not in METRIC_NAMES:
             raise SFTKeyError(f"unknown metric `{options.metric}`{closest(options.metric, METRIC_NAMES)}")
         script_args, training_args, model_args, stages, _ = load_checked_recipe(rest)
-        if training_args.push_to_hub:
-            raise SFTKeyError("compare.py trains many variants and pushes none; remove `push_to_hub` (run.py pushes)")
+        check_comparison(training_args)
         converge = (options.converged, options.converged_epochs) if options.converged else None
         names = [n.strip() for n in (options.variants or ",".join(arms.DEFAULT_VARIANTS)).split(",") if n.strip()]
         variants = arms.build_variants(stages, training_args, script_args.response_format, converge,

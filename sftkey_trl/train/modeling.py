@@ -12,8 +12,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from trl import get_peft_config, get_quantization_config
 
 from ..errors import SFTKeyError, first_line
-from ..files import DEMO_PREFIX, cache_root
-from ..models.smollm2 import LOCAL_PREFIX, resolve_local
+from ..files import cache_root
+from ..models import DEMO_MODEL, LOCAL_NAME, check_model_name
+from ..models.smollm2 import build_smollm2
 from .distributed import detect_launch, quantized_device_map
 
 logger = logging.getLogger(__name__)
@@ -24,15 +25,23 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 def resolve_model_path(name: str) -> str:
     """`demo:tiny-llama` and `local:smollm2-135m-instruct` are built locally by the project's own code (once, in
     the cache); anything else is a hub id or a folder."""
-    if name.startswith(LOCAL_PREFIX):
-        return str(resolve_local(name))
-    if name.startswith(DEMO_PREFIX):
+    check_model_name(name)
+    if name == LOCAL_NAME:
+        return str(build_smollm2())
+    if name == DEMO_MODEL:
         from ..models.tiny import build_tiny_model
 
-        if name != "demo:tiny-llama":
-            raise SFTKeyError(f"`model_name_or_path: {name}` is not a known demo model; use `demo:tiny-llama`")
         return str(build_tiny_model(cache_root() / "tiny-llama"))
     return name
+
+
+def check_router(coef: float, config) -> None:
+    """`router_aux_loss_coef` weights a Mixture-of-Experts router loss: the model (its config) must have a router."""
+    if float(coef or 0) and not hasattr(config.get_text_config(), "output_router_logits"):  # a stage's "0" is off
+        raise SFTKeyError(
+            f"`router_aux_loss_coef: {coef}` weights a Mixture-of-Experts router loss, but the model "
+            f"({config.model_type}) has no router; remove `router_aux_loss_coef`"
+        )
 
 
 def _hub_error(name: str, error: Exception) -> SFTKeyError:

@@ -20,16 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import script_args
 from datasets import Dataset
+from real_launches import kill_when, run_to_end
 
 from sftkey_trl.data.adapters import Triple
 from sftkey_trl.data.formatting import Formatter
@@ -268,24 +265,8 @@ KILLED_STAGE = ["--max_train_samples", "64", "--per_device_train_batch_size", "8
                 "--stages", "[{name: sft, loss_on: completion, num_train_epochs: 1}]"]  # fmt: skip
 
 
-def run_demo(out: Path, flags: list[str], kill_after_checkpoint: bool = False) -> None:
-    """recipes/run.py (the demo model and data) through this interpreter; optionally SIGKILLed as soon as the stage
-    has written its first complete checkpoint."""
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(root / "recipes/run.py"), "--output_dir", str(out), *flags]
-    process = subprocess.Popen(command, env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)  # fmt: skip
-    if kill_after_checkpoint:
-        deadline = time.time() + 300
-        while not list((out / "sft" / "checkpoints").glob("checkpoint-*/trainer_state.json")):
-            assert process.poll() is None and time.time() < deadline, "the stage ended before its first checkpoint"
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        return
-    _, stderr = process.communicate(timeout=600)
-    assert process.returncode == 0, stderr[-3000:]
+def first_checkpoint(out: Path) -> bool:
+    return bool(list((out / "sft" / "checkpoints").glob("checkpoint-*/trainer_state.json")))
 
 
 @pytest.mark.e2e
@@ -298,10 +279,10 @@ def test_a_stage_killed_and_resumed_trains_like_an_uninterrupted_one(tmp_path, m
     flags = KILLED_STAGE + (["--use_peft", "true", "--lora_dropout", "0"] if method == "lora" else [])
     weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
     uninterrupted, killed = tmp_path / "uninterrupted", tmp_path / "killed"
-    run_demo(uninterrupted, flags)
-    run_demo(killed, flags, kill_after_checkpoint=True)
+    run_to_end(uninterrupted, flags)
+    kill_when(killed, first_checkpoint, flags)
     assert not (killed / "sft" / weights).exists()
-    run_demo(killed, flags)
+    run_to_end(killed, flags)
 
     def trajectory(out: Path) -> list[tuple[int, float, float]]:
         history = json.loads((out / "sft" / "log_history.json").read_text())

@@ -36,6 +36,9 @@ CASES = [
     ("demo_model", ["--model_name_or_path", "demo:huge"], {}, r"`model_name_or_path: demo:huge` is not a known"),
     ("local_model", ["--model_name_or_path", "local:no"], {}, r"`model_name_or_path: local:no` is not a known"),
     ("plain_empty_tag", ["--response_format", "plain", "--thinking_open", ""], {}, r"`thinking_open` is empty"),
+    ("router_dense", ["--router_aux_loss_coef", "0.1"], {}, r"`router_aux_loss_coef: 0.1` .* \(llama\) has no router"),
+    ("lora_task_type", ["--use_peft", "true", "--lora_task_type", "SEQ_CLS"], {}, r"`lora_task_type: SEQ_CLS` is not"),
+    ("lora_parameters", ["--use_peft", "true", "--lora_target_parameters", "mlp.down_proj"], {}, r"`lora_dropout: 0`"),
 ]
 if importlib.util.find_spec("vllm") is None:  # otherwise vllm is there and the recipe is fine
     CASES.append(("vllm_missing", ["--eval_backend", "vllm"], {}, r"`eval_backend: vllm` needs vllm"))

@@ -443,3 +443,20 @@ def test_the_task_with_headroom_recipe_trains_stage_1_to_convergence():
     assert first.loss_on == "completion" and first.keep_best and first.patience
     assert script_args.dataset_name == "demo:remainder" and script_args.eval_fraction > 0
     assert "passed" in run_dry(str(recipe))
+
+
+def test_router_coefficient_is_checked_from_the_models_config_alone(tmp_path, monkeypatch, capsys):
+    """`router_aux_loss_coef` needs a Mixture-of-Experts router, told by the model's config before it loads: a
+    stage's coefficient on a dense model is refused both ways, an MoE config folder passes, and a hub id whose
+    config is not on this machine is a note (the trainer checks the loaded model)."""
+    from transformers import MixtralConfig
+
+    body = "model_name_or_path: demo:tiny-llama\nstages: [{name: a, loss_on: key, router_aux_loss_coef: 0.1}]\n"
+    dry, real = run_both(write_recipe(tmp_path, body), monkeypatch, capsys)
+    assert dry == real and re.search(r"`router_aux_loss_coef: 0.1` .* \(llama\) has no router; remove", dry), dry
+    MixtralConfig(num_hidden_layers=1).save_pretrained(tmp_path / "moe")
+    for model, noted in ((tmp_path / "moe", False), ("Qwen/Qwen2.5-1.5B", True)):
+        path = write_recipe(tmp_path, f"model_name_or_path: {model}\nrouter_aux_loss_coef: 0.1\n")
+        notes = cli.load_checked_recipe(["--config", path], dry_run=True)[4]
+        expected = f"`router_aux_loss_coef` is set and the config of `{model}` is not on this machine: checked on load"
+        assert (expected in notes) == noted, notes

@@ -206,3 +206,15 @@ def test_a_key_weight_sweep_is_one_arm_per_weight_beside_sft_keyweight():
         assert stage.key_weight == weight and stage.patience == 4 and stage.loss_on == "completion"
         assert variants[name].folder not in {v.folder for n, v in variants.items() if n != name}  # its own runs
     assert variants["sft_keyweight"].stages[0].key_weight == 5.0 and "sft_keyweight_x" not in variants
+
+
+def test_compare_refuses_push_to_hub_before_training(tmp_path, monkeypatch, capsys):
+    """compare.py pushes nothing: `push_to_hub` is refused in one line (with a token, so run.py would push)."""
+    from sftkey_trl.run.comparison import main
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--push_to_hub", "true", "--output_dir", str(tmp_path / "o")])
+    error = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and not (tmp_path / "o").exists()
+    assert error == "error: compare.py trains many variants and pushes none; remove `push_to_hub` (run.py pushes)"

@@ -4,17 +4,12 @@ a finished run is not retrained; the same seed gives the same numbers."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from real_launches import kill_when, run_to_end
 from safetensors.torch import load_file
 
 from sftkey_trl.run.cli import main
@@ -115,30 +110,6 @@ def test_trust_remote_code_is_off_unless_the_recipe_says_so():
     assert training_args.trust_remote_code is True
 
 
-def launch(out: Path, args: list[str] = SMALL) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, str(ROOT / "recipes/run.py"), "--output_dir", str(out), *args]
-    return subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def run_to_end(out: Path, args: list[str] = SMALL) -> str:
-    process = launch(out, args)
-    _, stderr = process.communicate(timeout=600)
-    assert process.returncode == 0, stderr[-3000:]
-    return stderr
-
-
-def kill_when(out: Path, ready, args: list[str] = SMALL) -> None:
-    process = launch(out, args)
-    deadline = time.time() + 300
-    while not ready(out):
-        assert process.poll() is None, "the run ended before the kill point"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-
-
 def checkpoints(out: Path, stage: str) -> list[Path]:
     return list((out / stage / "checkpoints").glob("checkpoint-*/trainer_state.json"))
 
@@ -155,7 +126,7 @@ KILL_POINTS = {
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference") / "run"
-    run_to_end(out)
+    run_to_end(out, SMALL)
     return out
 
 
@@ -169,8 +140,8 @@ def outcome(out: Path) -> tuple[dict, dict]:
 @pytest.mark.parametrize("point", list(KILL_POINTS))
 def test_sigkill_then_rerun_gives_the_uninterrupted_result(tmp_path, reference, point):
     out = tmp_path / "run"
-    kill_when(out, KILL_POINTS[point])
-    stderr = run_to_end(out)
+    kill_when(out, KILL_POINTS[point], SMALL)
+    stderr = run_to_end(out, SMALL)
     if point != "during_evaluation":
         assert "resuming from" in stderr
     expected_metrics, expected_weights = outcome(reference)
@@ -183,7 +154,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_result(tmp_path, reference, 
 @pytest.mark.e2e
 def test_rerun_of_a_finished_run_is_a_no_op(reference):
     before = snapshot(reference / "key")
-    stderr = run_to_end(reference)
+    stderr = run_to_end(reference, SMALL)
     assert "stage sft is done with the same configuration: skipped" in stderr
     assert "stage key is done with the same configuration: skipped" in stderr
     assert snapshot(reference / "key") == before
@@ -192,7 +163,7 @@ def test_rerun_of_a_finished_run_is_a_no_op(reference):
 @pytest.mark.e2e
 def test_same_seed_same_numbers_and_changed_config_is_refused(tmp_path, reference, capsys):
     out = tmp_path / "again"
-    run_to_end(out)
+    run_to_end(out, SMALL)
     losses = [
         [e.get("loss") for e in json.loads((run / "sft" / "log_history.json").read_text())] for run in (reference, out)
     ]
