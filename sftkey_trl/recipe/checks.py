@@ -18,18 +18,18 @@ from ..evaluation.metrics import DEFAULT_METRIC, selection_problem
 from ..train.distributed import check_sharding_compatibility, detect_launch, resolve_sharding_defaults
 from ..train.objectives import DEFAULTS, LOSS_TYPES, OPTIONS, Stage, _check_option
 from ..train.steps import stage_training_args
-from .schema import CHOICES, KEY_RANGES, SFTKeyScriptArguments, key_types
+from .schema import CHOICES, KEY_RANGES, Recipe, SFTKeyScriptArguments, key_types
 
 SAMPLE = Triple("What is 2 + 3?", "2 + 3 = 5", "5")
 
 
-def resolve_recipe(training_args, model_args) -> list[str]:
+def resolve_recipe(recipe: Recipe) -> list[str]:
     """Fill in the defaults that depend on other keys, once, after parsing and before `check_recipe` (which never
     changes the recipe): QLoRA's storage and model dtype under ZeRO-3/FSDP. Returns the changes, as notes."""
-    return resolve_sharding_defaults(model_args, training_args)
+    return resolve_sharding_defaults(recipe.model, recipe.training)
 
 
-def check_recipe(script_args, training_args, model_args, stages: list[Stage], processes: list[int]) -> list[str]:
+def check_recipe(recipe: Recipe, processes: list[int]) -> list[str]:
     """Run every check; return notes worth showing (nothing wrong, but worth knowing).
 
     `processes`: the process counts the recipe must work with (the real run's world size; for `--dry_run` one
@@ -37,8 +37,9 @@ def check_recipe(script_args, training_args, model_args, stages: list[Stage], pr
     rule is reached from here, so `--dry_run` refuses what a real run refuses, but for the machine (a real run's
     `check_engine_runs_here`: a dry run checks a GPU recipe anywhere) and what only the loaded model tells (an EOS
     token, a router for `router_aux_loss_coef`)."""
+    script_args, training_args, model_args, stages = recipe.script, recipe.training, recipe.model, recipe.stages
     notes: list[str] = []
-    check_key_values(script_args, training_args, model_args, stages)
+    check_key_values(recipe)
     check_stage_options(stages)
     check_choices(script_args)
     notes += check_response_format(script_args)
@@ -47,9 +48,9 @@ def check_recipe(script_args, training_args, model_args, stages: list[Stage], pr
     notes += check_data(script_args)
     check_model(model_args)
     check_model_name(model_args.model_name_or_path)
-    check_stages(script_args, training_args, stages, processes)
+    check_stages(recipe, processes)
     check_push(training_args, stages)
-    notes += check_keep_best_keys(script_args, training_args, stages)
+    notes += check_keep_best_keys(recipe)
     notes += check_trainer_options(training_args, stages)
     notes += check_detached_context(training_args, stages)
     notes += check_sharding_compatibility(model_args, training_args)
@@ -206,9 +207,10 @@ def check_stage_options(stages: list[Stage]) -> None:
                 raise SFTKeyError(f"stages[{index}] ({stage.name}): `{key}: {value}` is not valid: {error}") from None
 
 
-def check_stages(script_args, training_args, stages: list[Stage], processes: list[int]) -> None:
+def check_stages(recipe: Recipe, processes: list[int]) -> None:
     """Each stage's training arguments resolve for every process count; keep-best has validation data and
     patience has keep-best; `restart_from` names a stage; vLLM evaluation runs in one process."""
+    script_args, training_args, stages = recipe.script, recipe.training, recipe.stages
     output_dir = Path(training_args.output_dir)
     for stage in stages:
         if "hub_token" in stage.overrides:
@@ -264,11 +266,12 @@ def check_push(training_args, stages: list[Stage]) -> None:
 KEEP_BEST_KEYS = ("metric_for_best_model", "greater_is_better", "eval_steps")  # read by keep_best only
 
 
-def check_keep_best_keys(script_args, training_args, stages: list[Stage]) -> list[str]:
+def check_keep_best_keys(recipe: Recipe) -> list[str]:
     """Keep-best's keys, recipe-wide or in a stage: its metric must be one it can select on for the answer type
     (higher is better, defined for those answers), `greater_is_better` cannot ask for the lowest, and a stage's own
     keep-best keys need `keep_best: true` in that stage; returns a note when the recipe-wide keys have no effect."""
-    answer_type = answer_type_of(script_args)
+    training_args, stages = recipe.training, recipe.stages
+    answer_type = answer_type_of(recipe.script)
     output_dir = Path(training_args.output_dir)
     for stage in stages:
         own = [key for key in KEEP_BEST_KEYS if key in stage.overrides]
@@ -521,13 +524,13 @@ def _is_choice(value: Any, choices: tuple) -> bool:
     return any(value == choice or (isinstance(value, str) and value == str(choice)) for choice in choices)
 
 
-def check_key_values(script_args, training_args, model_args, stages: list[Stage]) -> None:
+def check_key_values(recipe: Recipe) -> None:
     """The resolved values of the keys with a range, and every stage override, against the schema."""
-    for args in (script_args, training_args, model_args):
+    for args in (recipe.script, recipe.training, recipe.model):
         for key in KEY_RANGES:
             if hasattr(args, key):
                 check_key_value(key, getattr(args, key))
-    for index, stage in enumerate(stages):
+    for index, stage in enumerate(recipe.stages):
         for key, value in stage.overrides.items():
             check_key_value(key, value, f"stages[{index}] ({stage.name}): ")
 

@@ -1,4 +1,4 @@
-"""Read a recipe: `--config FILE` plus command-line overrides into the recipe's dataclasses and its stages.
+"""Read a recipe: `--config FILE` plus command-line overrides into a `Recipe` (its dataclasses and stages).
 
 Only the parsing lives here (unknown keys, wrong types); every rule about the values is in `checks.py`.
 """
@@ -18,16 +18,17 @@ from ..errors import SFTKeyError, closest, invalid_arguments, show_value
 from ..train.objectives import parse_stages
 from .checks import check_key_value
 from .flags import flag_value
-from .schema import SFTKeyConfig, SFTKeyScriptArguments
+from .schema import Recipe, SFTKeyConfig, SFTKeyScriptArguments
 
 
-def parse_config(argv: list[str] | None = None):
-    """Parse `--config FILE` plus CLI overrides into (script_args, training_args, model_args, stages).
+def parse_config(argv: list[str] | None = None) -> Recipe:
+    """Parse `--config FILE` plus CLI overrides into a `Recipe`.
 
     `--stages` on the command line takes a YAML/JSON list. Unknown keys, wrong types and wrong values raise
     `SFTKeyError` with one line naming the key and the closest valid one.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = recipe_overrides(argv)
     stages_override = flag_value(argv, "--stages", remove=True)
     config_path = flag_value(argv, "--config", remove=True)
     classes = (SFTKeyScriptArguments, SFTKeyConfig, ModelConfig)
@@ -72,7 +73,20 @@ def parse_config(argv: list[str] | None = None):
         raise invalid_arguments(error, own) from error
     training_keys = {f.name for f in dataclasses.fields(training_args)} - {"stages"}
     stages = parse_stages(training_args.stages, training_keys, lambda *args: _coerce(parser, *args))
-    return script_args, training_args, model_args, stages
+    return Recipe(script_args, training_args, model_args, stages, config_path, overrides)
+
+
+def recipe_overrides(argv: list[str]) -> list[str]:
+    """The command-line recipe keys, recorded in the model card: without `--config PATH` and any `--hub_token`."""
+    rest, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item in ("--config", "--hub_token"):
+            skip = True
+        elif not item.startswith(("--config=", "--hub_token=")):
+            rest.append(item)
+    return rest
 
 
 def _coerce(parser: TrlParser, key: str, value: Any, where: str = "") -> Any:

@@ -14,7 +14,7 @@ from trl import ModelConfig, SFTConfig
 from ..data.adapters import ADAPTERS
 from ..data.formatting import RESPONSE_FORMATS, Tags
 from ..evaluation.answers import ANSWER_TYPES
-from ..train.objectives import OBJECTIVES
+from ..train.objectives import OBJECTIVES, Stage
 
 DEMO_RECIPE = "recipes/demo/sftkey_tiny.yaml"  # run.py with no --config
 COMPARE_DEMO_RECIPE = "recipes/demo/remainder.yaml"  # compare.py with no --config: a task with headroom
@@ -133,6 +133,20 @@ class SFTKeyConfig(SFTConfig):
         if self.dataloader_pin_memory is None:  # pinning without an accelerator only makes torch warn
             self.dataloader_pin_memory = torch.accelerator.is_available() and not self.use_cpu
         super().__post_init__()
+
+
+@dataclass
+class Recipe:
+    """A parsed recipe (`parsing.parse_config`): its data and evaluation keys (`script`), training and model
+    arguments and stages; `path` (the `--config` file) and `overrides` (the command-line keys, without `--config`
+    and `--hub_token`) are what a model card records. Only `recipe/` and `run/` take a `Recipe`."""
+
+    script: SFTKeyScriptArguments
+    training: SFTKeyConfig
+    model: ModelConfig
+    stages: list[Stage]
+    path: str | None = None
+    overrides: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..files import read_json
+from ..recipe.schema import Recipe
 from ..train.objectives import Stage
 from .diagnosis import diagnose
 from .report import _cell, markdown_table, metric_rows, result_rows
@@ -124,7 +125,7 @@ def results_section(results: dict) -> list[str]:
     return markdown_table(["metric"] + [name for name, _ in rows], table)
 
 
-def comparison_section(output_dir: Path, stages) -> list[str]:
+def comparison_section(output_dir: Path) -> list[str]:
     """The variants table with 95% intervals from `<output_dir>/compare/comparison.json`, if it exists."""
     summary = read_json(output_dir / "compare" / "comparison.json", None)
     if not summary:
@@ -162,10 +163,10 @@ def usage(repo_id: str, form: str, prompt_template: str | None, end_of_turn: str
     ]
 
 
-def model_card(folder: Path, output_dir: Path, stage: str, form: str, repo_id: str, script_args, training_args,
-               model_args, stages, recipe: str | None, overrides: list[str]) -> ModelCard:  # fmt: skip
-    """Build the card for `folder` (the stage or its merged copy) from the run's files in `output_dir`."""
-    output_dir = Path(output_dir)
+def model_card(folder: Path, stage: str, form: str, repo_id: str, recipe: Recipe) -> ModelCard:
+    """Build the card for `folder` (the stage or its merged copy) from the run's files in its `output_dir`."""
+    script_args, training_args, model_args, stages = recipe.script, recipe.training, recipe.model, recipe.stages
+    output_dir = Path(training_args.output_dir)
     results = read_json(output_dir / "results.json", {}) or {}
     base = model_args.model_name_or_path
     quantized = model_args.load_in_4bit or model_args.load_in_8bit
@@ -208,8 +209,8 @@ def model_card(folder: Path, output_dir: Path, stage: str, form: str, repo_id: s
         "",
         f"- Base model: `{base}`; {method}",
         f"- Data: `{dataset}`, format `{script_args.dataset_format}`",
-        f"- Recipe: `{recipe or 'built-in defaults'}`"
-        + (f" with `{HF_TOKEN_RE.sub(REDACTED, ' '.join(overrides))}`" if overrides else ""),
+        f"- Recipe: `{recipe.path or 'built-in defaults'}`"
+        + (f" with `{HF_TOKEN_RE.sub(REDACTED, ' '.join(recipe.overrides))}`" if recipe.overrides else ""),
         "",
         *stages_section(output_dir, results),
         "",
@@ -223,10 +224,10 @@ def model_card(folder: Path, output_dir: Path, stage: str, form: str, repo_id: s
             if diagnose(results)
             else []
         ),
-        *comparison_section(output_dir, stages),
+        *comparison_section(output_dir),
     ]
-    if recipe and Path(recipe).is_file():
-        text = redacted(Path(recipe).read_text()).rstrip()
+    if recipe.path and Path(recipe.path).is_file():
+        text = redacted(Path(recipe.path).read_text()).rstrip()
         body += ["", "<details><summary>The recipe</summary>", "", "```yaml", text, "```", "", "</details>"]
     versions = (read_json(output_dir / "manifest.json", {}) or {}).get("library_versions", {})
     if versions:
@@ -234,9 +235,9 @@ def model_card(folder: Path, output_dir: Path, stage: str, form: str, repo_id: s
     return ModelCard.from_template(data, template_str=TEMPLATE, body="\n".join(body))
 
 
-def write_card(folder: Path, *args, **kwargs) -> Path:
+def write_card(folder: Path, stage: str, form: str, repo_id: str, recipe: Recipe) -> Path:
     """Write the card to `<folder>/README.md` (replacing peft's placeholder card) and return its path."""
-    card = model_card(Path(folder), *args, **kwargs)
+    card = model_card(Path(folder), stage, form, repo_id, recipe)
     path = Path(folder) / "README.md"
     card.save(path)
     return path

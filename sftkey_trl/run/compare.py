@@ -10,23 +10,23 @@ import statistics
 from pathlib import Path
 
 from ..evaluation.metrics import DEFAULT_METRIC, reported
-from ..files import plain, write_json, write_text
+from ..files import write_json, write_text
+from ..recipe.schema import Recipe
 from .report import markdown_table
 from .variants import MATCHED, PAPER
 
 logger = logging.getLogger(__name__)
 
 
-def arm_configuration(variant, script_args, training_args, model_args) -> str:
+def arm_configuration(variant, recipe: Recipe) -> str:
     """A hash of everything that decides an arm's numbers but its seed: the recipe's data, model and training keys
     (not those that only say where or how often things are written) and the arm's own stages and format (not its
     description: rewording one keeps its measured seeds)."""
-    from .plan import NON_RESULT_KEYS, config_hash
+    from .plan import NON_RESULT_KEYS, config_hash, result_values
 
     skip = NON_RESULT_KEYS | {"seed", "stages", "description"}
-    sections = {"data": script_args, "model": model_args, "training": training_args, "variant": variant}
-    return config_hash({name: {k: v for k, v in plain(obj).items() if k not in skip and not k.startswith("_")}
-                        for name, obj in sections.items()})  # fmt: skip
+    sections = {"data": recipe.script, "model": recipe.model, "training": recipe.training, "variant": variant}
+    return config_hash({name: result_values(obj, skip) for name, obj in sections.items()})
 
 
 def carried_arms(earlier: dict, running: list[str], seeds: list[int],

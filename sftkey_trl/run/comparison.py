@@ -42,22 +42,21 @@ def main(argv: list[str] | None = None, description: str | None = None) -> int:
     with user_errors(run.debug):
         if options.metric not in METRIC_NAMES:
             raise SFTKeyError(f"unknown metric `{options.metric}`{closest(options.metric, METRIC_NAMES)}")
-        script_args, training_args, model_args, stages, _ = load_checked_recipe(rest)
-        if training_args.push_to_hub:
+        recipe, _ = load_checked_recipe(rest)
+        if recipe.training.push_to_hub:
             raise SFTKeyError("compare.py trains many variants and pushes none; remove `push_to_hub` (run.py pushes)")
         converge = (options.converged, options.converged_epochs) if options.converged else None
         names = [n.strip() for n in (options.variants or ",".join(arms.DEFAULT_VARIANTS)).split(",") if n.strip()]
-        variants = arms.build_variants(stages, training_args, script_args.response_format, converge,
-                                       arms.swept_key_weights(names))  # fmt: skip
+        weights, recipe_format = arms.swept_key_weights(names), recipe.script.response_format
+        variants = arms.build_variants(recipe.stages, recipe.training, recipe_format, converge, weights)
         for name in names:
             if name not in variants:
                 raise SFTKeyError(f"unknown variant `{name}`{closest(name, variants)}; choose from {list(variants)}")
         names.sort(key=lambda name: name == arms.MATCHED)  # the matched arm takes the paper arm's recorded steps
-        root = Path(options.comparison_dir or Path(training_args.output_dir) / "compare")
+        root = Path(options.comparison_dir or Path(recipe.training.output_dir) / "compare")
         seeds = list(range(options.seeds))
         # Variants measured earlier in the same folder, with this configuration and these seeds, stay in the table
-        configurations = {name: arm_configuration(variant, script_args, training_args, model_args)
-                          for name, variant in variants.items()}  # fmt: skip
+        configurations = {name: arm_configuration(variant, recipe) for name, variant in variants.items()}
         per_seed = carried_arms(read_json(root / "comparison.json", {}), names, seeds, configurations)
         per_seed.update({name: {} for name in names})
         for seed in seeds:
@@ -65,8 +64,7 @@ def main(argv: list[str] | None = None, description: str | None = None) -> int:
                 logging.info("=== variant %s, seed %d ===", name, seed)
                 recorded = per_seed.get(arms.PAPER, {}).get(seed, {}).get("optimizer_steps")
                 target = (recorded or None) if name == arms.MATCHED else None
-                per_seed[name][seed] = arms.run_variant(variants[name], seed, script_args, training_args,
-                                                        model_args, root, steps_to_match=target)  # fmt: skip
+                per_seed[name][seed] = arms.run_variant(variants[name], seed, recipe, root, steps_to_match=target)
                 write_comparison(root, per_seed, variants, seeds, options.metric, configurations)  # survives a kill
         write_comparison(root, per_seed, variants, seeds, options.metric, configurations)
         print((root / "comparison.md").read_text())

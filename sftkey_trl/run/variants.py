@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SFTKeyError
+from ..recipe.schema import Recipe
 from ..train.objectives import Stage
 from ..train.steps import optimizer_steps, stage_training_args
 
@@ -141,25 +142,23 @@ def planned_steps(stages: tuple[Stage, ...], training_args, num_rows: int, proce
     )
 
 
-def run_variant(variant: Variant, seed: int, script_args, training_args, model_args, root: Path,
-                steps_to_match: int | None = None) -> dict:  # fmt: skip
+def run_variant(variant: Variant, seed: int, recipe: Recipe, root: Path, steps_to_match: int | None = None) -> dict:
     """Train and evaluate one arm with one seed; return its last stage's metrics plus `optimizer_steps` and
     `train_tokens` summed over its stages. A matched arm takes `steps_to_match` steps (the target arm's recorded
     steps for this seed), or the target's planned steps when it has not run."""
     from .pipeline import Pipeline
 
-    script_args = copy.deepcopy(script_args)
-    training_args = copy.deepcopy(training_args)
-    script_args.response_format = variant.response_format
-    training_args.seed = seed
-    training_args.output_dir = str(root / f"seed{seed}" / variant.folder)
-    training_args.restart_from = None
-    stages = [copy.deepcopy(stage) for stage in variant.stages]
-    pipeline = Pipeline(script_args, training_args, model_args, stages)
+    recipe = copy.deepcopy(dataclasses.replace(recipe, stages=list(variant.stages)))
+    recipe.script.response_format = variant.response_format
+    recipe.training.seed = seed
+    recipe.training.output_dir = str(root / f"seed{seed}" / variant.folder)
+    recipe.training.restart_from = None
+    stages = recipe.stages
+    pipeline = Pipeline(recipe)
     if variant.match_steps_of is not None:
         if steps_to_match is None:
             rows, processes = len(pipeline.data.train), pipeline.state.num_processes
-            steps_to_match = planned_steps(variant.match_steps_of, training_args, rows, processes)
+            steps_to_match = planned_steps(variant.match_steps_of, recipe.training, rows, processes)
         stages[0].overrides["max_steps"] = steps_to_match
     results = pipeline.run()
     trained = [results["stages"][stage.name].get("training", {}) for stage in stages]

@@ -171,7 +171,7 @@ def test_a_rerun_carries_only_earlier_arms_with_the_same_configuration_and_seeds
     sys.path.insert(0, str(ROOT / "recipes"))
     from compare import main
 
-    def fake_run(variant, seed, script_args, training_args, model_args, root, steps_to_match=None) -> dict:
+    def fake_run(variant, seed, recipe, root, steps_to_match=None) -> dict:
         return {"accuracy": 0.5 + 0.1 * seed, "optimizer_steps": 4, "train_tokens": 10}
 
     monkeypatch.setattr("sftkey_trl.run.variants.run_variant", fake_run)
