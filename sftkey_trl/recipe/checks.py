@@ -270,17 +270,17 @@ def check_keep_best_keys(recipe: Recipe) -> list[str]:
     """Keep-best's keys, recipe-wide or in a stage: its metric must be one it can select on for the answer type
     (higher is better, defined for those answers), `greater_is_better` cannot ask for the lowest, and a stage's own
     keep-best keys need `keep_best: true` in that stage; returns a note when the recipe-wide keys have no effect."""
-    training_args, stages = recipe.training, recipe.stages
-    answer_type = answer_type_of(recipe.script)
-    output_dir = Path(training_args.output_dir)
-    for stage in stages:
+    answer_type, output_dir = answer_type_of(recipe.script), Path(recipe.training.output_dir)
+    for stage in recipe.stages:
         own = [key for key in KEEP_BEST_KEYS if key in stage.overrides]
         if not stage.keep_best:
             if own:
-                raise SFTKeyError(f"stage `{stage.name}`: `{own[0]}` only applies with `keep_best: true`; set "
-                                  "keep_best: true in that stage or remove the key")  # fmt: skip
+                raise SFTKeyError(
+                    f"stage `{stage.name}`: `{own[0]}` only applies with `keep_best: true`; set "
+                    "keep_best: true in that stage or remove the key"
+                )
             continue
-        args = stage_training_args(training_args, stage, str(output_dir / stage.name))
+        args = stage_training_args(recipe.training, stage, str(output_dir / stage.name))
         metric = args.metric_for_best_model or DEFAULT_METRIC
         where = f"stage `{stage.name}`: " if "metric_for_best_model" in own else ""
         problem = selection_problem(metric, answer_type)
@@ -289,8 +289,8 @@ def check_keep_best_keys(recipe: Recipe) -> list[str]:
         if args.greater_is_better is False:
             where = f"stage `{stage.name}`: " if "greater_is_better" in own else ""
             raise SFTKeyError(f"{where}`greater_is_better: false`: keep_best keeps the highest `{metric}`; remove it")
-    wide = [key for key in ("metric_for_best_model", "eval_steps") if getattr(training_args, key) is not None]
-    if wide and not any(stage.keep_best for stage in stages):
+    wide = [key for key in ("metric_for_best_model", "eval_steps") if getattr(recipe.training, key) is not None]
+    if wide and not any(stage.keep_best for stage in recipe.stages):
         return [f"`{wide[0]}` has no effect: no stage has `keep_best: true` (evaluation after a stage generates)"]
     return []
 
@@ -310,8 +310,10 @@ def check_detached_context(training_args, stages: list[Stage]) -> list[str]:
             raise SFTKeyError(f"{where}, which needs padded batches; set `padding_free: false` or context: full")
         launch = detect_launch(training_args)
         if launch.shards_parameters:
-            raise SFTKeyError(f"{where}, which is not supported under {launch.name} (sharded weights); launch with "
-                              "DDP or DeepSpeed ZeRO-2, or use context: full")  # fmt: skip
+            raise SFTKeyError(
+                f"{where}, which is not supported under {launch.name} (sharded weights); launch with "
+                "DDP or DeepSpeed ZeRO-2, or use context: full"
+            )
         if training_args.log_part_losses:
             notes.append(f"{where}: it logs key_loss only (the reasoning is not scored, so no reasoning_loss)")
     return notes
@@ -551,15 +553,19 @@ def check_named_values(script_args, model_args) -> None:
             raise SFTKeyError(f"`{key}` is {'not set' if value is None else 'empty'}; give {_NAMED[key]}")
     if script_args.dataset_format not in ADAPTERS:
         name = script_args.dataset_format
-        raise SFTKeyError(f"`dataset_format: {show_value(name)}` is not valid{closest(name, ADAPTERS)}; use one "
-                          f"of {', '.join(ADAPTERS)}")  # fmt: skip
+        raise SFTKeyError(
+            f"`dataset_format: {show_value(name)}` is not valid{closest(name, ADAPTERS)}; use one "
+            f"of {', '.join(ADAPTERS)}"
+        )
     name, eval_name = script_args.dataset_name or "", script_args.eval_dataset_name or ""
     splits = [(name, "dataset_split", script_args.dataset_split)]
     splits.append((eval_name or name, "eval_split", script_args.eval_split))
     for source, key, split in splits:
         if source.startswith("demo:") and split is not None and split not in DEMO_SPLITS:
-            raise SFTKeyError(f"`{key}: {show_value(split)}`: the demo dataset `{source}` has the splits "
-                              f"{' and '.join(DEMO_SPLITS)}; use one of them")  # fmt: skip
+            raise SFTKeyError(
+                f"`{key}: {show_value(split)}`: the demo dataset `{source}` has the splits "
+                f"{' and '.join(DEMO_SPLITS)}; use one of them"
+            )
 
 
 _NAMED = {

@@ -28,9 +28,11 @@ def parse_config(argv: list[str] | None = None) -> Recipe:
     `SFTKeyError` with one line naming the key and the closest valid one.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = recipe_overrides(argv)
-    stages_override = flag_value(argv, "--stages", remove=True)
     config_path = flag_value(argv, "--config", remove=True)
+    overrides = list(argv)  # the command-line keys a model card records, never the secret `--hub_token`
+    while flag_value(overrides, "--hub_token", remove=True) is not None:
+        pass
+    stages_override = flag_value(argv, "--stages", remove=True)
     classes = (SFTKeyScriptArguments, SFTKeyConfig, ModelConfig)
     parser = TrlParser(classes)
     known = {action.dest for action in parser._actions}
@@ -74,19 +76,6 @@ def parse_config(argv: list[str] | None = None) -> Recipe:
     training_keys = {f.name for f in dataclasses.fields(training_args)} - {"stages"}
     stages = parse_stages(training_args.stages, training_keys, lambda *args: _coerce(parser, *args))
     return Recipe(script_args, training_args, model_args, stages, config_path, overrides)
-
-
-def recipe_overrides(argv: list[str]) -> list[str]:
-    """The command-line recipe keys, recorded in the model card: without `--config PATH` and any `--hub_token`."""
-    rest, skip = [], False
-    for item in argv:
-        if skip:
-            skip = False
-        elif item in ("--config", "--hub_token"):
-            skip = True
-        elif not item.startswith(("--config=", "--hub_token=")):
-            rest.append(item)
-    return rest
 
 
 def _coerce(parser: TrlParser, key: str, value: Any, where: str = "") -> Any:

@@ -137,9 +137,8 @@ class SFTKeyConfig(SFTConfig):
 
 @dataclass
 class Recipe:
-    """A parsed recipe (`parsing.parse_config`): its data and evaluation keys (`script`), training and model
-    arguments and stages; `path` (the `--config` file) and `overrides` (the command-line keys, without `--config`
-    and `--hub_token`) are what a model card records. Only `recipe/` and `run/` take a `Recipe`."""
+    """A parsed recipe (`parsing.parse_config`): data and evaluation keys, training and model arguments, stages, and
+    what a model card records: the `--config` file and the command-line keys. Only `recipe/` and `run/` take one."""
 
     script: SFTKeyScriptArguments
     training: SFTKeyConfig

@@ -3,7 +3,6 @@ settings, and the results, with 95% intervals when `recipes/compare.py` was run 
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from functools import cache
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..files import read_json
-from ..recipe.schema import Recipe
+from ..recipe.schema import Recipe, key_types
 from ..train.objectives import Stage
 from .diagnosis import diagnose
 from .report import _cell, markdown_table, metric_rows, result_rows
@@ -43,14 +42,9 @@ HF_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{20,}")
 
 @cache
 def public_token_keys() -> frozenset[str]:
-    """Recipe keys whose names contain "token" but hold no secret (`eos_token`, `max_new_tokens`, ...): every field
-    of the recipe's argument classes with a secret-looking name, except `hub_token`."""
-    from trl import ModelConfig
-
-    from ..recipe.schema import SFTKeyConfig, SFTKeyScriptArguments
-
-    names = {f.name for cls in (SFTKeyScriptArguments, SFTKeyConfig, ModelConfig) for f in dataclasses.fields(cls)}
-    return frozenset(name for name in names if is_secret_name(name, frozenset())) - {"hub_token"}
+    """Recipe keys whose names contain "token" but hold no secret (`eos_token`, `max_new_tokens`, ...): every recipe
+    key (`schema.key_types`) with a secret-looking name, except `hub_token`."""
+    return frozenset(name for name in key_types() if is_secret_name(name, frozenset())) - {"hub_token"}
 
 
 def is_secret_name(key, public: frozenset[str]) -> bool:

@@ -21,9 +21,9 @@ def main(argv: list[str] | None = None, description: str | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="Number of seeds (0, 1, ..., N-1).")
     parser.add_argument("--metric", default="accuracy", help="The metric the tables are ranked by.")
     parser.add_argument("--comparison_dir", default=None, help="Where to write (default: <output_dir>/compare).")
-    parser.add_argument("--converged", type=int, default=None, metavar="PATIENCE",
-                        help="Train stage 1 until validation stops improving for PATIENCE evaluations (keeping its "
-                        "best checkpoint) before every stage-2 form: the paper's protocol.")  # fmt: skip
+    converged = "Train stage 1 until validation stops improving for PATIENCE evaluations (keeping its best "
+    converged += "checkpoint) before every stage-2 form: the paper's protocol."
+    parser.add_argument("--converged", type=int, default=None, metavar="PATIENCE", help=converged)
     parser.add_argument("--converged_epochs", type=float, default=12, help="With --converged: the epoch cap.")
     options, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

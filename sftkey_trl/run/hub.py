@@ -17,11 +17,6 @@ logger = logging.getLogger(__name__)
 IGNORE = ["checkpoints/**", "merged/**", "predictions.jsonl", ".*"]
 
 
-def repo_id(training_args) -> str:
-    """`hub_model_id`, or the output folder's name under the token's account (as the Trainer does)."""
-    return training_args.hub_model_id or Path(training_args.output_dir).name
-
-
 def push_run(recipe: Recipe) -> str:
     """Push the chosen stage of a finished run with its model card (also written to `<folder>/README.md`).
     Returns the repository URL."""
@@ -33,7 +28,7 @@ def push_run(recipe: Recipe) -> str:
     form = "adapter" if (folder / "adapter_config.json").exists() else "full"
     if form == "adapter" and training_args.hub_merge:
         folder, form = merge_stage(folder, recipe.model, training_args), "merged"
-    repo = repo_id(training_args)
+    repo = training_args.hub_model_id or Path(training_args.output_dir).name  # under the token's account, as Trainer
     card = write_card(folder, stage, form, repo, recipe)
     api = HfApi(token=training_args.hub_token)
     url = api.create_repo(repo, private=training_args.hub_private_repo, exist_ok=True)

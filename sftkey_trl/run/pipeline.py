@@ -122,8 +122,9 @@ class Pipeline:
             logger.info("stage %s is done but was not evaluated: evaluating it", stage.name)
         model = None
         if entry.get("status") not in ("trained", "done"):
-            manifest.update(stage.name, status="running", hash=planned.digest, config=planned.config,
-                            checkpoint=str(stage_dir))  # fmt: skip
+            manifest.update(
+                stage.name, status="running", hash=planned.digest, config=planned.config, checkpoint=str(stage_dir)
+            )
             model, training = self.train_stage(stage, args, start_from)
             if self.sharded:  # ZeRO-3/FSDP: evaluate the saved stage, loaded whole on each rank
                 model = None
@@ -198,8 +199,9 @@ class Pipeline:
         self.state.wait_for_everyone()
         return model, summary
 
-    def keep_best_callback(self, stage: Stage, args, trainer, start_from: Path | None,
-                           resume: str | None) -> KeepBestCallback:  # fmt: skip
+    def keep_best_callback(
+        self, stage: Stage, args, trainer, start_from: Path | None, resume: str | None
+    ) -> KeepBestCallback:
         """Evaluate on the validation split every `eval_steps` (default: twice an epoch) on the stage's metric
         (`metric_for_best_model`, the stage's own or the recipe's) and keep the best, the incoming weights
         (`start_from`, None: the base model) included; with `resume`, carry on from the state in that checkpoint."""
@@ -211,13 +213,16 @@ class Pipeline:
         synced = self.sharded and self.state.num_processes > 1
 
         def evaluate(model) -> dict:
-            metrics, _ = evaluate_model(model, self.tokenizer, examples, self.data.answer_type, in_process,
-                                        self.formatter, synced_gpus=synced)  # fmt: skip
+            metrics, _ = evaluate_model(
+                model, self.tokenizer, examples, self.data.answer_type, in_process, self.formatter, synced_gpus=synced
+            )
             return metrics
 
         metric = args.metric_for_best_model or DEFAULT_METRIC
-        callback = KeepBestCallback(evaluate, metric, self.output_dir / stage.name, every, trainer,
-                                    self.state.is_main_process, stage.patience, incoming=start_from)  # fmt: skip
+        folder, main = self.output_dir / stage.name, self.state.is_main_process
+        callback = KeepBestCallback(
+            evaluate, metric, folder, every, trainer, main, stage.patience, incoming=start_from
+        )
         callback.start(resume)
         trainer.add_callback(callback)
         return callback

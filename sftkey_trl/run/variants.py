@@ -81,12 +81,13 @@ def build_variants(
         return stage_training_args(training_args, stage, "unused")
 
     # Stage 1 as the recipe writes it, its own convergence (keep_best + patience) included
-    sft = Stage(name="sft", loss_on="completion", keep_best=first.keep_best, patience=first.patience,
-                overrides=dict(first.overrides))  # fmt: skip
+    own = {"keep_best": first.keep_best, "patience": first.patience, "overrides": dict(first.overrides)}
+    sft = Stage(name="sft", loss_on="completion", **own)
     if converge is not None:
         patience, epochs = converge
-        sft = dataclasses.replace(sft, keep_best=True, patience=patience,
-                                  overrides={**sft.overrides, "num_train_epochs": epochs})  # fmt: skip
+        sft = dataclasses.replace(
+            sft, keep_best=True, patience=patience, overrides={**sft.overrides, "num_train_epochs": epochs}
+        )
     key = Stage(name="key", loss_on="key", overrides=dict(second.overrides))  # the paper's: hard mask, no keep_best
     continued = Stage(name="continue", loss_on="completion", overrides=dict(second.overrides))
     epochs_2, lr_1 = args_of(second).num_train_epochs, args_of(first).learning_rate
@@ -118,11 +119,15 @@ def build_variants(
         ("sftkey_tag_stage1_lr", "tags", "tags", form("stage1_lr", overrides={**key.overrides, "learning_rate": lr_1}),
          "stage 2 at stage 1's learning rate"),
     ]  # fmt: skip
-    arms += [(f"sft_keyweight_{w:g}", f"keyweight_{w:g}", "tags", (dataclasses.replace(sft, key_weight=w),), "")
-             for w in key_weights]  # fmt: skip
+    arms += [
+        (f"sft_keyweight_{w:g}", f"keyweight_{w:g}", "tags", (dataclasses.replace(sft, key_weight=w),), "")
+        for w in key_weights
+    ]
     matched = {MATCHED: (sft, key)}
-    return {name: Variant(name, folder, response_format, arm, _describe(response_format, arm, args_of, note),
-                          matched.get(name)) for name, folder, response_format, arm, note in arms}  # fmt: skip
+    return {
+        name: Variant(name, folder, layout, arm, _describe(layout, arm, args_of, note), matched.get(name))
+        for name, folder, layout, arm, note in arms
+    }
 
 
 def _describe(response_format: str, stages: tuple[Stage, ...], args_of, note: str) -> str:
