@@ -77,10 +77,8 @@ def local_path(name: str, what: str = "dataset_name") -> Path | None:
     try:
         exists = path.exists()
     except OSError as error:  # a name too long for a path, or one the OS cannot look up
-        raise SFTKeyError(
-            f"`{what}`: `{shown[:60]}` is not a usable file name ({error.strerror}); give a hub id "
-            "or the path of a .jsonl/.json/.parquet/.csv file"
-        ) from None
+        fix = "give a hub id or the path of a .jsonl/.json/.parquet/.csv file"
+        raise SFTKeyError(f"`{what}`: `{shown[:60]}` is not a usable file name ({error.strerror}); {fix}") from None
     if name.startswith(DEMO_PREFIX) or not (path.suffix in FILE_LOADERS or exists or name.startswith((".", "/", "~"))):
         return None
     if not exists:

@@ -275,10 +275,8 @@ def check_keep_best_keys(recipe: Recipe) -> list[str]:
         own = [key for key in KEEP_BEST_KEYS if key in stage.overrides]
         if not stage.keep_best:
             if own:
-                raise SFTKeyError(
-                    f"stage `{stage.name}`: `{own[0]}` only applies with `keep_best: true`; set "
-                    "keep_best: true in that stage or remove the key"
-                )
+                fix = "set keep_best: true in that stage or remove the key"
+                raise SFTKeyError(f"stage `{stage.name}`: `{own[0]}` only applies with `keep_best: true`; {fix}")
             continue
         args = stage_training_args(recipe.training, stage, str(output_dir / stage.name))
         metric = args.metric_for_best_model or DEFAULT_METRIC
@@ -310,10 +308,8 @@ def check_detached_context(training_args, stages: list[Stage]) -> list[str]:
             raise SFTKeyError(f"{where}, which needs padded batches; set `padding_free: false` or context: full")
         launch = detect_launch(training_args)
         if launch.shards_parameters:
-            raise SFTKeyError(
-                f"{where}, which is not supported under {launch.name} (sharded weights); launch with "
-                "DDP or DeepSpeed ZeRO-2, or use context: full"
-            )
+            fix = "launch with DDP or DeepSpeed ZeRO-2, or use context: full"
+            raise SFTKeyError(f"{where}, which is not supported under {launch.name} (sharded weights); {fix}")
         if training_args.log_part_losses:
             notes.append(f"{where}: it logs key_loss only (the reasoning is not scored, so no reasoning_loss)")
     return notes
@@ -552,11 +548,8 @@ def check_named_values(script_args, model_args) -> None:
         if value is None or not str(value).strip():
             raise SFTKeyError(f"`{key}` is {'not set' if value is None else 'empty'}; give {_NAMED[key]}")
     if script_args.dataset_format not in ADAPTERS:
-        name = script_args.dataset_format
-        raise SFTKeyError(
-            f"`dataset_format: {show_value(name)}` is not valid{closest(name, ADAPTERS)}; use one "
-            f"of {', '.join(ADAPTERS)}"
-        )
+        name, hint = script_args.dataset_format, closest(script_args.dataset_format, ADAPTERS)
+        raise SFTKeyError(f"`dataset_format: {show_value(name)}` is not valid{hint}; use one of {', '.join(ADAPTERS)}")
     name, eval_name = script_args.dataset_name or "", script_args.eval_dataset_name or ""
     splits = [(name, "dataset_split", script_args.dataset_split)]
     splits.append((eval_name or name, "eval_split", script_args.eval_split))

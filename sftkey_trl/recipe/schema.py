@@ -137,8 +137,7 @@ class SFTKeyConfig(SFTConfig):
 
 @dataclass
 class Recipe:
-    """A parsed recipe (`parsing.parse_config`): data and evaluation keys, training and model arguments, stages, and
-    what a model card records: the `--config` file and the command-line keys. Only `recipe/` and `run/` take one."""
+    """A parsed recipe: its arguments, its stages, and the `--config` file and command-line keys a card records."""
 
     script: SFTKeyScriptArguments
     training: SFTKeyConfig

@@ -158,7 +158,8 @@ def usage(repo_id: str, form: str, prompt_template: str | None, end_of_turn: str
 
 
 def model_card(folder: Path, stage: str, form: str, repo_id: str, recipe: Recipe) -> ModelCard:
-    """Build the card for `folder` (the stage or its merged copy) from the run's files in its `output_dir`."""
+    """The card of `folder` (the stage or its merged copy) from the run's files in its `output_dir`; saved as
+    `<folder>/README.md`, it replaces peft's placeholder card."""
     script_args, training_args, model_args, stages = recipe.script, recipe.training, recipe.model, recipe.stages
     output_dir = Path(training_args.output_dir)
     results = read_json(output_dir / "results.json", {}) or {}
@@ -227,11 +228,3 @@ def model_card(folder: Path, stage: str, form: str, repo_id: str, recipe: Recipe
     if versions:
         body += ["", "Framework versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v)]
     return ModelCard.from_template(data, template_str=TEMPLATE, body="\n".join(body))
-
-
-def write_card(folder: Path, stage: str, form: str, repo_id: str, recipe: Recipe) -> Path:
-    """Write the card to `<folder>/README.md` (replacing peft's placeholder card) and return its path."""
-    card = model_card(Path(folder), stage, form, repo_id, recipe)
-    path = Path(folder) / "README.md"
-    card.save(path)
-    return path

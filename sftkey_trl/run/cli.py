@@ -163,12 +163,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def export(stage: str, merge_dir: str | None, recipe: Recipe) -> None:
     """`--merge STAGE`: write the stage merged into its base as a standalone model, with its model card."""
-    from .card import write_card
+    from .card import model_card
     from .export import merge_stage, stage_folder
 
-    training_args = recipe.training
-    folder = stage_folder(training_args.output_dir, stage, [s.name for s in recipe.stages])
-    merged = merge_stage(folder, recipe.model, training_args, merge_dir)
-    name = training_args.hub_model_id or f"{Path(training_args.output_dir).name}-{stage}"
-    write_card(merged, stage, "merged", name, recipe)
+    folder = stage_folder(recipe.training.output_dir, stage, [s.name for s in recipe.stages])
+    merged = merge_stage(folder, recipe.model, recipe.training, merge_dir)
+    name = recipe.training.hub_model_id or f"{Path(recipe.training.output_dir).name}-{stage}"
+    model_card(merged, stage, "merged", name, recipe).save(merged / "README.md")
     print(f"standalone model (stage `{stage}` merged into {recipe.model.model_name_or_path}): {merged}")

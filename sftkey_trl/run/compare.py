@@ -30,12 +30,11 @@ def arm_configuration(variant, recipe: Recipe) -> str:
     return config_hash({name: result_values(obj, skip) for name, obj in sections.items()})
 
 
-def carried_arms(
-    earlier: dict, running: list[str], seeds: list[int], configurations: dict[str, str]
-) -> dict[str, dict[int, dict]]:
+def carried_arms(earlier: dict, running: list[str], seeds: list[int], configurations: dict[str, str]) -> dict:
     """The arms of an earlier `comparison.json` that stay in the table beside the `running` ones: measured with the
     configuration they would have now (`configurations`: arm -> `arm_configuration`) and with every one of this
-    run's `seeds`, kept to exactly those seeds. Any other is dropped, with a warning that says how to measure it."""
+    run's `seeds`, kept to exactly those seeds (arm -> seed -> metrics). Any other is dropped, with a warning that
+    says how to measure it."""
     carried, recorded = {}, earlier.get("configurations", {})
     for name, runs in earlier.get("per_seed", {}).items():
         if name in running:
@@ -88,10 +87,8 @@ def summarise_variants(per_seed: dict[str, dict[int, dict]], reference: str = PA
     for variant, runs in per_seed.items():
         values = {m.name: [run[m.name] for run in runs.values() if run.get(m.name) is not None] for m in reported()}
         table[variant] = {metric: _interval(found) for metric, found in values.items() if found}
-        compute[variant] = {
-            key: statistics.fmean(run.get(key, 0) for run in runs.values()) if runs else 0
-            for key in ("optimizer_steps", "train_tokens")
-        }
+        totals = {key: [run.get(key, 0) for run in runs.values()] for key in ("optimizer_steps", "train_tokens")}
+        compute[variant] = {key: statistics.fmean(found) if found else 0 for key, found in totals.items()}
     others = [v for v in per_seed if v != reference]
     differences = {v: paired(per_seed, reference, v) for v in others} if reference in per_seed else {}
     versus = {b: {v: paired(per_seed, v, b) for v in per_seed if v != b} for b in BASELINES if b in per_seed}

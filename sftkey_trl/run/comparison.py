@@ -47,8 +47,7 @@ def main(argv: list[str] | None = None, description: str | None = None) -> int:
             raise SFTKeyError("compare.py trains many variants and pushes none; remove `push_to_hub` (run.py pushes)")
         converge = (options.converged, options.converged_epochs) if options.converged else None
         names = [n.strip() for n in (options.variants or ",".join(arms.DEFAULT_VARIANTS)).split(",") if n.strip()]
-        weights, recipe_format = arms.swept_key_weights(names), recipe.script.response_format
-        variants = arms.build_variants(recipe.stages, recipe.training, recipe_format, converge, weights)
+        variants = arms.build_variants(recipe, converge, arms.swept_key_weights(names))
         for name in names:
             if name not in variants:
                 raise SFTKeyError(f"unknown variant `{name}`{closest(name, variants)}; choose from {list(variants)}")

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from ..recipe.schema import Recipe
-from .card import write_card
+from .card import model_card
 from .export import merge_stage, stage_folder
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ def push_run(recipe: Recipe) -> str:
     if form == "adapter" and training_args.hub_merge:
         folder, form = merge_stage(folder, recipe.model, training_args), "merged"
     repo = training_args.hub_model_id or Path(training_args.output_dir).name  # under the token's account, as Trainer
-    card = write_card(folder, stage, form, repo, recipe)
+    model_card(folder, stage, form, repo, recipe).save(folder / "README.md")
     api = HfApi(token=training_args.hub_token)
     url = api.create_repo(repo, private=training_args.hub_private_repo, exist_ok=True)
     api.upload_folder(
@@ -39,5 +39,5 @@ def push_run(recipe: Recipe) -> str:
         revision=training_args.hub_revision,
         ignore_patterns=IGNORE,
     )
-    logger.info("pushed stage %s (%s) with its model card %s to %s", stage, form, card, url)
+    logger.info("pushed stage %s (%s) with its model card %s to %s", stage, form, folder / "README.md", url)
     return str(url)

@@ -46,9 +46,7 @@ def result_values(obj, skip: set[str] = NON_RESULT_KEYS) -> dict:
     return {k: v for k, v in plain(obj).items() if k not in skip and not k.startswith("_")}
 
 
-def resolved_config(
-    recipe: Recipe, stage_args, stage: Stage, data_hash: str, previous: str | None, processes: int = 1
-) -> dict:
+def resolved_config(recipe: Recipe, stage_args, stage, data_hash: str, previous: str | None, processes: int) -> dict:
     """Everything that decides a stage's result: data, model, the stage's training arguments, the launch's process
     count (without `global_batch_size` it sets the global batch; a checkpoint resumes on its own count) and its
     parent."""
@@ -113,9 +111,7 @@ class PlannedStage:
     restarting: bool
 
 
-def plan_stages(
-    recipe: Recipe, stage_args, data_hash: str, manifest: Manifest, processes: int = 1
-) -> list[PlannedStage]:
+def plan_stages(recipe: Recipe, stage_args, data_hash: str, manifest: Manifest, processes: int) -> list[PlannedStage]:
     """Resolve each stage's arguments (`stage_args(stage)`) and configuration hash (which chains the previous
     stage's) for a launch of `processes` processes; refuse a changed finished stage unless `restart_from` says."""
     plan, previous, restarting = [], data_hash, False

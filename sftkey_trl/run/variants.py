@@ -54,11 +54,7 @@ def _settings(stage: Stage, args) -> str:
 
 
 def build_variants(
-    stages: list[Stage],
-    training_args,
-    recipe_format: str = "tags",
-    converge: tuple[int, float] | None = None,
-    key_weights: list[float] = (),
+    recipe: Recipe, converge: tuple[int, float] | None = None, key_weights: list[float] = ()
 ) -> dict[str, Variant]:
     """Every arm of the comparison, from the recipe's stage 1 and stage 2 (see the module docstring). An arm's
     description is built from its stages (each one's `Stage.summary` and settings) plus what they do not say.
@@ -72,6 +68,7 @@ def build_variants(
 
     `key_weights`: one more `sft_keyweight_<weight>` arm per weight, `sft_keyweight` with that weight.
     """
+    stages, training_args, recipe_format = recipe.stages, recipe.training, recipe.script.response_format
     first = next((s for s in stages if s.loss_on == "completion"), None)
     second = next((s for s in stages if s.loss_on == "key"), None)
     if first is None or second is None:
@@ -82,12 +79,10 @@ def build_variants(
 
     # Stage 1 as the recipe writes it, its own convergence (keep_best + patience) included
     own = {"keep_best": first.keep_best, "patience": first.patience, "overrides": dict(first.overrides)}
-    sft = Stage(name="sft", loss_on="completion", **own)
     if converge is not None:
         patience, epochs = converge
-        sft = dataclasses.replace(
-            sft, keep_best=True, patience=patience, overrides={**sft.overrides, "num_train_epochs": epochs}
-        )
+        own = {"keep_best": True, "patience": patience, "overrides": {**own["overrides"], "num_train_epochs": epochs}}
+    sft = Stage(name="sft", loss_on="completion", **own)
     key = Stage(name="key", loss_on="key", overrides=dict(second.overrides))  # the paper's: hard mask, no keep_best
     continued = Stage(name="continue", loss_on="completion", overrides=dict(second.overrides))
     epochs_2, lr_1 = args_of(second).num_train_epochs, args_of(first).learning_rate
@@ -158,16 +153,15 @@ def run_variant(variant: Variant, seed: int, recipe: Recipe, root: Path, steps_t
     recipe.training.seed = seed
     recipe.training.output_dir = str(root / f"seed{seed}" / variant.folder)
     recipe.training.restart_from = None
-    stages = recipe.stages
     pipeline = Pipeline(recipe)
     if variant.match_steps_of is not None:
         if steps_to_match is None:
             rows, processes = len(pipeline.data.train), pipeline.state.num_processes
             steps_to_match = planned_steps(variant.match_steps_of, recipe.training, rows, processes)
-        stages[0].overrides["max_steps"] = steps_to_match
+        recipe.stages[0].overrides["max_steps"] = steps_to_match
     results = pipeline.run()
-    trained = [results["stages"][stage.name].get("training", {}) for stage in stages]
-    record = dict(results["stages"][stages[-1].name])
+    trained = [results["stages"][stage.name].get("training", {}) for stage in recipe.stages]
+    record = dict(results["stages"][recipe.stages[-1].name])
     record.pop("training", None)
     record["optimizer_steps"] = sum(t.get("optimizer_steps", 0) for t in trained)
     record["train_tokens"] = sum(t.get("train_tokens", 0) for t in trained)

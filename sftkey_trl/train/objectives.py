@@ -183,10 +183,8 @@ def parse_stages(
         where = f"{where} ({name})"
         loss_on = entry.pop("loss_on", "completion")
         if loss_on not in OBJECTIVES:
-            raise SFTKeyError(
-                f"{where}: `loss_on: {loss_on}` is not valid{closest(str(loss_on), OBJECTIVES)}; "
-                f"use one of {tuple(OBJECTIVES)}"
-            )
+            hint = closest(str(loss_on), OBJECTIVES)
+            raise SFTKeyError(f"{where}: `loss_on: {loss_on}` is not valid{hint}; use one of {tuple(OBJECTIVES)}")
         objective = OBJECTIVES[loss_on]
         values: dict[str, Any] = {}
         for key in [key for key in entry if key in OPTIONS]:

@@ -121,7 +121,7 @@ def test_merged_push_records_the_comparison_intervals(lora_run, monkeypatch):
                        for seed in range(3)}
                 for name, shift, steps in (("sft_tag", 0.0, 8), ("sftkey_tag", -0.05, 12),
                                            ("sft_tag_matched", 0.3, 12))}  # fmt: skip
-    write_comparison(lora_run.out / "compare", per_seed, build_variants(recipe.stages, recipe.training), [0, 1, 2])
+    write_comparison(lora_run.out / "compare", per_seed, build_variants(recipe), [0, 1, 2])
     calls: list = []
     mock_hub(monkeypatch, calls)
     url = push_run(recipe)

@@ -82,7 +82,7 @@ def test_results_comparison_and_card_show_the_new_metric_and_objective(tmp_path)
     rows = results_markdown(results).splitlines()
     assert rows[2].endswith("| tokens | ans len | n |") and rows[4].endswith("| 1.750 | 4 |")  # sft: (1+1+1+4)/4
 
-    variants = build_variants(recipe.stages, recipe.training)
+    variants = build_variants(recipe)
     per_seed = {"recipe": {0: results["stages"]["reason"]}, "sftkey_tag": {0: results["stages"]["key"]}}
     write_comparison(out / "compare", per_seed, variants, [0], "accuracy")
     comparison = (out / "compare" / "comparison.md").read_text()
@@ -92,7 +92,7 @@ def test_results_comparison_and_card_show_the_new_metric_and_objective(tmp_path)
 
     manifest = Manifest(out)
     for stage in recipe.stages:
-        manifest.update(stage.name, config=resolved_config(recipe, recipe.training, stage, "-", None))
+        manifest.update(stage.name, config=resolved_config(recipe, recipe.training, stage, "-", None, 1))
     write_json(out / "results.json", results)
     card = model_card(Path(out / "reason"), "reason", "full", "me/sftkey-reason", recipe).text
     assert "| reason | the reasoning tokens only |" in card and "| key | the final-answer (key) tokens only |" in card
