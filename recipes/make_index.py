@@ -47,7 +47,8 @@ def gpu_count(path: Path) -> int:
 
 def recipe_row(path: Path, root: Path = ROOT) -> dict:
     """What the index shows for one recipe."""
-    _, training_args, model_args, _ = parse_config(["--config", str(path)])
+    recipe = parse_config(["--config", str(path)])
+    training_args, model_args = recipe.training, recipe.model
     method = training_method(model_args)
     gpus = gpu_count(path)
     estimate = estimate_for_recipe(model_args, training_args, gpus)

@@ -36,8 +36,8 @@ def check_local_data(script_args, training_args, load_tokenizer: Callable[[], An
     formatter = Formatter(tokenizer, script_args, training_args.eos_token)
     rendered = [formatter.render(triple) for _, triple in to_triples(train, script_args, InvalidReport())]
     if not rendered:
-        return notes + [f"length checks: none of the first {len(train)} training rows is usable; a real run stops "
-                        "with the invalid-row report"]  # fmt: skip
+        stop = "a real run stops with the invalid-row report"
+        return notes + [f"length checks: none of the first {len(train)} training rows is usable; {stop}"]
     columns = tokenize_rendered(tokenizer, rendered)
     lengths = [len(ids) for ids in columns["input_ids"]]
     responses = [sum(mask) for mask in columns["completion_mask"]]

@@ -78,8 +78,8 @@ def local_path(name: str, what: str = "dataset_name") -> Path | None:
     try:
         exists = path.exists()
     except OSError as error:  # a name too long for a path, or one the OS cannot look up
-        raise SFTKeyError(f"`{what}`: `{shown[:60]}` is not a usable file name ({error.strerror}); give a hub id "
-                          "or the path of a .jsonl/.json/.parquet/.csv file") from None  # fmt: skip
+        fix = "give a hub id or the path of a .jsonl/.json/.parquet/.csv file"
+        raise SFTKeyError(f"`{what}`: `{shown[:60]}` is not a usable file name ({error.strerror}); {fix}") from None
     if name.startswith(DEMO_PREFIX) or not (path.suffix in FILE_LOADERS or exists or name.startswith((".", "/", "~"))):
         return None
     if not exists:
@@ -286,13 +286,17 @@ def length_notes(lengths: list[int], responses: list[int], max_length: int | Non
     if max_length and lengths:
         cut = sum(length > max_length for length in lengths) / len(lengths)
         if cut > LENGTH_WARN_SHARE:
-            notes.append(f"`max_length: {max_length}` cuts {cut:.0%} of the training rows (the longest has "
-                         f"{max(lengths)} tokens): they are dropped as invalid; raise `max_length`")  # fmt: skip
+            notes.append(
+                f"`max_length: {max_length}` cuts {cut:.0%} of the training rows (the longest has "
+                f"{max(lengths)} tokens): they are dropped as invalid; raise `max_length`"
+            )
     if responses:
         over = sum(length > max_new_tokens for length in responses) / len(responses)
         if over > LENGTH_WARN_SHARE:
-            notes.append(f"`max_new_tokens: {max_new_tokens}` is below {over:.0%} of the reference responses (the "
-                         f"longest has {max(responses)} tokens): generations will be cut off; raise it")  # fmt: skip
+            notes.append(
+                f"`max_new_tokens: {max_new_tokens}` is below {over:.0%} of the reference responses (the "
+                f"longest has {max(responses)} tokens): generations will be cut off; raise it"
+            )
     return notes
 
 

@@ -105,8 +105,8 @@ def selection_problem(name: str, answer_type: str) -> str | None:
     if not metric.higher_is_better:
         return f"is better lower, and keep_best keeps the highest score; {use}"
     if answer_type not in metric.answer_types:
-        return (f"is not defined for `answer_type: {answer_type}` (only {', '.join(metric.answer_types)}): every "
-                f"evaluation would tie; {use}")  # fmt: skip
+        only = ", ".join(metric.answer_types)
+        return f"is not defined for `answer_type: {answer_type}` (only {only}): every evaluation would tie; {use}"
     return None
 
 

@@ -21,18 +21,18 @@ from ..models import DEMO_MODEL, MODEL_TYPES, check_model_name
 from ..train.distributed import check_sharding_compatibility, detect_launch, resolve_sharding_defaults
 from ..train.objectives import DEFAULTS, LOSS_TYPES, OPTIONS, Stage, _check_option
 from ..train.steps import stage_training_args
-from .schema import CHOICES, KEY_RANGES, SFTKeyScriptArguments, key_types
+from .schema import CHOICES, KEY_RANGES, Recipe, SFTKeyScriptArguments, key_types
 
 SAMPLE = Triple("What is 2 + 3?", "2 + 3 = 5", "5")
 
 
-def resolve_recipe(training_args, model_args) -> list[str]:
+def resolve_recipe(recipe: Recipe) -> list[str]:
     """Fill in the defaults that depend on other keys, once, after parsing and before `check_recipe` (which never
     changes the recipe): QLoRA's storage and model dtype under ZeRO-3/FSDP. Returns the changes, as notes."""
-    return resolve_sharding_defaults(model_args, training_args)
+    return resolve_sharding_defaults(recipe.model, recipe.training)
 
 
-def check_recipe(script_args, training_args, model_args, stages: list[Stage], processes: list[int]) -> list[str]:
+def check_recipe(recipe: Recipe, processes: list[int]) -> list[str]:
     """Run every check; return notes worth showing (nothing wrong, but worth knowing).
 
     `processes`: the process counts the recipe must work with (the real run's world size; for `--dry_run` one
@@ -40,8 +40,9 @@ def check_recipe(script_args, training_args, model_args, stages: list[Stage], pr
     rule is reached from here, so `--dry_run` refuses what a real run refuses, but for the machine (a real run's
     `check_engine_runs_here`: a dry run checks a GPU recipe anywhere) and what only the loaded model tells (an EOS
     token; a router for `router_aux_loss_coef` when the model's config is not on this machine)."""
+    script_args, training_args, model_args, stages = recipe.script, recipe.training, recipe.model, recipe.stages
     notes: list[str] = []
-    check_key_values(script_args, training_args, model_args, stages)
+    check_key_values(recipe)
     check_stage_options(stages)
     check_choices(script_args)
     notes += check_response_format(script_args)
@@ -50,9 +51,9 @@ def check_recipe(script_args, training_args, model_args, stages: list[Stage], pr
     notes += check_data(script_args)
     check_model(model_args)
     check_model_name(model_args.model_name_or_path)
-    check_stages(script_args, training_args, stages, processes)
+    check_stages(recipe, processes)
     check_push(training_args, stages)
-    notes += check_keep_best_keys(script_args, training_args, stages)
+    notes += check_keep_best_keys(recipe)
     notes += check_trainer_options(training_args, stages)
     notes += check_detached_context(training_args, stages)
     notes += check_sharding_compatibility(model_args, training_args)
@@ -205,9 +206,10 @@ def check_stage_options(stages: list[Stage]) -> None:
                 raise SFTKeyError(f"stages[{index}] ({stage.name}): `{key}: {value}` is not valid: {error}") from None
 
 
-def check_stages(script_args, training_args, stages: list[Stage], processes: list[int]) -> None:
+def check_stages(recipe: Recipe, processes: list[int]) -> None:
     """Each stage's training arguments resolve for every process count; keep-best has validation data and
     patience has keep-best; `restart_from` names a stage; vLLM evaluation runs in one process."""
+    script_args, training_args, stages = recipe.script, recipe.training, recipe.stages
     output_dir = Path(training_args.output_dir)
     for stage in stages:
         if "hub_token" in stage.overrides:
@@ -269,20 +271,19 @@ def check_comparison(training_args) -> None:
 KEEP_BEST_KEYS = ("metric_for_best_model", "greater_is_better", "eval_steps")  # read by keep_best only
 
 
-def check_keep_best_keys(script_args, training_args, stages: list[Stage]) -> list[str]:
+def check_keep_best_keys(recipe: Recipe) -> list[str]:
     """Keep-best's keys, recipe-wide or in a stage: its metric must be one it can select on for the answer type
     (higher is better, defined for those answers), `greater_is_better` cannot ask for the lowest, and a stage's own
     keep-best keys need `keep_best: true` in that stage; returns a note when the recipe-wide keys have no effect."""
-    answer_type = answer_type_of(script_args)
-    output_dir = Path(training_args.output_dir)
-    for stage in stages:
+    answer_type, output_dir = answer_type_of(recipe.script), Path(recipe.training.output_dir)
+    for stage in recipe.stages:
         own = [key for key in KEEP_BEST_KEYS if key in stage.overrides]
         if not stage.keep_best:
             if own:
-                raise SFTKeyError(f"stage `{stage.name}`: `{own[0]}` only applies with `keep_best: true`; set "
-                                  "keep_best: true in that stage or remove the key")  # fmt: skip
+                fix = "set keep_best: true in that stage or remove the key"
+                raise SFTKeyError(f"stage `{stage.name}`: `{own[0]}` only applies with `keep_best: true`; {fix}")
             continue
-        args = stage_training_args(training_args, stage, str(output_dir / stage.name))
+        args = stage_training_args(recipe.training, stage, str(output_dir / stage.name))
         metric = args.metric_for_best_model or DEFAULT_METRIC
         where = f"stage `{stage.name}`: " if "metric_for_best_model" in own else ""
         problem = selection_problem(metric, answer_type)
@@ -291,8 +292,8 @@ def check_keep_best_keys(script_args, training_args, stages: list[Stage]) -> lis
         if args.greater_is_better is False:
             where = f"stage `{stage.name}`: " if "greater_is_better" in own else ""
             raise SFTKeyError(f"{where}`greater_is_better: false`: keep_best keeps the highest `{metric}`; remove it")
-    wide = [key for key in ("metric_for_best_model", "eval_steps") if getattr(training_args, key) is not None]
-    if wide and not any(stage.keep_best for stage in stages):
+    wide = [key for key in ("metric_for_best_model", "eval_steps") if getattr(recipe.training, key) is not None]
+    if wide and not any(stage.keep_best for stage in recipe.stages):
         return [f"`{wide[0]}` has no effect: no stage has `keep_best: true` (evaluation after a stage generates)"]
     return []
 
@@ -312,8 +313,8 @@ def check_detached_context(training_args, stages: list[Stage]) -> list[str]:
             raise SFTKeyError(f"{where}, which needs padded batches; set `padding_free: false` or context: full")
         launch = detect_launch(training_args)
         if launch.shards_parameters:
-            raise SFTKeyError(f"{where}, which is not supported under {launch.name} (sharded weights); launch with "
-                              "DDP or DeepSpeed ZeRO-2, or use context: full")  # fmt: skip
+            fix = "launch with DDP or DeepSpeed ZeRO-2, or use context: full"
+            raise SFTKeyError(f"{where}, which is not supported under {launch.name} (sharded weights); {fix}")
         if training_args.log_part_losses:
             notes.append(f"{where}: it logs key_loss only (the reasoning is not scored, so no reasoning_loss)")
     return notes
@@ -544,13 +545,13 @@ def _is_choice(value: Any, choices: tuple) -> bool:
     return any(value == choice or (isinstance(value, str) and value == str(choice)) for choice in choices)
 
 
-def check_key_values(script_args, training_args, model_args, stages: list[Stage]) -> None:
+def check_key_values(recipe: Recipe) -> None:
     """The resolved values of the keys with a range, and every stage override, against the schema."""
-    for args in (script_args, training_args, model_args):
+    for args in (recipe.script, recipe.training, recipe.model):
         for key in KEY_RANGES:
             if hasattr(args, key):
                 check_key_value(key, getattr(args, key))
-    for index, stage in enumerate(stages):
+    for index, stage in enumerate(recipe.stages):
         for key, value in stage.overrides.items():
             check_key_value(key, value, f"stages[{index}] ({stage.name}): ")
 
@@ -570,16 +571,17 @@ def check_named_values(script_args, model_args) -> None:
         if value is None or not str(value).strip():
             raise SFTKeyError(f"`{key}` is {'not set' if value is None else 'empty'}; give {_NAMED[key]}")
     if script_args.dataset_format not in ADAPTERS:
-        name = script_args.dataset_format
-        raise SFTKeyError(f"`dataset_format: {show_value(name)}` is not valid{closest(name, ADAPTERS)}; use one "
-                          f"of {', '.join(ADAPTERS)}")  # fmt: skip
+        name, hint = script_args.dataset_format, closest(script_args.dataset_format, ADAPTERS)
+        raise SFTKeyError(f"`dataset_format: {show_value(name)}` is not valid{hint}; use one of {', '.join(ADAPTERS)}")
     name, eval_name = script_args.dataset_name or "", script_args.eval_dataset_name or ""
     splits = [(name, "dataset_split", script_args.dataset_split)]
     splits.append((eval_name or name, "eval_split", script_args.eval_split))
     for source, key, split in splits:
         if source.startswith(DEMO_PREFIX) and split is not None and split not in DEMO_SPLITS:
-            raise SFTKeyError(f"`{key}: {show_value(split)}`: the demo dataset `{source}` has the splits "
-                              f"{' and '.join(DEMO_SPLITS)}; use one of them")  # fmt: skip
+            raise SFTKeyError(
+                f"`{key}: {show_value(split)}`: the demo dataset `{source}` has the splits "
+                f"{' and '.join(DEMO_SPLITS)}; use one of them"
+            )
 
 
 _NAMED = {

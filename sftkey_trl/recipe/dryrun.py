@@ -20,10 +20,9 @@ from trl import ModelConfig
 from ..data.adapters import answer_type_of
 from ..files import plain
 from ..train.memory import estimate_for_recipe, training_method
-from ..train.objectives import Stage
 from ..train.steps import global_batch, stage_training_args
 from .checks import processes_of_launch
-from .schema import SFTKeyConfig, SFTKeyScriptArguments
+from .schema import Recipe, SFTKeyConfig, SFTKeyScriptArguments
 
 HARDWARE_PREFIX = "# Hardware:"
 LAUNCH_PREFIX = "# Launch:"
@@ -93,10 +92,9 @@ def _memory(model_args, training_args, processes: int) -> dict[str, Any] | None:
     }
 
 
-def dry_run(
-    script_args, training_args, model_args, stages: list[Stage], recipe_path: str | None, notes: list[str]
-) -> str:
+def dry_run(recipe: Recipe, notes: list[str]) -> str:
     """The checked recipe, resolved, as printable YAML (`notes` from `check_recipe`)."""
+    script_args, training_args, model_args, recipe_path = recipe.script, recipe.training, recipe.model, recipe.path
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         training_default = SFTKeyConfig()
@@ -113,7 +111,7 @@ def dry_run(
     count = launch_processes(recipe_path)[-1]
     output_dir = Path(training_args.output_dir)
     resolved = []
-    for stage in stages:
+    for stage in recipe.stages:
         args = stage_training_args(training_args, stage, str(output_dir / stage.name), count)
         entry: dict[str, Any] = {
             "name": stage.name,

@@ -1,4 +1,4 @@
-"""Read a recipe: `--config FILE` plus command-line overrides into the recipe's dataclasses and its stages.
+"""Read a recipe: `--config FILE` plus command-line overrides into a `Recipe` (its dataclasses and stages).
 
 Only the parsing lives here (unknown keys, wrong types); every rule about the values is in `checks.py`.
 """
@@ -18,18 +18,21 @@ from ..errors import SFTKeyError, closest, invalid_arguments, show_value
 from ..train.objectives import parse_stages
 from .checks import check_key_value
 from .flags import flag_value
-from .schema import SFTKeyConfig, SFTKeyScriptArguments
+from .schema import Recipe, SFTKeyConfig, SFTKeyScriptArguments
 
 
-def parse_config(argv: list[str] | None = None):
-    """Parse `--config FILE` plus CLI overrides into (script_args, training_args, model_args, stages).
+def parse_config(argv: list[str] | None = None) -> Recipe:
+    """Parse `--config FILE` plus CLI overrides into a `Recipe`.
 
     `--stages` on the command line takes a YAML/JSON list. Unknown keys, wrong types and wrong values raise
     `SFTKeyError` with one line naming the key and the closest valid one.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    stages_override = flag_value(argv, "--stages", remove=True)
     config_path = flag_value(argv, "--config", remove=True)
+    overrides = list(argv)  # the command-line keys a model card records, never the secret `--hub_token`
+    while flag_value(overrides, "--hub_token", remove=True) is not None:
+        pass
+    stages_override = flag_value(argv, "--stages", remove=True)
     classes = (SFTKeyScriptArguments, SFTKeyConfig, ModelConfig)
     parser = TrlParser(classes)
     known = {action.dest for action in parser._actions}
@@ -72,7 +75,7 @@ def parse_config(argv: list[str] | None = None):
         raise invalid_arguments(error, own) from error
     training_keys = {f.name for f in dataclasses.fields(training_args)} - {"stages"}
     stages = parse_stages(training_args.stages, training_keys, lambda *args: _coerce(parser, *args))
-    return script_args, training_args, model_args, stages
+    return Recipe(script_args, training_args, model_args, stages, config_path, overrides)
 
 
 def _coerce(parser: TrlParser, key: str, value: Any, where: str = "") -> Any:

@@ -14,7 +14,7 @@ from trl import ModelConfig, SFTConfig
 from ..data.adapters import ADAPTERS
 from ..data.formatting import RESPONSE_FORMATS, Tags
 from ..evaluation.answers import ANSWER_TYPES
-from ..train.objectives import OBJECTIVES
+from ..train.objectives import OBJECTIVES, Stage
 
 DEMO_RECIPE = "recipes/demo/sftkey_tiny.yaml"  # run.py with no --config
 COMPARE_DEMO_RECIPE = "recipes/demo/remainder.yaml"  # compare.py with no --config: a task with headroom
@@ -133,6 +133,18 @@ class SFTKeyConfig(SFTConfig):
         if self.dataloader_pin_memory is None:  # pinning without an accelerator only makes torch warn
             self.dataloader_pin_memory = torch.accelerator.is_available() and not self.use_cpu
         super().__post_init__()
+
+
+@dataclass
+class Recipe:
+    """A parsed recipe: its arguments, its stages, and the `--config` file and command-line keys a card records."""
+
+    script: SFTKeyScriptArguments
+    training: SFTKeyConfig
+    model: ModelConfig
+    stages: list[Stage]
+    path: str | None = None
+    overrides: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------------

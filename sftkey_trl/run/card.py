@@ -3,7 +3,6 @@ settings, and the results, with 95% intervals when `recipes/compare.py` was run 
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from functools import cache
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..files import read_json
+from ..recipe.schema import Recipe, key_types
 from ..train.objectives import Stage
 from .diagnosis import diagnose
 from .report import _cell, markdown_table, metric_rows, result_rows
@@ -42,14 +42,9 @@ HF_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{20,}")
 
 @cache
 def public_token_keys() -> frozenset[str]:
-    """Recipe keys whose names contain "token" but hold no secret (`eos_token`, `max_new_tokens`, ...): every field
-    of the recipe's argument classes with a secret-looking name, except `hub_token`."""
-    from trl import ModelConfig
-
-    from ..recipe.schema import SFTKeyConfig, SFTKeyScriptArguments
-
-    names = {f.name for cls in (SFTKeyScriptArguments, SFTKeyConfig, ModelConfig) for f in dataclasses.fields(cls)}
-    return frozenset(name for name in names if is_secret_name(name, frozenset())) - {"hub_token"}
+    """Recipe keys whose names contain "token" but hold no secret (`eos_token`, `max_new_tokens`, ...): every recipe
+    key (`schema.key_types`) with a secret-looking name, except `hub_token`."""
+    return frozenset(name for name in key_types() if is_secret_name(name, frozenset())) - {"hub_token"}
 
 
 def is_secret_name(key, public: frozenset[str]) -> bool:
@@ -124,7 +119,7 @@ def results_section(results: dict) -> list[str]:
     return markdown_table(["metric"] + [name for name, _ in rows], table)
 
 
-def comparison_section(output_dir: Path, stages) -> list[str]:
+def comparison_section(output_dir: Path) -> list[str]:
     """The variants table with 95% intervals from `<output_dir>/compare/comparison.json`, if it exists."""
     summary = read_json(output_dir / "compare" / "comparison.json", None)
     if not summary:
@@ -162,10 +157,11 @@ def usage(repo_id: str, form: str, prompt_template: str | None, end_of_turn: str
     ]
 
 
-def model_card(folder: Path, output_dir: Path, stage: str, form: str, repo_id: str, script_args, training_args,
-               model_args, stages, recipe: str | None, overrides: list[str]) -> ModelCard:  # fmt: skip
-    """Build the card for `folder` (the stage or its merged copy) from the run's files in `output_dir`."""
-    output_dir = Path(output_dir)
+def model_card(folder: Path, stage: str, form: str, repo_id: str, recipe: Recipe) -> ModelCard:
+    """The card of `folder` (the stage or its merged copy) from the run's files in its `output_dir`; saved as
+    `<folder>/README.md`, it replaces peft's placeholder card."""
+    script_args, training_args, model_args, stages = recipe.script, recipe.training, recipe.model, recipe.stages
+    output_dir = Path(training_args.output_dir)
     results = read_json(output_dir / "results.json", {}) or {}
     base = model_args.model_name_or_path
     quantized = model_args.load_in_4bit or model_args.load_in_8bit
@@ -208,8 +204,8 @@ def model_card(folder: Path, output_dir: Path, stage: str, form: str, repo_id: s
         "",
         f"- Base model: `{base}`; {method}",
         f"- Data: `{dataset}`, format `{script_args.dataset_format}`",
-        f"- Recipe: `{recipe or 'built-in defaults'}`"
-        + (f" with `{HF_TOKEN_RE.sub(REDACTED, ' '.join(overrides))}`" if overrides else ""),
+        f"- Recipe: `{recipe.path or 'built-in defaults'}`"
+        + (f" with `{HF_TOKEN_RE.sub(REDACTED, ' '.join(recipe.overrides))}`" if recipe.overrides else ""),
         "",
         *stages_section(output_dir, results),
         "",
@@ -223,20 +219,12 @@ def model_card(folder: Path, output_dir: Path, stage: str, form: str, repo_id: s
             if diagnose(results)
             else []
         ),
-        *comparison_section(output_dir, stages),
+        *comparison_section(output_dir),
     ]
-    if recipe and Path(recipe).is_file():
-        text = redacted(Path(recipe).read_text()).rstrip()
+    if recipe.path and Path(recipe.path).is_file():
+        text = redacted(Path(recipe.path).read_text()).rstrip()
         body += ["", "<details><summary>The recipe</summary>", "", "```yaml", text, "```", "", "</details>"]
     versions = (read_json(output_dir / "manifest.json", {}) or {}).get("library_versions", {})
     if versions:
         body += ["", "Framework versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v)]
     return ModelCard.from_template(data, template_str=TEMPLATE, body="\n".join(body))
-
-
-def write_card(folder: Path, *args, **kwargs) -> Path:
-    """Write the card to `<folder>/README.md` (replacing peft's placeholder card) and return its path."""
-    card = model_card(Path(folder), *args, **kwargs)
-    path = Path(folder) / "README.md"
-    card.save(path)
-    return path

@@ -7,10 +7,15 @@ import contextlib
 import json
 import logging
 import sys
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import SFTKeyError
 from ..recipe.flags import flag_value
+
+if TYPE_CHECKING:
+    from ..recipe.schema import Recipe
 
 logger = logging.getLogger("sftkey_trl")
 
@@ -47,7 +52,7 @@ def user_errors(debug: bool):
         sys.exit(2)
 
 
-def inspect(script_args, training_args, model_args, stages, count: int, as_json: bool) -> None:
+def inspect(recipe: Recipe, count: int, as_json: bool) -> None:
     """Print, for the first `count` training examples, the rendered text and what each stage supervises."""
     import torch
     from rich.console import Console
@@ -58,7 +63,8 @@ def inspect(script_args, training_args, model_args, stages, count: int, as_json:
     from ..data.masks import supervised_text
     from ..train.modeling import load_tokenizer
 
-    tokenizer = load_tokenizer(model_args, training_args)
+    script_args, training_args, stages = recipe.script, recipe.training, recipe.stages
+    tokenizer = load_tokenizer(recipe.model, training_args)
     formatter = Formatter(tokenizer, script_args, training_args.eos_token)
     script_args.max_train_samples = min(count, script_args.max_train_samples or count)
     script_args.eval_dataset_name = script_args.eval_split = None
@@ -89,23 +95,22 @@ def inspect(script_args, training_args, model_args, stages, count: int, as_json:
             console.print(rendered)
 
 
-def load_checked_recipe(rest: list[str], dry_run: bool = False):
+def load_checked_recipe(rest: list[str], dry_run: bool = False) -> tuple[Recipe, list[str]]:
     """Parse the recipe, resolve its defaults and run every check on it (`recipe/checks.py`) before anything is
     loaded: `--dry_run` and a real run refuse the same recipes with the same line.
 
-    Returns (script_args, training_args, model_args, stages, notes). A real run checks the batch arithmetic for
-    its own process count; `--dry_run` for one process and the count the recipe's `# Launch:` line names.
+    Returns the `Recipe` and the notes. A real run checks the batch arithmetic for its own process count;
+    `--dry_run` for one process and the count the recipe's `# Launch:` line names.
     """
     from ..recipe.checks import check_recipe, resolve_recipe
     from ..recipe.dryrun import launch_processes
     from ..recipe.parsing import parse_config
     from ..train.distributed import world_size
 
-    script_args, training_args, model_args, stages = parse_config(rest)
-    processes = launch_processes(flag_value(rest, "--config")) if dry_run else [world_size()]
-    notes = resolve_recipe(training_args, model_args)
-    notes += check_recipe(script_args, training_args, model_args, stages, processes)
-    return script_args, training_args, model_args, stages, notes
+    recipe = parse_config(rest)
+    processes = launch_processes(recipe.path) if dry_run else [world_size()]
+    notes = resolve_recipe(recipe)
+    return recipe, notes + check_recipe(recipe, processes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,65 +126,48 @@ def main(argv: list[str] | None = None) -> int:
         prepare_process(sys.argv[1:], flag_value(sys.argv[1:], "--config"))
     options, rest = run_options(list(sys.argv[1:] if argv is None else argv))
     with user_errors(options.debug):
-        script_args, training_args, model_args, stages, notes = load_checked_recipe(rest, options.dry_run)
+        recipe, notes = load_checked_recipe(rest, options.dry_run)
         if options.dry_run:
             from ..data.checks import check_local_data
             from ..recipe.dryrun import dry_run
             from ..train.modeling import load_tokenizer
 
-            notes += check_local_data(
-                script_args, training_args, lambda: load_tokenizer(model_args, training_args, offline=True)
-            )
-            print(dry_run(script_args, training_args, model_args, stages, flag_value(rest, "--config"), notes))
+            tokenizer = partial(load_tokenizer, recipe.model, recipe.training, offline=True)
+            print(dry_run(recipe, notes + check_local_data(recipe.script, recipe.training, tokenizer)))
             return 0
         if options.inspect is not None:
-            inspect(script_args, training_args, model_args, stages, options.inspect, options.json)
+            inspect(recipe, options.inspect, options.json)
             return 0
         for note in notes:
             logger.warning("note: %s", note)
-        recipe, overrides = flag_value(rest, "--config"), recipe_overrides(rest)
         if options.merge is not None:
-            export(options.merge, options.merge_dir, script_args, training_args, model_args, stages, recipe, overrides)
+            export(options.merge, options.merge_dir, recipe)
             return 0
         from ..train.distributed import check_engine_runs_here
         from .hub import push_run
         from .pipeline import Pipeline
         from .report import print_results
 
-        check_engine_runs_here(training_args)  # a real run only: a dry run checks a GPU recipe on any machine
-        pipeline = Pipeline(script_args, training_args, model_args, stages)
+        check_engine_runs_here(recipe.training)  # a real run only: a dry run checks a GPU recipe on any machine
+        pipeline = Pipeline(recipe)
         if options.eval_only:
             results = pipeline.evaluate_only(options.checkpoint)
         else:
             results = pipeline.run()
         if pipeline.state.is_main_process:
-            print_results(results, Path(training_args.output_dir))
-            if training_args.push_to_hub and not options.eval_only:
-                print(f"pushed to {push_run(script_args, training_args, model_args, stages, recipe, overrides)}")
+            print_results(results, Path(recipe.training.output_dir))
+            if recipe.training.push_to_hub and not options.eval_only:
+                print(f"pushed to {push_run(recipe)}")
     return 0
 
 
-def recipe_overrides(argv: list[str]) -> list[str]:
-    """The command-line recipe keys, recorded in the model card: without `--config PATH` and any `--hub_token`."""
-    rest, skip = [], False
-    for item in argv:
-        if skip:
-            skip = False
-        elif item in ("--config", "--hub_token"):
-            skip = True
-        elif not item.startswith(("--config=", "--hub_token=")):
-            rest.append(item)
-    return rest
-
-
-def export(stage: str, merge_dir, script_args, training_args, model_args, stages, recipe, overrides) -> None:
+def export(stage: str, merge_dir: str | None, recipe: Recipe) -> None:
     """`--merge STAGE`: write the stage merged into its base as a standalone model, with its model card."""
-    from .card import write_card
+    from .card import model_card
     from .export import merge_stage, stage_folder
 
-    folder = stage_folder(training_args.output_dir, stage, [s.name for s in stages])
-    merged = merge_stage(folder, model_args, training_args, training_args.eos_token, merge_dir)
-    name = training_args.hub_model_id or f"{Path(training_args.output_dir).name}-{stage}"
-    write_card(merged, training_args.output_dir, stage, "merged", name,
-               script_args, training_args, model_args, stages, recipe, overrides)  # fmt: skip
-    print(f"standalone model (stage `{stage}` merged into {model_args.model_name_or_path}): {merged}")
+    folder = stage_folder(recipe.training.output_dir, stage, [s.name for s in recipe.stages])
+    merged = merge_stage(folder, recipe.model, recipe.training, merge_dir)
+    name = recipe.training.hub_model_id or f"{Path(recipe.training.output_dir).name}-{stage}"
+    model_card(merged, stage, "merged", name, recipe).save(merged / "README.md")
+    print(f"standalone model (stage `{stage}` merged into {recipe.model.model_name_or_path}): {merged}")

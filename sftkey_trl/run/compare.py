@@ -10,30 +10,31 @@ import statistics
 from pathlib import Path
 
 from ..evaluation.metrics import DEFAULT_METRIC, reported
-from ..files import plain, write_json, write_text
+from ..files import write_json, write_text
+from ..recipe.schema import Recipe
 from .report import markdown_table
 from .variants import MATCHED, PAPER
 
 logger = logging.getLogger(__name__)
+BASELINES = ("sft_continue", MATCHED)  # every arm is also compared with each of these, seed by seed
 
 
-def arm_configuration(variant, script_args, training_args, model_args) -> str:
+def arm_configuration(variant, recipe: Recipe) -> str:
     """A hash of everything that decides an arm's numbers but its seed: the recipe's data, model and training keys
     (not those that only say where or how often things are written) and the arm's own stages and format (not its
     description: rewording one keeps its measured seeds)."""
-    from .plan import NON_RESULT_KEYS, config_hash
+    from .plan import NON_RESULT_KEYS, config_hash, result_values
 
     skip = NON_RESULT_KEYS | {"seed", "stages", "description"}
-    sections = {"data": script_args, "model": model_args, "training": training_args, "variant": variant}
-    return config_hash({name: {k: v for k, v in plain(obj).items() if k not in skip and not k.startswith("_")}
-                        for name, obj in sections.items()})  # fmt: skip
+    sections = {"data": recipe.script, "model": recipe.model, "training": recipe.training, "variant": variant}
+    return config_hash({name: result_values(obj, skip) for name, obj in sections.items()})
 
 
-def carried_arms(earlier: dict, running: list[str], seeds: list[int],
-                 configurations: dict[str, str]) -> dict[str, dict[int, dict]]:  # fmt: skip
+def carried_arms(earlier: dict, running: list[str], seeds: list[int], configurations: dict[str, str]) -> dict:
     """The arms of an earlier `comparison.json` that stay in the table beside the `running` ones: measured with the
     configuration they would have now (`configurations`: arm -> `arm_configuration`) and with every one of this
-    run's `seeds`, kept to exactly those seeds. Any other is dropped, with a warning that says how to measure it."""
+    run's `seeds`, kept to exactly those seeds (arm -> seed -> metrics). Any other is dropped, with a warning that
+    says how to measure it."""
     carried, recorded = {}, earlier.get("configurations", {})
     for name, runs in earlier.get("per_seed", {}).items():
         if name in running:
@@ -46,8 +47,8 @@ def carried_arms(earlier: dict, running: list[str], seeds: list[int],
         else:
             carried[name] = {seed: runs[seed] for seed in seeds}
             continue
-        logger.warning("comparison: the earlier `%s` is left out (measured with %s); add it to --variants to measure "
-                       "it again", name, why)  # fmt: skip
+        again = "add it to --variants to measure it again"
+        logger.warning("comparison: the earlier `%s` is left out (measured with %s); %s", name, why, again)
     return carried
 
 
@@ -78,28 +79,28 @@ def paired(per_seed: dict[str, dict[int, dict]], a: str, b: str) -> dict:
     return result
 
 
-def summarise_variants(per_seed: dict[str, dict[int, dict]], reference: str = PAPER,
-                       baselines: tuple[str, ...] = ("sft_continue", MATCHED)) -> dict:  # fmt: skip
+def summarise_variants(per_seed: dict[str, dict[int, dict]], reference: str = PAPER) -> dict:
     """Mean and 95% CI per arm and metric, its compute (optimizer steps, trained tokens), the paired differences of
-    `reference` minus every other arm and of every arm minus each baseline, and whether the matched baseline
-    really took `reference`'s steps in every seed."""
+    `reference` minus every other arm and of every arm minus each of the `BASELINES`, and whether the matched
+    baseline really took `reference`'s steps in every seed."""
     table, compute = {}, {}
     for variant, runs in per_seed.items():
         values = {m.name: [run[m.name] for run in runs.values() if run.get(m.name) is not None] for m in reported()}
         table[variant] = {metric: _interval(found) for metric, found in values.items() if found}
-        compute[variant] = {key: statistics.fmean(run.get(key, 0) for run in runs.values()) if runs else 0
-                            for key in ("optimizer_steps", "train_tokens")}  # fmt: skip
+        totals = {key: [run.get(key, 0) for run in runs.values()] for key in ("optimizer_steps", "train_tokens")}
+        compute[variant] = {key: statistics.fmean(found) if found else 0 for key, found in totals.items()}
     others = [v for v in per_seed if v != reference]
     differences = {v: paired(per_seed, reference, v) for v in others} if reference in per_seed else {}
-    versus = {b: {v: paired(per_seed, v, b) for v in per_seed if v != b} for b in baselines if b in per_seed}
+    versus = {b: {v: paired(per_seed, v, b) for v in per_seed if v != b} for b in BASELINES if b in per_seed}
     steps = {
         seed: [run.get("optimizer_steps"), per_seed[reference][seed].get("optimizer_steps")]
         for seed, run in per_seed.get(MATCHED, {}).items()
         if seed in per_seed.get(reference, {})
     }
     matched = {"steps": steps, "ok": bool(steps) and all(a is not None and a == b for a, b in steps.values())}
-    return {"reference": reference, "variants": table, "compute": compute, "differences": differences,
-            "versus": versus, "matched": matched}  # fmt: skip
+    return dict(
+        reference=reference, variants=table, compute=compute, differences=differences, versus=versus, matched=matched
+    )
 
 
 def _difference(row: dict, metric: str, several_seeds: bool) -> str:
@@ -189,8 +190,14 @@ def plot(summary: dict, path: Path, baseline: str = "sft_continue") -> None:
     plt.close(fig)
 
 
-def write_comparison(root: Path, per_seed: dict, variants: dict, seeds: list[int], metric: str = DEFAULT_METRIC,
-                     configurations: dict[str, str] | None = None) -> dict:  # fmt: skip
+def write_comparison(
+    root: Path,
+    per_seed: dict,
+    variants: dict,
+    seeds: list[int],
+    metric: str = DEFAULT_METRIC,
+    configurations: dict[str, str] | None = None,
+) -> dict:
     """Write comparison.json, comparison.md and comparison.png under `root`; return the summary. `configurations`
     (arm -> `arm_configuration`) is recorded, so a later run carries only arms measured as it would measure them."""
     summary = summarise_variants(per_seed)

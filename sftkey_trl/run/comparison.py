@@ -21,9 +21,9 @@ def main(argv: list[str] | None = None, description: str | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="Number of seeds (0, 1, ..., N-1).")
     parser.add_argument("--metric", default="accuracy", help="The metric the tables are ranked by.")
     parser.add_argument("--comparison_dir", default=None, help="Where to write (default: <output_dir>/compare).")
-    parser.add_argument("--converged", type=int, default=None, metavar="PATIENCE",
-                        help="Train stage 1 until validation stops improving for PATIENCE evaluations (keeping its "
-                        "best checkpoint) before every stage-2 form: the paper's protocol.")  # fmt: skip
+    converged = "Train stage 1 until validation stops improving for PATIENCE evaluations (keeping its best "
+    converged += "checkpoint) before every stage-2 form: the paper's protocol."
+    parser.add_argument("--converged", type=int, default=None, metavar="PATIENCE", help=converged)
     parser.add_argument("--converged_epochs", type=float, default=12, help="With --converged: the epoch cap.")
     options, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -43,21 +43,23 @@ def main(argv: list[str] | None = None, description: str | None = None) -> int:
     with user_errors(run.debug):
         if options.metric not in METRIC_NAMES:
             raise SFTKeyError(f"unknown metric `{options.metric}`{closest(options.metric, METRIC_NAMES)}")
-        script_args, training_args, model_args, stages, _ = load_checked_recipe(rest)
-        check_comparison(training_args)
+        run_only = [flag for flag, value in vars(run).items() if flag != "debug" and value not in (None, False)]
+        if run_only:  # run.py's own flags: compare.py would otherwise train every arm anyway
+            flag = run_only[0]
+            raise SFTKeyError(f"`--{flag}` is a flag of recipes/run.py, not compare.py; use recipes/run.py for it")
+        recipe, _ = load_checked_recipe(rest)
+        check_comparison(recipe.training)
         converge = (options.converged, options.converged_epochs) if options.converged else None
         names = [n.strip() for n in (options.variants or ",".join(arms.DEFAULT_VARIANTS)).split(",") if n.strip()]
-        variants = arms.build_variants(stages, training_args, script_args.response_format, converge,
-                                       arms.swept_key_weights(names))  # fmt: skip
+        variants = arms.build_variants(recipe, converge, arms.swept_key_weights(names))
         for name in names:
             if name not in variants:
                 raise SFTKeyError(f"unknown variant `{name}`{closest(name, variants)}; choose from {list(variants)}")
         names.sort(key=lambda name: name == arms.MATCHED)  # the matched arm takes the paper arm's recorded steps
-        root = Path(options.comparison_dir or Path(training_args.output_dir) / "compare")
+        root = Path(options.comparison_dir or Path(recipe.training.output_dir) / "compare")
         seeds = list(range(options.seeds))
         # Variants measured earlier in the same folder, with this configuration and these seeds, stay in the table
-        configurations = {name: arm_configuration(variant, script_args, training_args, model_args)
-                          for name, variant in variants.items()}  # fmt: skip
+        configurations = {name: arm_configuration(variant, recipe) for name, variant in variants.items()}
         per_seed = carried_arms(read_json(root / "comparison.json", {}), names, seeds, configurations)
         per_seed.update({name: {} for name in names})
         for seed in seeds:
@@ -65,8 +67,7 @@ def main(argv: list[str] | None = None, description: str | None = None) -> int:
                 logging.info("=== variant %s, seed %d ===", name, seed)
                 recorded = per_seed.get(arms.PAPER, {}).get(seed, {}).get("optimizer_steps")
                 target = (recorded or None) if name == arms.MATCHED else None
-                per_seed[name][seed] = arms.run_variant(variants[name], seed, script_args, training_args,
-                                                        model_args, root, steps_to_match=target)  # fmt: skip
+                per_seed[name][seed] = arms.run_variant(variants[name], seed, recipe, root, steps_to_match=target)
                 write_comparison(root, per_seed, variants, seeds, options.metric, configurations)  # survives a kill
         write_comparison(root, per_seed, variants, seeds, options.metric, configurations)
         print((root / "comparison.md").read_text())

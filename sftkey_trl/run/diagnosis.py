@@ -43,8 +43,7 @@ NEXT_WITHOUT_EROSION = {
     "a key stage nothing to do (README: Guide).",
 }
 # The reported scores and the failure modes' diagnostics, each once, in METRICS' order
-COMPARED = [metric for metric in METRICS if metric.higher_is_better and (
-    metric.reported or metric.name in {mode.metric for mode in FAILURE_MODES})]  # fmt: skip
+COMPARED = [m for m in METRICS if m.higher_is_better and (m.reported or m.name in {f.metric for f in FAILURE_MODES})]
 
 
 def _noticeable(change: float, before: float, after: float, examples: int) -> bool:
@@ -56,8 +55,8 @@ def _kept(name: str, stage: dict) -> str | None:
     keep_best = (stage.get("training") or {}).get("keep_best")
     if not keep_best:
         return None
-    scores = [f"{key.removeprefix('best_validation_')} {value:.3f}" for key, value in keep_best.items()
-              if key.startswith("best_validation_") and isinstance(value, float)]  # fmt: skip
+    best = {k.removeprefix("best_validation_"): v for k, v in keep_best.items() if k.startswith("best_validation_")}
+    scores = [f"{metric} {value:.3f}" for metric, value in best.items() if isinstance(value, float)]
     score = f" (validation {scores[0]})" if scores else ""
     return f"keep-best kept {keep_best.get('kept', 'step ' + str(keep_best.get('best_step')))} of `{name}`{score}."
 
@@ -87,13 +86,13 @@ def diagnose(results: dict) -> list[str]:
         keep_best = (after.get("training") or {}).get("keep_best") or {}
         if keep_best.get("best_step") == 0:  # the stage's own weights never beat the ones it started from
             column = f"the `{name}` column is `{before_name}`'s model"
-            lines.append(f"`{name}` never beat `{before_name}` on the validation split, so keep-best kept its "
-                         f"incoming weights: {column}. {_kept(name, after)}")  # fmt: skip
+            beat = f"`{name}` never beat `{before_name}` on the validation split"
+            lines.append(f"{beat}, so keep-best kept its incoming weights: {column}. {_kept(name, after)}")
             lines.append(f"Next: {NEXT_WITHOUT_EROSION['kept_incoming']}")
             continue
         if not modes:
-            verdict = "improved accuracy" if "accuracy" in rose else "lowered accuracy" if "accuracy" in dropped else (
-                "changed nothing measurable")  # fmt: skip
+            verdict = "lowered accuracy" if "accuracy" in dropped else "changed nothing measurable"
+            verdict = "improved accuracy" if "accuracy" in rose else verdict
             lines.append(f"`{name}` {verdict}, with no sign of format or reasoning erosion.")
         if kept := _kept(name, after):
             lines.append(kept)

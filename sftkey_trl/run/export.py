@@ -40,7 +40,7 @@ def stage_folder(output_dir: str | Path, stage: str, stage_names: list[str]) -> 
     return folder
 
 
-def merge_stage(stage_dir: Path, model_args, training_args, end_of_turn: str | None, merge_dir: Path | None = None):
+def merge_stage(stage_dir: Path, model_args, training_args, merge_dir: str | Path | None = None) -> Path:
     """Merge the adapter saved in `stage_dir` into its base and save a standalone model (default:
     `<stage_dir>/merged`, which goes away with the stage when it is retrained). Returns the folder."""
     from ..evaluation.generation import stop_token_ids
@@ -60,7 +60,7 @@ def merge_stage(stage_dir: Path, model_args, training_args, end_of_turn: str | N
 
     tokenizer = AutoTokenizer.from_pretrained(str(stage_dir))  # carries the chat template the stage trained with
     # `generate` then stops at the end-of-turn token the stage learned to emit, as the evaluation did
-    model.generation_config.eos_token_id = stop_token_ids(tokenizer, end_of_turn or tokenizer.eos_token)
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer, training_args.eos_token or tokenizer.eos_token)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     with write_folder(merge_dir) as tmp:
         model.save_pretrained(str(tmp))

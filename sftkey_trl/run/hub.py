@@ -7,7 +7,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .card import write_card
+from ..recipe.schema import Recipe
+from .card import model_card
 from .export import merge_stage, stage_folder
 
 logger = logging.getLogger(__name__)
@@ -16,25 +17,19 @@ logger = logging.getLogger(__name__)
 IGNORE = ["checkpoints/**", "merged/**", "predictions.jsonl", ".*"]
 
 
-def repo_id(training_args) -> str:
-    """`hub_model_id`, or the output folder's name under the token's account (as the Trainer does)."""
-    return training_args.hub_model_id or Path(training_args.output_dir).name
-
-
-def push_run(script_args, training_args, model_args, stages, recipe: str | None, overrides: list[str]) -> str:
+def push_run(recipe: Recipe) -> str:
     """Push the chosen stage of a finished run with its model card (also written to `<folder>/README.md`).
     Returns the repository URL."""
     from huggingface_hub import HfApi
 
-    output_dir = Path(training_args.output_dir)
-    stage = training_args.hub_stage or stages[-1].name
-    folder = stage_folder(output_dir, stage, [s.name for s in stages])
+    training_args = recipe.training
+    stage = training_args.hub_stage or recipe.stages[-1].name
+    folder = stage_folder(training_args.output_dir, stage, [s.name for s in recipe.stages])
     form = "adapter" if (folder / "adapter_config.json").exists() else "full"
     if form == "adapter" and training_args.hub_merge:
-        folder, form = merge_stage(folder, model_args, training_args, training_args.eos_token), "merged"
-    repo = repo_id(training_args)
-    card = write_card(folder, output_dir, stage, form, repo, script_args, training_args, model_args, stages,
-                      recipe, overrides)  # fmt: skip
+        folder, form = merge_stage(folder, recipe.model, training_args), "merged"
+    repo = training_args.hub_model_id or Path(training_args.output_dir).name  # under the token's account, as Trainer
+    model_card(folder, stage, form, repo, recipe).save(folder / "README.md")
     api = HfApi(token=training_args.hub_token)
     url = api.create_repo(repo, private=training_args.hub_private_repo, exist_ok=True)
     api.upload_folder(
@@ -44,5 +39,5 @@ def push_run(script_args, training_args, model_args, stages, recipe: str | None,
         revision=training_args.hub_revision,
         ignore_patterns=IGNORE,
     )
-    logger.info("pushed stage %s (%s) with its model card %s to %s", stage, form, card, url)
+    logger.info("pushed stage %s (%s) with its model card %s to %s", stage, form, folder / "README.md", url)
     return str(url)

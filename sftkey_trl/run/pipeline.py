@@ -22,6 +22,7 @@ from ..errors import SFTKeyError
 from ..evaluation.generation import evaluate_model
 from ..evaluation.metrics import DEFAULT_METRIC
 from ..files import cache_root, read_json, write_json, write_jsonl, write_text
+from ..recipe.schema import Recipe
 from ..train.distributed import detect_launch
 from ..train.keep_best import BEST_DIR, KeepBestCallback, holds_keep_best_state
 from ..train.modeling import load_model, load_tokenizer, lora_config, resolve_model_path
@@ -39,31 +40,30 @@ logger = logging.getLogger(__name__)
 class Pipeline:
     """Runs a recipe: prepare the data once, then train and evaluate each stage in order."""
 
-    def __init__(self, script_args, training_args, model_args, stages: list[Stage]):
-        self.script_args, self.training_args, self.model_args = script_args, training_args, model_args
-        self.stages = stages
+    def __init__(self, recipe: Recipe):
+        self.recipe, training_args = recipe, recipe.training
         self.output_dir = Path(training_args.output_dir)
         _ = training_args.device  # set up the distributed state from the training arguments (use_cpu: gloo) first
         self.state = PartialState()
         self.sharded = detect_launch(training_args).shards_parameters
-        self.tokenizer = load_tokenizer(model_args, training_args)
-        self.formatter = Formatter(self.tokenizer, script_args, training_args.eos_token)
+        self.tokenizer = load_tokenizer(recipe.model, training_args)
+        self.formatter = Formatter(self.tokenizer, recipe.script, training_args.eos_token)
         self._data: PreparedData | None = None
 
     @property
     def data(self) -> PreparedData:
         if self._data is None:
             cache = cache_root() / "tokenized" if self.state.is_main_process else None
-            with self.training_args.main_process_first(desc="preparing data"):
+            with self.recipe.training.main_process_first(desc="preparing data"):
                 self._data = prepare_data(
-                    self.script_args, self.training_args, self.stages, self.tokenizer, self.formatter, cache
+                    self.recipe.script, self.recipe.training, self.recipe.stages, self.tokenizer, self.formatter, cache
                 )
         return self._data
 
     def stage_args(self, stage: Stage):
         """The stage's training arguments; its Trainer checkpoints go to `<output_dir>/<stage>/checkpoints`."""
         args = stage_training_args(
-            self.training_args, stage, str(self.output_dir / stage.name / "checkpoints"), self.state.num_processes
+            self.recipe.training, stage, str(self.output_dir / stage.name / "checkpoints"), self.state.num_processes
         )
         args.run_name = stage_run_name(args, self.output_dir, stage.name)  # one tracked run per stage
         args.push_to_hub = False  # the Trainer would push every stage; run/hub.py pushes one, once, with a card
@@ -72,24 +72,23 @@ class Pipeline:
     def run(self) -> dict:
         """Train and evaluate every stage that is not already done; return the contents of `results.json`."""
         main = self.state.is_main_process
-        if self.training_args.overwrite_output_dir and main and self.output_dir.exists():
-            for stage in self.stages:
+        if self.recipe.training.overwrite_output_dir and main and self.output_dir.exists():
+            for stage in self.recipe.stages:
                 shutil.rmtree(self.output_dir / stage.name, ignore_errors=True)
             for name in ("manifest.json", "results.json"):
                 (self.output_dir / name).unlink(missing_ok=True)
         self.state.wait_for_everyone()
         manifest = Manifest(self.output_dir, write=main)
-        plan = plan_stages(self.stages, self.stage_args, self.script_args, self.model_args, self.data.data_hash,
-                           manifest, self.training_args.restart_from, self.state.num_processes)  # fmt: skip
+        plan = plan_stages(self.recipe, self.stage_args, self.data.data_hash, manifest, self.state.num_processes)
         self.state.wait_for_everyone()  # no rank writes before every rank has read the manifest and checked
         results_path = self.output_dir / "results.json"
         results = read_json(results_path, None) or {"stages": {}}
         results.update(answer_type=self.data.answer_type, invalid_rows=self.data.report.counts)
-        if self.script_args.select_on_test and any(stage.keep_best for stage in self.stages):
+        if self.recipe.script.select_on_test and any(stage.keep_best for stage in self.recipe.stages):
             results["selected_on_test"] = True  # keep_best chose checkpoints on the evaluation set: say so
-        evaluate = self.script_args.eval_after_stages and bool(self.data.eval_examples)
-        if self.script_args.eval_base and evaluate and "base" not in results:
-            base = load_model(self.model_args, self.training_args)
+        evaluate = self.recipe.script.eval_after_stages and bool(self.data.eval_examples)
+        if self.recipe.script.eval_base and evaluate and "base" not in results:
+            base = load_model(self.recipe.model, self.recipe.training)
             results["base"] = self.evaluate(base, "base")
             del base
         start_from: Path | None = None
@@ -123,8 +122,9 @@ class Pipeline:
             logger.info("stage %s is done but was not evaluated: evaluating it", stage.name)
         model = None
         if entry.get("status") not in ("trained", "done"):
-            manifest.update(stage.name, status="running", hash=planned.digest, config=planned.config,
-                            checkpoint=str(stage_dir))  # fmt: skip
+            manifest.update(
+                stage.name, status="running", hash=planned.digest, config=planned.config, checkpoint=str(stage_dir)
+            )
             model, training = self.train_stage(stage, args, start_from)
             if self.sharded:  # ZeRO-3/FSDP: evaluate the saved stage, loaded whole on each rank
                 model = None
@@ -137,7 +137,7 @@ class Pipeline:
             shutil.rmtree(stage_dir / BEST_DIR, ignore_errors=True)
         if evaluate:
             if model is None:  # killed during evaluation, or keep_best kept a snapshot: load the saved stage
-                model = load_model(self.model_args, args, stage_dir, trainable=False)
+                model = load_model(self.recipe.model, args, stage_dir, trainable=False)
             results["stages"].setdefault(stage.name, {"loss_on": stage.loss_on})
             results["stages"][stage.name].update(self.evaluate(model, stage.name, stage_dir))
         if main:
@@ -152,15 +152,15 @@ class Pipeline:
         """Train one stage from `start_from` (None: the base model), resuming from its last complete checkpoint,
         and save it to `<output_dir>/<stage>/`. Returns (trained model or None when an earlier snapshot was kept,
         training summary)."""
-        model = load_model(self.model_args, args, start_from)
+        model = load_model(self.recipe.model, args, start_from)
         trainer = SFTKeyTrainer(
             model=model,
             args=args,
             train_dataset=self.data.train,
             processing_class=self.tokenizer,
-            peft_config=lora_config(self.model_args) if start_from is None else None,
+            peft_config=lora_config(self.recipe.model) if start_from is None else None,
             stage=stage,
-            log_part_losses=self.training_args.log_part_losses,
+            log_part_losses=self.recipe.training.log_part_losses,
         )
         track_stage(trainer, self.output_dir)
         batch = global_batch(args, args.world_size)
@@ -199,35 +199,39 @@ class Pipeline:
         self.state.wait_for_everyone()
         return model, summary
 
-    def keep_best_callback(self, stage: Stage, args, trainer, start_from: Path | None,
-                           resume: str | None) -> KeepBestCallback:  # fmt: skip
+    def keep_best_callback(
+        self, stage: Stage, args, trainer, start_from: Path | None, resume: str | None
+    ) -> KeepBestCallback:
         """Evaluate on the validation split every `eval_steps` (default: twice an epoch) on the stage's metric
         (`metric_for_best_model`, the stage's own or the recipe's) and keep the best, the incoming weights
         (`start_from`, None: the base model) included; with `resume`, carry on from the state in that checkpoint."""
         examples = self.data.validation_examples  # never the evaluation set, unless `select_on_test` (checks.py)
         every = keep_best_interval(args, len(self.data.train), args.world_size)
-        in_process = dataclasses.replace(self.script_args, eval_backend="hf")  # the model being trained
+        in_process = dataclasses.replace(self.recipe.script, eval_backend="hf")  # the model being trained
         # ZeRO-3/FSDP: every rank's forward gathers the shards, so all ranks generate in lockstep (evaluate_model
         # gives every rank the same number of prompts)
         synced = self.sharded and self.state.num_processes > 1
 
         def evaluate(model) -> dict:
-            metrics, _ = evaluate_model(model, self.tokenizer, examples, self.data.answer_type, in_process,
-                                        self.formatter, synced_gpus=synced)  # fmt: skip
+            metrics, _ = evaluate_model(
+                model, self.tokenizer, examples, self.data.answer_type, in_process, self.formatter, synced_gpus=synced
+            )
             return metrics
 
         metric = args.metric_for_best_model or DEFAULT_METRIC
-        callback = KeepBestCallback(evaluate, metric, self.output_dir / stage.name, every, trainer,
-                                    self.state.is_main_process, stage.patience, incoming=start_from)  # fmt: skip
+        folder, main = self.output_dir / stage.name, self.state.is_main_process
+        callback = KeepBestCallback(
+            evaluate, metric, folder, every, trainer, main, stage.patience, incoming=start_from
+        )
         callback.start(resume)
         trainer.add_callback(callback)
         return callback
 
     def _vllm_source(self, checkpoint: str | Path | None) -> tuple[str, str | None] | None:
         """(model path, adapter path) for `eval_backend: vllm`: a LoRA stage is served as an adapter on its base."""
-        if self.script_args.eval_backend != "vllm":
+        if self.recipe.script.eval_backend != "vllm":
             return None
-        base = resolve_model_path(self.model_args.model_name_or_path)
+        base = resolve_model_path(self.recipe.model.model_name_or_path)
         if checkpoint is not None and (Path(checkpoint) / "adapter_config.json").exists():
             return base, str(checkpoint)
         return str(checkpoint or base), None
@@ -240,7 +244,7 @@ class Pipeline:
             self.tokenizer,
             self.data.eval_examples,
             self.data.answer_type,
-            self.script_args,
+            self.recipe.script,
             self.formatter,
             vllm_source=self._vllm_source(checkpoint),
         )
@@ -255,8 +259,8 @@ class Pipeline:
             raise SFTKeyError(f"`--checkpoint {checkpoint}` is not a folder; point it at a saved stage folder")
         if not self.data.eval_examples:
             raise SFTKeyError("no evaluation data: set `eval_dataset_name`, `eval_split` or `eval_fraction`")
-        vllm = self.script_args.eval_backend == "vllm"
-        model = None if vllm else load_model(self.model_args, self.training_args, checkpoint, trainable=False)
+        vllm = self.recipe.script.eval_backend == "vllm"
+        model = None if vllm else load_model(self.recipe.model, self.recipe.training, checkpoint, trainable=False)
         metrics = self.evaluate(model, Path("eval_only") / name, checkpoint)
         if self.state.is_main_process:
             write_json(self.output_dir / "eval_only" / name / "metrics.json", metrics)

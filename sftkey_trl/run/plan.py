@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import SFTKeyError
 from ..files import plain, read_json, write_json
+from ..recipe.schema import Recipe
 from ..train.objectives import Stage
 
 # Keys that change where or how often things are written or shown, never what is trained or measured
@@ -40,16 +41,17 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
-def resolved_config(script_args, stage_args, model_args, stage, data_hash: str, previous: str | None,
-                    processes: int = 1) -> dict:  # fmt: skip
+def result_values(obj, skip: set[str] = NON_RESULT_KEYS) -> dict:
+    """The fields of a dataclass that decide a result: all but `skip` and the private ones."""
+    return {k: v for k, v in plain(obj).items() if k not in skip and not k.startswith("_")}
+
+
+def resolved_config(recipe: Recipe, stage_args, stage, data_hash: str, previous: str | None, processes: int) -> dict:
     """Everything that decides a stage's result: data, model, the stage's training arguments, the launch's process
     count (without `global_batch_size` it sets the global batch; a checkpoint resumes on its own count) and its
     parent."""
-    sections = {"data": script_args, "model": model_args, "training": stage_args}
-    config = {
-        name: {k: v for k, v in plain(obj).items() if k not in NON_RESULT_KEYS and not k.startswith("_")}
-        for name, obj in sections.items()
-    }
+    sections = {"data": recipe.script, "model": recipe.model, "training": stage_args}
+    config = {name: result_values(obj) for name, obj in sections.items()}
     config["training"].pop("stages", None)
     config["stage"] = {k: v for k, v in plain(stage).items()}
     config["processes"] = processes
@@ -109,15 +111,14 @@ class PlannedStage:
     restarting: bool
 
 
-def plan_stages(stages: list[Stage], stage_args, script_args, model_args, data_hash: str, manifest: Manifest,
-                restart_from: str | None, processes: int = 1) -> list[PlannedStage]:  # fmt: skip
+def plan_stages(recipe: Recipe, stage_args, data_hash: str, manifest: Manifest, processes: int) -> list[PlannedStage]:
     """Resolve each stage's arguments (`stage_args(stage)`) and configuration hash (which chains the previous
-    stage's) for a launch of `processes` processes; refuse a changed finished stage unless it is restarted."""
+    stage's) for a launch of `processes` processes; refuse a changed finished stage unless `restart_from` says."""
     plan, previous, restarting = [], data_hash, False
-    output_dir = manifest.path.parent
-    for stage in stages:
+    output_dir, restart_from = manifest.path.parent, recipe.training.restart_from
+    for stage in recipe.stages:
         args = stage_args(stage)
-        config = resolved_config(script_args, args, model_args, stage, data_hash, previous, processes)
+        config = resolved_config(recipe, args, stage, data_hash, previous, processes)
         digest = config_hash(config)
         restarting = restarting or stage.name == restart_from
         entry = manifest.stage(stage.name)

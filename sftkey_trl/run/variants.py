@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SFTKeyError
+from ..recipe.schema import Recipe
 from ..train.objectives import Stage
 from ..train.steps import optimizer_steps, stage_training_args
 
@@ -53,11 +54,7 @@ def _settings(stage: Stage, args) -> str:
 
 
 def build_variants(
-    stages: list[Stage],
-    training_args,
-    recipe_format: str = "tags",
-    converge: tuple[int, float] | None = None,
-    key_weights: list[float] = (),
+    recipe: Recipe, converge: tuple[int, float] | None = None, key_weights: list[float] = ()
 ) -> dict[str, Variant]:
     """Every arm of the comparison, from the recipe's stage 1 and stage 2 (see the module docstring). An arm's
     description is built from its stages (each one's `Stage.summary` and settings) plus what they do not say.
@@ -71,6 +68,7 @@ def build_variants(
 
     `key_weights`: one more `sft_keyweight_<weight>` arm per weight, `sft_keyweight` with that weight.
     """
+    stages, training_args, recipe_format = recipe.stages, recipe.training, recipe.script.response_format
     first = next((s for s in stages if s.loss_on == "completion"), None)
     second = next((s for s in stages if s.loss_on == "key"), None)
     if first is None or second is None:
@@ -80,12 +78,11 @@ def build_variants(
         return stage_training_args(training_args, stage, "unused")
 
     # Stage 1 as the recipe writes it, its own convergence (keep_best + patience) included
-    sft = Stage(name="sft", loss_on="completion", keep_best=first.keep_best, patience=first.patience,
-                overrides=dict(first.overrides))  # fmt: skip
+    own = {"keep_best": first.keep_best, "patience": first.patience, "overrides": dict(first.overrides)}
     if converge is not None:
         patience, epochs = converge
-        sft = dataclasses.replace(sft, keep_best=True, patience=patience,
-                                  overrides={**sft.overrides, "num_train_epochs": epochs})  # fmt: skip
+        own = {"keep_best": True, "patience": patience, "overrides": {**own["overrides"], "num_train_epochs": epochs}}
+    sft = Stage(name="sft", loss_on="completion", **own)
     key = Stage(name="key", loss_on="key", overrides=dict(second.overrides))  # the paper's: hard mask, no keep_best
     continued = Stage(name="continue", loss_on="completion", overrides=dict(second.overrides))
     epochs_2, lr_1 = args_of(second).num_train_epochs, args_of(first).learning_rate
@@ -117,11 +114,15 @@ def build_variants(
         ("sftkey_tag_stage1_lr", "tags", "tags", form("stage1_lr", overrides={**key.overrides, "learning_rate": lr_1}),
          "stage 2 at stage 1's learning rate"),
     ]  # fmt: skip
-    arms += [(f"sft_keyweight_{w:g}", f"keyweight_{w:g}", "tags", (dataclasses.replace(sft, key_weight=w),), "")
-             for w in key_weights]  # fmt: skip
+    arms += [
+        (f"sft_keyweight_{w:g}", f"keyweight_{w:g}", "tags", (dataclasses.replace(sft, key_weight=w),), "")
+        for w in key_weights
+    ]
     matched = {MATCHED: (sft, key)}
-    return {name: Variant(name, folder, response_format, arm, _describe(response_format, arm, args_of, note),
-                          matched.get(name)) for name, folder, response_format, arm, note in arms}  # fmt: skip
+    return {
+        name: Variant(name, folder, layout, arm, _describe(layout, arm, args_of, note), matched.get(name))
+        for name, folder, layout, arm, note in arms
+    }
 
 
 def _describe(response_format: str, stages: tuple[Stage, ...], args_of, note: str) -> str:
@@ -141,29 +142,26 @@ def planned_steps(stages: tuple[Stage, ...], training_args, num_rows: int, proce
     )
 
 
-def run_variant(variant: Variant, seed: int, script_args, training_args, model_args, root: Path,
-                steps_to_match: int | None = None) -> dict:  # fmt: skip
+def run_variant(variant: Variant, seed: int, recipe: Recipe, root: Path, steps_to_match: int | None = None) -> dict:
     """Train and evaluate one arm with one seed; return its last stage's metrics plus `optimizer_steps` and
     `train_tokens` summed over its stages. A matched arm takes `steps_to_match` steps (the target arm's recorded
     steps for this seed), or the target's planned steps when it has not run."""
     from .pipeline import Pipeline
 
-    script_args = copy.deepcopy(script_args)
-    training_args = copy.deepcopy(training_args)
-    script_args.response_format = variant.response_format
-    training_args.seed = seed
-    training_args.output_dir = str(root / f"seed{seed}" / variant.folder)
-    training_args.restart_from = None
-    stages = [copy.deepcopy(stage) for stage in variant.stages]
-    pipeline = Pipeline(script_args, training_args, model_args, stages)
+    recipe = copy.deepcopy(dataclasses.replace(recipe, stages=list(variant.stages)))
+    recipe.script.response_format = variant.response_format
+    recipe.training.seed = seed
+    recipe.training.output_dir = str(root / f"seed{seed}" / variant.folder)
+    recipe.training.restart_from = None
+    pipeline = Pipeline(recipe)
     if variant.match_steps_of is not None:
         if steps_to_match is None:
             rows, processes = len(pipeline.data.train), pipeline.state.num_processes
-            steps_to_match = planned_steps(variant.match_steps_of, training_args, rows, processes)
-        stages[0].overrides["max_steps"] = steps_to_match
+            steps_to_match = planned_steps(variant.match_steps_of, recipe.training, rows, processes)
+        recipe.stages[0].overrides["max_steps"] = steps_to_match
     results = pipeline.run()
-    trained = [results["stages"][stage.name].get("training", {}) for stage in stages]
-    record = dict(results["stages"][stages[-1].name])
+    trained = [results["stages"][stage.name].get("training", {}) for stage in recipe.stages]
+    record = dict(results["stages"][recipe.stages[-1].name])
     record.pop("training", None)
     record["optimizer_steps"] = sum(t.get("optimizer_steps", 0) for t in trained)
     record["train_tokens"] = sum(t.get("train_tokens", 0) for t in trained)

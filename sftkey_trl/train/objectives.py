@@ -183,16 +183,18 @@ def parse_stages(
         where = f"{where} ({name})"
         loss_on = entry.pop("loss_on", "completion")
         if loss_on not in OBJECTIVES:
-            raise SFTKeyError(f"{where}: `loss_on: {loss_on}` is not valid{closest(str(loss_on), OBJECTIVES)}; "
-                              f"use one of {tuple(OBJECTIVES)}")  # fmt: skip
+            hint = closest(str(loss_on), OBJECTIVES)
+            raise SFTKeyError(f"{where}: `loss_on: {loss_on}` is not valid{hint}; use one of {tuple(OBJECTIVES)}")
         objective = OBJECTIVES[loss_on]
         values: dict[str, Any] = {}
         for key in [key for key in entry if key in OPTIONS]:
             value = entry.pop(key)
             if key not in objective.options + COMMON_OPTIONS:
                 users = [o.name for o in OBJECTIVES.values() if key in o.options]
-                raise SFTKeyError(f"{where}: `{key}` applies to `loss_on: {' / '.join(users)}` stages, not "
-                                  f"`loss_on: {loss_on}`; remove it or change `loss_on`")  # fmt: skip
+                raise SFTKeyError(
+                    f"{where}: `{key}` applies to `loss_on: {' / '.join(users)}` stages, not "
+                    f"`loss_on: {loss_on}`; remove it or change `loss_on`"
+                )
             try:
                 values[key] = _check_option(key, value)
             except (TypeError, ValueError) as error:

@@ -144,10 +144,10 @@ def dry_run(argv: list[str]) -> str | None:
 
 def prepare(argv: list[str]):
     """What a real run does with the data before the model is loaded: the checks, then loading and validation."""
-    script_args, training_args, model_args, stages, _ = cli.load_checked_recipe(cli.run_options(argv)[1])
-    tokenizer = load_tokenizer(model_args, training_args)
-    formatter = Formatter(tokenizer, script_args, training_args.eos_token)
-    return prepare_data(script_args, training_args, stages, tokenizer, formatter, cache_dir=None)
+    recipe, _ = cli.load_checked_recipe(cli.run_options(argv)[1])
+    tokenizer = load_tokenizer(recipe.model, recipe.training)
+    formatter = Formatter(tokenizer, recipe.script, recipe.training.eos_token)
+    return prepare_data(recipe.script, recipe.training, recipe.stages, tokenizer, formatter, cache_dir=None)
 
 
 @FUZZ

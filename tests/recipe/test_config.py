@@ -20,12 +20,12 @@ def test_there_are_recipes():
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_parses(recipe):
-    script_args, training_args, model_args, stages = parse_config(["--config", str(ROOT / recipe)])
-    assert stages and model_args.model_name_or_path and training_args.output_dir
+    parsed = parse_config(["--config", str(ROOT / recipe)])
+    assert parsed.stages and parsed.model.model_name_or_path and parsed.training.output_dir
 
 
 def test_cli_overrides_recipe_values():
-    _, training_args, _, stages = parse_config(
+    parsed = parse_config(
         [
             "--config",
             str(ROOT / "recipes/demo/sftkey_tiny.yaml"),
@@ -35,8 +35,8 @@ def test_cli_overrides_recipe_values():
             "[{name: only, loss_on: key, num_train_epochs: 2}]",
         ]
     )
-    assert training_args.learning_rate == 1e-4
-    assert [(s.name, s.loss_on, s.overrides) for s in stages] == [("only", "key", {"num_train_epochs": 2})]
+    assert parsed.training.learning_rate == 1e-4
+    assert [(s.name, s.loss_on, s.overrides) for s in parsed.stages] == [("only", "key", {"num_train_epochs": 2})]
 
 
 def write(tmp_path: Path, text: str) -> str:

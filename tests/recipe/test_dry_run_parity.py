@@ -121,14 +121,13 @@ def test_checking_never_changes_the_recipe_resolving_does(tmp_path, monkeypatch)
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     argv = arguments(tmp_path, "qlora", ["--use_peft", "true", "--load_in_4bit", "true", "--dtype", "auto"])
-    script_args, training_args, model_args, stages = parse_config(argv)
-    parsed = dataclasses.asdict(model_args)
-    check_recipe(script_args, training_args, model_args, stages, [1])
-    assert dataclasses.asdict(model_args) == parsed
-    fixes = resolve_recipe(training_args, model_args)
+    recipe = parse_config(argv)
+    parsed = dataclasses.asdict(recipe.model)
+    check_recipe(recipe, [1])
+    assert dataclasses.asdict(recipe.model) == parsed
+    fixes = resolve_recipe(recipe)
     assert fixes == ["bnb_4bit_quant_storage: uint8 -> bfloat16", "dtype: auto -> bfloat16"]
-    checked = cli.load_checked_recipe(argv, dry_run=True)
-    report = yaml.safe_load(dry_run(*checked[:4], DEMO, checked[4]))
+    report = yaml.safe_load(dry_run(*cli.load_checked_recipe(argv, dry_run=True)))
     model = report["settings"]["model"]
     assert model["dtype"] == "bfloat16" == model["bnb_4bit_quant_storage"]
     assert set(fixes) <= set(report["notes"])

@@ -50,7 +50,9 @@ REQUIRED += SMOLLM2 + SMOLLM2_LORA
 
 
 def parse(recipe: str):
-    return parse_config(["--config", str(ROOT / recipe)])
+    """(script, training and model arguments, stages) of a recipe in this repository."""
+    parsed = parse_config(["--config", str(ROOT / recipe)])
+    return parsed.script, parsed.training, parsed.model, parsed.stages
 
 
 def launch_line(path) -> str | None:
@@ -232,7 +234,7 @@ def write_recipe(tmp_path: Path, body: str = "", header: str | None = None, name
 
 
 def run_dry(path: str) -> str:
-    return dry_run(*cli.load_checked_recipe(["--config", path], dry_run=True)[:4], path, [])
+    return dry_run(cli.load_checked_recipe(["--config", path], dry_run=True)[0], [])
 
 
 def run_both(path: str, monkeypatch, capsys) -> tuple[str, str]:
@@ -401,8 +403,7 @@ def test_checks_refuse_the_launch_environment_alike(tmp_path, case, message, mon
 
 def test_options_without_effect_are_noted_not_refused(tmp_path):
     path = write_recipe(tmp_path, "dataset_num_proc: 4\nshuffle_dataset: true\nloss_type: dft\n")
-    checked = cli.load_checked_recipe(["--config", path], dry_run=True)
-    report = yaml.safe_load(dry_run(*checked[:4], path, checked[4]))
+    report = yaml.safe_load(dry_run(*cli.load_checked_recipe(["--config", path], dry_run=True)))
     assert any(note.startswith("`dataset_num_proc` has no effect") for note in report["notes"])
     assert any(note.startswith("`shuffle_dataset` has no effect") for note in report["notes"])
     assert [stage["effective"]["loss_type"] for stage in report["stages"]] == ["dft", "dft"]
@@ -457,6 +458,6 @@ def test_router_coefficient_is_checked_from_the_models_config_alone(tmp_path, mo
     MixtralConfig(num_hidden_layers=1).save_pretrained(tmp_path / "moe")
     for model, noted in ((tmp_path / "moe", False), ("Qwen/Qwen2.5-1.5B", True)):
         path = write_recipe(tmp_path, f"model_name_or_path: {model}\nrouter_aux_loss_coef: 0.1\n")
-        notes = cli.load_checked_recipe(["--config", path], dry_run=True)[4]
+        notes = cli.load_checked_recipe(["--config", path], dry_run=True)[1]
         expected = f"`router_aux_loss_coef` is set and the config of `{model}` is not on this machine: checked on load"
         assert (expected in notes) == noted, notes

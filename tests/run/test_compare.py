@@ -8,8 +8,9 @@ import sys
 
 import pytest
 from conftest import ROOT
+from trl import ModelConfig
 
-from sftkey_trl.recipe.schema import SFTKeyConfig
+from sftkey_trl.recipe.schema import Recipe, SFTKeyConfig, SFTKeyScriptArguments
 from sftkey_trl.run.compare import markdown, mean_ci, summarise_variants
 from sftkey_trl.run.variants import MATCHED, PAPER, build_variants, planned_steps
 from sftkey_trl.train.objectives import Stage
@@ -40,6 +41,11 @@ def training_args(**values) -> SFTKeyConfig:
     return SFTKeyConfig(output_dir="unused", report_to="none", use_cpu=True, **values)
 
 
+def recipe(stages: list[Stage], args: SFTKeyConfig | None = None) -> Recipe:
+    """A recipe with these stages and training arguments (default: `training_args()`), all else at its default."""
+    return Recipe(SFTKeyScriptArguments(), args or training_args(), ModelConfig(), stages)
+
+
 def test_mean_ci_uses_the_exact_t_quantile_for_any_number_of_seeds():
     for n, t in ((2, 12.7062), (5, 2.7764), (11, 2.2281), (13, 2.1788), (40, 2.0227)):
         values = [0.0, 1.0] + [0.5] * (n - 2)
@@ -51,7 +57,7 @@ def test_variants_follow_the_recipe_stages():
     stages = [Stage(name="sft", loss_on="completion", overrides={"num_train_epochs": 3, "learning_rate": 1e-3}),
               Stage(name="key", loss_on="key", keep_best=True, reasoning_weight=0.2,
                     overrides={"num_train_epochs": 1, "learning_rate": 1e-4})]  # fmt: skip
-    variants = build_variants(stages, training_args())
+    variants = build_variants(recipe(stages))
     paper = variants[PAPER].stages[1]
     # the paper's key stage as described: key loss only, hard mask, no keep_best, the recipe's stage-2 rate
     assert (paper.loss_on, paper.reasoning_weight, paper.keep_best) == ("key", 0.0, False)
@@ -75,7 +81,7 @@ def test_variants_follow_the_recipe_stages():
 def test_a_recipe_whose_stage_1_converges_gives_every_arm_that_stage_1():
     stages = [Stage(name="sft", loss_on="completion", keep_best=True, patience=4, overrides={"num_train_epochs": 30}),
               Stage(name="key", loss_on="key")]  # fmt: skip
-    variants = build_variants(stages, training_args())
+    variants = build_variants(recipe(stages))
     for name in ("sft_tag", PAPER, "sft_continue", "sft_keyweight"):
         first = variants[name].stages[0]
         assert (first.keep_best, first.patience, first.overrides["num_train_epochs"]) == (True, 4, 30), name
@@ -86,13 +92,13 @@ def test_a_recipe_whose_stage_1_converges_gives_every_arm_that_stage_1():
 def test_the_readme_describes_every_arm():
     readme = (ROOT / "README.md").read_text()
     stages = [Stage(name="sft", loss_on="completion"), Stage(name="key", loss_on="key")]
-    missing = [name for name in build_variants(stages, training_args()) if f"| `{name}` |" not in readme]
+    missing = [name for name in build_variants(recipe(stages)) if f"| `{name}` |" not in readme]
     assert not missing, f"README's variant table lacks {missing}"
 
 
 def test_converged_protocol_trains_stage_1_to_convergence_in_every_arm_that_has_it():
     stages = [Stage(name="sft", loss_on="completion"), Stage(name="key", loss_on="key")]
-    variants = build_variants(stages, training_args(), converge=(2, 12))
+    variants = build_variants(recipe(stages), converge=(2, 12))
     for name in ("sft_tag", PAPER, "sft_continue", "sftkey_tag_mix"):
         first = variants[name].stages[0]
         assert (first.keep_best, first.patience, first.overrides["num_train_epochs"]) == (True, 2, 12), name
@@ -104,7 +110,7 @@ def test_matched_baseline_takes_the_paper_arms_steps_with_only_top_level_epochs(
     """A recipe with `num_train_epochs: 1` at the top level and none per stage: 1 + 1 epochs, never a fallback."""
     args = training_args(num_train_epochs=1, per_device_train_batch_size=4, gradient_accumulation_steps=2)
     stages = [Stage(name="sft", loss_on="completion"), Stage(name="key", loss_on="key")]
-    variants = build_variants(stages, args)
+    variants = build_variants(recipe(stages, args))
     rows = 100  # 25 batches of 4 -> 13 optimizer steps per epoch (the last one accumulates a single batch)
     assert planned_steps(variants[PAPER].stages, args, rows, 1) == 2 * 13
     assert planned_steps(variants[MATCHED].match_steps_of, args, rows, 1) == 26
@@ -171,7 +177,7 @@ def test_a_rerun_carries_only_earlier_arms_with_the_same_configuration_and_seeds
     sys.path.insert(0, str(ROOT / "recipes"))
     from compare import main
 
-    def fake_run(variant, seed, script_args, training_args, model_args, root, steps_to_match=None) -> dict:
+    def fake_run(variant, seed, recipe, root, steps_to_match=None) -> dict:
         return {"accuracy": 0.5 + 0.1 * seed, "optimizer_steps": 4, "train_tokens": 10}
 
     monkeypatch.setattr("sftkey_trl.run.variants.run_variant", fake_run)
@@ -200,12 +206,25 @@ def test_a_key_weight_sweep_is_one_arm_per_weight_beside_sft_keyweight():
     weights = swept_key_weights(names)
     assert weights == [2.0, 10.0, 2.5]
     stages = [Stage(name="sft", loss_on="completion", keep_best=True, patience=4), Stage(name="key", loss_on="key")]
-    variants = build_variants(stages, training_args(), key_weights=weights)
+    variants = build_variants(recipe(stages), key_weights=weights)
     for weight, name in zip(weights, ("sft_keyweight_2", "sft_keyweight_10", "sft_keyweight_2.5")):
         (stage,) = variants[name].stages
         assert stage.key_weight == weight and stage.patience == 4 and stage.loss_on == "completion"
         assert variants[name].folder not in {v.folder for n, v in variants.items() if n != name}  # its own runs
     assert variants["sft_keyweight"].stages[0].key_weight == 5.0 and "sft_keyweight_x" not in variants
+
+
+@pytest.mark.parametrize("flags", [["--dry_run"], ["--inspect", "2"], ["--eval_only"], ["--merge", "sft"]])
+def test_compare_refuses_run_py_flags_instead_of_training(flags, tmp_path, capsys):
+    """run.py's own flags (`--dry_run`, `--inspect`, ...) would be parsed and dropped by compare.py, which would then
+    train every arm: each is refused in one line before anything is loaded."""
+    from sftkey_trl.run.comparison import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([*flags, "--output_dir", str(tmp_path / "o")])
+    error = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and not (tmp_path / "o").exists()
+    assert error == f"error: `{flags[0]}` is a flag of recipes/run.py, not compare.py; use recipes/run.py for it"
 
 
 def test_compare_refuses_push_to_hub_before_training(tmp_path, monkeypatch, capsys):

@@ -99,9 +99,9 @@ def test_merged_model_generates_like_base_plus_adapter(lora_run):
     assert merged.generation_config.eos_token_id == stop
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                              add_generation_prompt=True) for q in QUESTIONS]  # fmt: skip
-    _, training_args, model_args, _ = parse_config(lora_run.args)
-    with_adapter = load_model(model_args, training_args, lora_run.out / "key", trainable=False)
-    base = load_model(model_args, training_args, trainable=False)
+    recipe = parse_config(lora_run.args)
+    with_adapter = load_model(recipe.model, recipe.training, lora_run.out / "key", trainable=False)
+    base = load_model(recipe.model, recipe.training, trainable=False)
     kwargs = dict(stop_ids=stop, max_new_tokens=40, show_progress=False)
     expected = generate(with_adapter, tokenizer, prompts, **kwargs)
     assert generate(merged, tokenizer, prompts, **kwargs) == expected
@@ -113,7 +113,7 @@ def test_merged_push_records_the_comparison_intervals(lora_run, monkeypatch):
     from sftkey_trl.run.hub import push_run
     from sftkey_trl.run.variants import build_variants
 
-    script_args, training_args, model_args, stages = parse_config(
+    recipe = parse_config(
         [*lora_run.args, "--push_to_hub", "true", "--hub_model_id", "me/merged", "--hub_merge", "true",
          "--hub_stage", "sft"]
     )  # fmt: skip
@@ -121,10 +121,10 @@ def test_merged_push_records_the_comparison_intervals(lora_run, monkeypatch):
                        for seed in range(3)}
                 for name, shift, steps in (("sft_tag", 0.0, 8), ("sftkey_tag", -0.05, 12),
                                            ("sft_tag_matched", 0.3, 12))}  # fmt: skip
-    write_comparison(lora_run.out / "compare", per_seed, build_variants(stages, training_args), [0, 1, 2])
+    write_comparison(lora_run.out / "compare", per_seed, build_variants(recipe), [0, 1, 2])
     calls: list = []
     mock_hub(monkeypatch, calls)
-    url = push_run(script_args, training_args, model_args, stages, DEMO, ["--hub_stage", "sft"])
+    url = push_run(recipe)
     assert url == "https://huggingface.co/me/merged"
     assert [call[0] for call in calls] == ["create_repo", "upload_folder"]
     upload = calls[-1][2]
@@ -149,9 +149,9 @@ def test_push_settings_that_would_push_per_stage_are_refused(extra, needle, monk
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "token"))  # no stored token
-    _, training_args, _, stages = parse_config(["--config", DEMO, *extra])
+    recipe = parse_config(["--config", DEMO, *extra])
     with pytest.raises(SFTKeyError) as error:
-        check_push(training_args, stages)
+        check_push(recipe.training, recipe.stages)
     assert needle in str(error.value) and "\n" not in str(error.value)
 
 

@@ -50,7 +50,7 @@ def registered(monkeypatch):
 
 def scored(answers: list[str]) -> dict:
     """The metrics of fabricated generations, scored by `evaluation/metrics.py` as an evaluation would."""
-    script_args = parse_config(["--config", DEMO])[0]
+    script_args = parse_config(["--config", DEMO]).script
     examples = [{"index": i, "prompt": "Compute 2 + 3.", "gold": "5", "reasoning": "2 + 3 = 5"} for i in range(4)]
     texts = [(f"<Thinking>2 + 3 = 5</Thinking>\n<Answer>{answer}</Answer>", 12) for answer in answers]
     return metrics.score(examples, texts, "numeric", script_args, Tags())[0]
@@ -71,9 +71,7 @@ def test_inspect_and_dry_run_show_the_new_objective(capsys):
 
 def test_results_comparison_and_card_show_the_new_metric_and_objective(tmp_path):
     out = tmp_path / "run"
-    script_args, training_args, model_args, stages = parse_config(
-        ["--config", DEMO, "--stages", STAGES, "--output_dir", str(out)]
-    )
+    recipe = parse_config(["--config", DEMO, "--stages", STAGES, "--output_dir", str(out)])
     answers = {"sft": ["5", "5", "6", "five"], "key": ["5", "5", "5", "5"], "reason": ["5", "12345", "5", "5"]}
     results = {"stages": {name: {**scored(answers[name]), "loss_on": name} for name in answers}}
     assert results["stages"]["reason"]["mean_answer_length"] == 2.0  # (1 + 5 + 1 + 1) / 4
@@ -84,7 +82,7 @@ def test_results_comparison_and_card_show_the_new_metric_and_objective(tmp_path)
     rows = results_markdown(results).splitlines()
     assert rows[2].endswith("| tokens | ans len | n |") and rows[4].endswith("| 1.750 | 4 |")  # sft: (1+1+1+4)/4
 
-    variants = build_variants(stages, training_args)
+    variants = build_variants(recipe)
     per_seed = {"recipe": {0: results["stages"]["reason"]}, "sftkey_tag": {0: results["stages"]["key"]}}
     write_comparison(out / "compare", per_seed, variants, [0], "accuracy")
     comparison = (out / "compare" / "comparison.md").read_text()
@@ -93,11 +91,10 @@ def test_results_comparison_and_card_show_the_new_metric_and_objective(tmp_path)
     assert "| 2.000 ± 0.000 |" in recipe_row and "then the reasoning tokens only [" in recipe_row
 
     manifest = Manifest(out)
-    for stage in stages:
-        manifest.update(stage.name, config=resolved_config(script_args, training_args, model_args, stage, "-", None))
+    for stage in recipe.stages:
+        manifest.update(stage.name, config=resolved_config(recipe, recipe.training, stage, "-", None, 1))
     write_json(out / "results.json", results)
-    card = model_card(Path(out / "reason"), out, "reason", "full", "me/sftkey-reason", script_args, training_args,
-                      model_args, stages, DEMO, []).text  # fmt: skip
+    card = model_card(Path(out / "reason"), "reason", "full", "me/sftkey-reason", recipe).text
     assert "| reason | the reasoning tokens only |" in card and "| key | the final-answer (key) tokens only |" in card
     assert "| answer length (characters) | 1.750 | 1.000 | 2.000 |" in card
     assert "mean_answer_length" in card.split("### Comparison of the variants")[1]  # the comparison in the card

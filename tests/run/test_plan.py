@@ -7,7 +7,7 @@ import pytest
 from trl import ModelConfig
 
 from sftkey_trl.errors import SFTKeyError
-from sftkey_trl.recipe.schema import SFTKeyConfig, SFTKeyScriptArguments
+from sftkey_trl.recipe.schema import Recipe, SFTKeyConfig, SFTKeyScriptArguments
 from sftkey_trl.run.plan import Manifest, plan_stages
 from sftkey_trl.train.objectives import Stage
 from sftkey_trl.train.steps import global_batch, stage_training_args
@@ -20,8 +20,8 @@ def plan(tmp_path, manifest: Manifest, processes: int):
         return stage_training_args(base, stage, str(tmp_path / stage.name / "checkpoints"), processes)
 
     stages = [Stage(name="sft"), Stage(name="key", loss_on="key")]
-    return plan_stages(stages, stage_args, SFTKeyScriptArguments(), ModelConfig(model_name_or_path="m"), "data",
-                       manifest, None, processes)  # fmt: skip
+    recipe = Recipe(SFTKeyScriptArguments(), base, ModelConfig(model_name_or_path="m"), stages)
+    return plan_stages(recipe, stage_args, "data", manifest, processes)
 
 
 def test_a_stage_run_on_another_process_count_is_refused_in_one_line(tmp_path):

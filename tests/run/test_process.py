@@ -104,10 +104,10 @@ def test_recipe_defaults_raise_no_warning_and_do_not_pin_memory_without_a_gpu():
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         warnings.simplefilter("error", UserWarning)
-        _, args, _, _ = parse_config(["--config", str(DEMO)])
-        _, default, _, _ = parse_config(["--config", str(DEMO), "--stages", "[{name: a, loss_on: completion}]"])
+        args = parse_config(["--config", str(DEMO)]).training
+        default = parse_config(["--config", str(DEMO), "--stages", "[{name: a, loss_on: completion}]"]).training
     assert not args.activation_checkpointing and default.dataloader_pin_memory == torch.accelerator.is_available()
-    _, explicit, _, _ = parse_config(["--config", str(DEMO), "--dataloader_pin_memory", "true"])
+    explicit = parse_config(["--config", str(DEMO), "--dataloader_pin_memory", "true"]).training
     assert explicit.dataloader_pin_memory is True
 
 

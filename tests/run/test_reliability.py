@@ -104,10 +104,8 @@ def test_qlora_without_bitsandbytes_is_refused(monkeypatch):
 def test_trust_remote_code_is_off_unless_the_recipe_says_so():
     from sftkey_trl.recipe.parsing import parse_config
 
-    _, training_args, _, _ = parse_config([])
-    assert training_args.trust_remote_code is False
-    _, training_args, _, _ = parse_config(["--trust_remote_code", "true"])
-    assert training_args.trust_remote_code is True
+    assert parse_config([]).training.trust_remote_code is False
+    assert parse_config(["--trust_remote_code", "true"]).training.trust_remote_code is True
 
 
 def checkpoints(out: Path, stage: str) -> list[Path]:

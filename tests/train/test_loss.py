@@ -250,6 +250,7 @@ def test_loss_type_can_be_set_per_stage(tmp_path):
     from sftkey_trl.train.steps import stage_training_args
 
     stages = "[{name: sft, loss_on: completion}, {name: key, loss_on: key, loss_type: dft}]"
-    _, training_args, _, parsed = parse_config(["--output_dir", str(tmp_path), "--stages", stages])
-    resolved = [stage_training_args(training_args, stage, str(tmp_path / stage.name)).loss_type for stage in parsed]
+    recipe = parse_config(["--output_dir", str(tmp_path), "--stages", stages])
+    training_args = recipe.training
+    resolved = [stage_training_args(training_args, s, str(tmp_path / s.name)).loss_type for s in recipe.stages]
     assert training_args.loss_type == "nll" and resolved == ["nll", "dft"]
