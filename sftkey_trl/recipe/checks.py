@@ -7,21 +7,21 @@ any model or dataset is loaded, so a recipe that `--dry_run` rejects never train
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
-from typing import Any
 
 from ..data.adapters import Triple, answer_type_of, get_adapter
 from ..data.formatting import one_answer_slot
 from ..errors import SFTKeyError, closest, first_line, show_value
 from ..evaluation.generation import VLLM_MISSING
 from ..evaluation.metrics import DEFAULT_METRIC, selection_problem
-from ..files import DEMO_PREFIX, plain
-from ..models import DEMO_MODEL, MODEL_TYPES, check_model_name
+from ..files import plain
+from ..models import MODEL_TYPES, check_model_name
 from ..train.distributed import check_sharding_compatibility, detect_launch, resolve_sharding_defaults
-from ..train.objectives import DEFAULTS, LOSS_TYPES, OPTIONS, Stage, _check_option
+from ..train.objectives import DEFAULTS, OPTIONS, Stage, _check_option
 from ..train.steps import stage_training_args
-from .schema import CHOICES, KEY_RANGES, Recipe, SFTKeyScriptArguments, key_types
+from .options import check_trainer_options
+from .schema import CHOICES, Recipe, SFTKeyScriptArguments
+from .values import check_key_values, check_named_values
 
 SAMPLE = Triple("What is 2 + 3?", "2 + 3 = 5", "5")
 
@@ -365,231 +365,3 @@ def check_patience(stage: Stage) -> None:
             f"stage `{stage.name}` has `patience: {stage.patience}` but not `keep_best: true`; patience counts "
             "keep_best's validation evaluations: add `keep_best: true` to the stage or remove `patience`"
         )
-
-
-_BY_GENERATION = (
-    "SFTKey evaluates by generating answers (`eval_after_stages`; a stage's `keep_best` every `eval_steps`), "
-    "never by an eval loss; remove it"
-)
-# TRL / transformers options whose effect SFTKey's data path or loss would drop: (key, refused when, why and the fix)
-UNSUPPORTED_OPTIONS = (
-    ("loss_type", lambda v: v not in LOSS_TYPES,
-     f"the per-token loss is one of {LOSS_TYPES} (TRL reads the deprecated `chunked_nll` as `nll`); use one of them"),
-    ("label_smoothing_factor", lambda v: float(v) > 0,
-     "label smoothing needs the full-vocabulary logits that TRL's fused LM head never builds; set it to 0"),
-    ("packing", bool,
-     "SFTKey collates whole examples with their stage masks; use `padding_free: true` (flash-attention) instead"),
-    ("completion_only_loss", lambda v: v is False,
-     "the stages choose the trained tokens (`loss_on`) and the prompt is never one of them; remove it"),
-    ("assistant_only_loss", bool,
-     "the stages choose the trained tokens (`loss_on: completion` is the assistant's reply); remove it"),
-    ("dataset_text_field", lambda v: v != "text",
-     "SFTKey renders each example from its question, reasoning and answer; set `question_field`, "
-     "`reasoning_field` and `answer_field` instead"),
-    ("chat_template_path", lambda v: v is not None,
-     "TRL would swap the template after SFTKey rendered the data; set `chat_template` (Jinja text or a .jinja file)"),
-    ("truncation_mode", lambda v: v == "keep_end",
-     "SFTKey never truncates (a longer example is reported as `key_truncated`); remove it and raise `max_length`"),
-    ("model_init_kwargs", bool,
-     "SFTKey loads the model itself; use the model keys (`dtype`, `attn_implementation`, `model_revision`, ...)"),
-    ("eval_strategy", lambda v: plain(v) != "no", _BY_GENERATION),
-    ("eval_on_start", bool, _BY_GENERATION),
-    ("liger_kernel_config", lambda v: bool((v or {}).get("fused_linear_cross_entropy")),
-     "Liger's fused linear cross-entropy replaces the forward that carries TRL's fused LM head; remove it "
-     "(`use_liger_kernel: true` alone still applies Liger's layer kernels)"),
-)  # fmt: skip
-# Options with no effect on SFTKey's loss or data: a note, not an error
-IGNORED_OPTIONS = (
-    ("dataset_num_proc", lambda v: v is not None, "SFTKey tokenises the data once itself"),
-    ("dataset_kwargs", bool, "SFTKey tokenises the data itself and always skips TRL's preparation"),
-    ("shuffle_dataset", bool, "the Trainer's sampler already shuffles the examples every epoch"),
-    ("eval_packing", bool, "SFTKey evaluates by generation, never by an eval loss"),
-    ("pad_token", lambda v: v is not None, "SFTKey pads with the tokenizer's pad token (else EOS), never trained on"),
-)
-
-
-def check_trainer_options(training_args, stages: list[Stage]) -> list[str]:
-    """TRL / transformers options that SFTKey's own data path and loss would silently drop are refused (recipe-wide
-    or in a stage); options with no effect on the loss or the data are noted. Returns the notes."""
-    notes: list[str] = []
-    output_dir = Path(training_args.output_dir)
-    for stage in stages:
-        args = stage_training_args(training_args, stage, str(output_dir / stage.name))
-        for key, refused, why in UNSUPPORTED_OPTIONS:
-            value = getattr(args, key)
-            if refused(value):
-                where = f"stage `{stage.name}`: " if key in stage.overrides else ""
-                raise SFTKeyError(f"{where}`{key}: {plain(value)}` is not supported: {why}")
-        for key, ignored, why in IGNORED_OPTIONS:
-            note = f"`{key}` has no effect: {why}"
-            if ignored(getattr(args, key)) and note not in notes:
-                notes.append(note)
-        if args.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
-            raise SFTKeyError(
-                "`use_liger_kernel: true` needs liger-kernel: `pip install liger-kernel`, or set it to false"
-            )
-    sharded = _sequence_parallel_sizes(training_args)
-    if sharded:
-        raise SFTKeyError(
-            f"{sharded} splits each sequence across GPUs, but not SFTKey's per-token stage weights; launch without "
-            "sequence/context parallelism (DDP, ZeRO or FSDP shard the batch or the weights instead)"
-        )
-    return notes
-
-
-def _sequence_parallel_sizes(training_args) -> str:
-    """'`sp_size: 2`' / '`cp_size: 2`' when the training arguments or the accelerate launch shard sequences."""
-    config = training_args.parallelism_config
-    sizes = {}
-    for name in ("sp_size", "cp_size"):
-        value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
-        if value is None and os.environ.get("ACCELERATE_USE_PARALLELISM_CONFIG", "").lower() == "true":
-            value = os.environ.get(f"PARALLELISM_CONFIG_{name.upper()}")
-        if value is not None and int(value) > 1:
-            sizes[name] = int(value)
-    return ", ".join(f"`{name}: {value}`" for name, value in sizes.items())
-
-
-def processes_of_launch(launch_tokens: list[str], root: Path) -> int | None:
-    """`num_processes` of the accelerate config a launch command names with `--config_file` (None: not said)."""
-    import yaml
-
-    from .flags import flag_value
-
-    config_file = flag_value(launch_tokens, "--config_file")
-    path = root / config_file if config_file else None
-    if path is None or not path.is_file():
-        return None
-    try:
-        config: Any = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        raise SFTKeyError(f"accelerate config `{path}` is not valid YAML; fix its syntax") from None
-    value = config.get("num_processes") if isinstance(config, dict) else None
-    return value if isinstance(value, int) and value > 0 else None
-
-
-# --------------------------------------------------------------------------------------------------
-# Every value against its key's type and range (`schema.KEY_RANGES`, `schema.key_types`). YAML values bypass
-# argparse's typing, so `parse_config` checks each raw recipe value here before TRL's `__post_init__` sees it, and
-# `check_recipe` checks the stage overrides and the resolved values (command-line ones included).
-def _is_bool_word(value: str) -> bool:
-    """Whether the recipe parser reads `value` as a boolean (transformers' `string_to_bool`, its argparse type)."""
-    from argparse import ArgumentTypeError
-
-    from transformers.hf_argparser import string_to_bool
-
-    try:
-        return isinstance(string_to_bool(value), bool)
-    except ArgumentTypeError:
-        return False
-
-
-_KIND_WORDS = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "a string",
-               "list": "a list", "dict": "a mapping"}  # fmt: skip
-
-
-def _number(value: Any, integer: bool) -> float | int | None:
-    """`value` as a finite number (a numeric string too: PyYAML reads `2e-4` as one), else None. Never a bool."""
-    if isinstance(value, str):
-        try:
-            value = int(value) if integer else float(value)
-        except ValueError:
-            return None
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-        return None
-    return value if value == value and abs(value) != float("inf") else None
-
-
-def check_key_value(key: str, value: Any, where: str = "") -> None:
-    """One recipe value against its key's type (annotation) and range (`KEY_RANGES`); `where` prefixes the error
-    (a stage). Keys outside the schema are the unknown-key check's business."""
-    kind = key_types().get(key)
-    if kind is None or key == "stages":
-        return
-    named, got = f"{where}`{key}`", show_value(value)
-    if value is None:
-        if kind.nullable:
-            return
-        raise SFTKeyError(f"{named} cannot be null; give a value, or remove the key for its default")
-    if (kind.choices and _is_choice(value, kind.choices)) or kind.opaque:
-        return
-    if kind.choices and isinstance(value, str) and key in {option[0] for option in UNSUPPORTED_OPTIONS}:
-        return  # `check_trainer_options` refuses it naming the alternative
-    if isinstance(value, bool) and "bool" in kind.kinds:
-        return
-    rule = KEY_RANGES.get(key)
-    bool_word = "bool" in kind.kinds and isinstance(value, str) and _is_bool_word(value)
-    if isinstance(value, str) and not rule and ("str" in kind.kinds or bool_word):
-        return
-    numeric = kind.kinds & {"int", "float"}
-    if numeric and not isinstance(value, (list, dict)):
-        integer = numeric == {"int"} or (rule is not None and rule.integer)
-        number = _number(value, integer)
-        if number is None:
-            wanted = rule.text if rule else _KIND_WORDS["int" if integer else "float"]
-            raise SFTKeyError(f"{named} must be {wanted}, got {got}")
-        if rule and not rule.holds(number):
-            raise SFTKeyError(f"{named} must be {rule.text}, got {got}")
-        return
-    if isinstance(value, list) and "list" in kind.kinds and all(isinstance(item, (str, dict)) for item in value):
-        return
-    if isinstance(value, dict) and "dict" in kind.kinds:
-        return
-    expected = [_KIND_WORDS[k] for k in sorted(kind.kinds)]
-    expected += [f"one of {', '.join(map(show_value, kind.choices))}"] if kind.choices else []
-    expected += ["null"] if kind.nullable else []
-    raise SFTKeyError(f"{named} must be {' or '.join(expected)}, got {got}")
-
-
-def _is_choice(value: Any, choices: tuple) -> bool:
-    return any(value == choice or (isinstance(value, str) and value == str(choice)) for choice in choices)
-
-
-def check_key_values(recipe: Recipe) -> None:
-    """The resolved values of the keys with a range, and every stage override, against the schema."""
-    for args in (recipe.script, recipe.training, recipe.model):
-        for key in KEY_RANGES:
-            if hasattr(args, key):
-                check_key_value(key, getattr(args, key))
-    for index, stage in enumerate(recipe.stages):
-        for key, value in stage.overrides.items():
-            check_key_value(key, value, f"stages[{index}] ({stage.name}): ")
-
-
-NON_EMPTY_KEYS = ("dataset_format", "question_field", "reasoning_field", "answer_field", "answer_template",
-                  "prompt_template", "model_name_or_path")  # fmt: skip
-
-
-def check_named_values(script_args, model_args) -> None:
-    """Values that name something: the adapter, the columns, the model (required) and the demo data's splits."""
-    from ..data.adapters import ADAPTERS
-    from ..data.loading import DEMO_SPLITS
-
-    for key in NON_EMPTY_KEYS:
-        args = model_args if key == "model_name_or_path" else script_args
-        value = getattr(args, key)
-        if value is None or not str(value).strip():
-            raise SFTKeyError(f"`{key}` is {'not set' if value is None else 'empty'}; give {_NAMED[key]}")
-    if script_args.dataset_format not in ADAPTERS:
-        name, hint = script_args.dataset_format, closest(script_args.dataset_format, ADAPTERS)
-        raise SFTKeyError(f"`dataset_format: {show_value(name)}` is not valid{hint}; use one of {', '.join(ADAPTERS)}")
-    name, eval_name = script_args.dataset_name or "", script_args.eval_dataset_name or ""
-    splits = [(name, "dataset_split", script_args.dataset_split)]
-    splits.append((eval_name or name, "eval_split", script_args.eval_split))
-    for source, key, split in splits:
-        if source.startswith(DEMO_PREFIX) and split is not None and split not in DEMO_SPLITS:
-            raise SFTKeyError(
-                f"`{key}: {show_value(split)}`: the demo dataset `{source}` has the splits "
-                f"{' and '.join(DEMO_SPLITS)}; use one of them"
-            )
-
-
-_NAMED = {
-    "dataset_format": "an adapter name (generic, gsm8k, ...)",
-    "question_field": "the question column's name",
-    "reasoning_field": "the reasoning column's name",
-    "answer_field": "the answer column's name",
-    "answer_template": "a line with `{answer}`, e.g. `The answer is {answer}.`",
-    "prompt_template": "a layout with `{question}`",
-    "model_name_or_path": f"a hub id, a local folder or `{DEMO_MODEL}`",
-}

@@ -18,10 +18,10 @@ import yaml
 from trl import ModelConfig
 
 from ..data.adapters import answer_type_of
+from ..errors import SFTKeyError
 from ..files import plain
 from ..train.memory import estimate_for_recipe, training_method
 from ..train.steps import global_batch, stage_training_args
-from .checks import processes_of_launch
 from .schema import Recipe, SFTKeyConfig, SFTKeyScriptArguments
 
 HARDWARE_PREFIX = "# Hardware:"
@@ -140,3 +140,19 @@ def dry_run(recipe: Recipe, notes: list[str]) -> str:
         report["notes"] = notes
     text = yaml.safe_dump(report, sort_keys=False, default_flow_style=False, width=119, allow_unicode=True)
     return "# sftkey dry run: every check passed; nothing was downloaded or trained\n" + text
+
+
+def processes_of_launch(launch_tokens: list[str], root: Path) -> int | None:
+    """`num_processes` of the accelerate config a launch command names with `--config_file` (None: not said)."""
+    from .flags import flag_value
+
+    config_file = flag_value(launch_tokens, "--config_file")
+    path = root / config_file if config_file else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        config: Any = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise SFTKeyError(f"accelerate config `{path}` is not valid YAML; fix its syntax") from None
+    value = config.get("num_processes") if isinstance(config, dict) else None
+    return value if isinstance(value, int) and value > 0 else None

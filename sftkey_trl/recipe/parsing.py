@@ -16,9 +16,9 @@ from trl import ModelConfig, TrlParser
 
 from ..errors import SFTKeyError, closest, invalid_arguments, show_value
 from ..train.objectives import parse_stages
-from .checks import check_key_value
 from .flags import flag_value
 from .schema import Recipe, SFTKeyConfig, SFTKeyScriptArguments
+from .values import check_key_value
 
 
 def parse_config(argv: list[str] | None = None) -> Recipe:

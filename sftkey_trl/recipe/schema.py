@@ -148,7 +148,7 @@ class Recipe:
 
 
 # --------------------------------------------------------------------------------------------------
-# Every key's type and range, stated once (checked by `checks.check_key_value`). The type is the key's annotation in
+# Every key's type and range, stated once (checked by `values.check_key_value`). The type is the key's annotation in
 # the dataclasses a recipe fills (`key_types`), the range is `KEY_RANGES`. Bools are never numbers (nor numbers
 # bools), counts are whole numbers of at least 1, NaN and infinity are never valid.
 

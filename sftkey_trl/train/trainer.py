@@ -7,7 +7,7 @@ are the stage objective's (`train/objectives.py`). Under gradient accumulation a
 is summed over all micro-batches and ranks, the same way `transformers.Trainer` counts `num_items_in_batch`.
 A Mixture-of-Experts model's router load-balancing loss is added as TRL adds it: `router_aux_loss_coef` times the
 micro-batch's auxiliary loss, divided by the accumulation steps when the main loss is normalised over them.
-TRL options this loss does not honour are refused before the model loads (`recipe/checks.py`).
+TRL options this loss does not honour are refused before the model loads (`recipe/options.py`).
 A key stage with `context: detached` runs the reasoning without gradient into a KV cache and only the key span
 with it (`train/detached.py`); its weights, normaliser and fused head are the same.
 """

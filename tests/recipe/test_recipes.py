@@ -325,7 +325,7 @@ def test_a_users_recipe_without_header_passes_dry_run(tmp_path, capsys):
         ("stages: [{name: a, loss_on: completion, reasoning_weight: 0.1}]\n", r"applies to `loss_on: key`"),
         ("stages: [{name: a, loss_on: key, key_weight: 3}]\n", r"`key_weight` applies to `loss_on: completion`"),
         ("stages: [{name: a, loss_on: completion, key_weight: 0.5}]\n", r"from 1 \(no emphasis\) to 100"),
-        # TRL / transformers options that SFTKey's data path or loss would drop (checks.UNSUPPORTED_OPTIONS)
+        # TRL / transformers options that SFTKey's data path or loss would drop (options.UNSUPPORTED_OPTIONS)
         ("label_smoothing_factor: 0.1\n", r"^error: `label_smoothing_factor: 0.1` is not supported: .*set it to 0"),
         ("stages: [{name: a, loss_on: key, loss_type: focal}]\n", r"stage `a`: `loss_type: focal` is not supported"),
         ("stages: [{name: a, loss_on: key, label_smoothing_factor: 0.2}]\n", r"stage `a`: `label_smoothing_f"),
