@@ -118,6 +118,9 @@ def prepare_process(argv: list[str], recipe: str | Path | None) -> None:
     merging = any(item == "--merge" or item.startswith("--merge=") for item in argv)  # loads the base unquantised
     if merging or not quantizes(argv, recipe):
         hide_bitsandbytes()
+    # When kept, bitsandbytes' CPU backend warns at import that the optional `kernels` package (a faster 4-bit
+    # matmul fetched from the Hub) is missing, then uses its own kernel: noise for every quantised run and dry run
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     threads = use_available_cores()
     if threads is not None:
         logger.info(
