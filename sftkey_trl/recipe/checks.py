@@ -338,7 +338,7 @@ def check_router(training_args, model_args, stages: list[Stage]) -> list[str]:
     except (OSError, ValueError):
         return [f"`router_aux_loss_coef` is set and the config of `{name}` is not on this machine: checked on load"]
     for coef in coefs:
-        modeling.check_router(coef, config)
+        modeling.require_router(coef, config)
     return []
 
 

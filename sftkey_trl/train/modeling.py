@@ -35,7 +35,7 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def check_router(coef: float, config) -> None:
+def require_router(coef: float, config) -> None:
     """`router_aux_loss_coef` weights a Mixture-of-Experts router loss: the model (its config) must have a router."""
     if float(coef or 0) and not hasattr(config.get_text_config(), "output_router_logits"):  # a stage's "0" is off
         raise SFTKeyError(

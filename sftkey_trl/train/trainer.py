@@ -22,7 +22,7 @@ from trl import SFTTrainer
 from .collator import SFTKeyCollator
 from .detached import detached_forward, split_at_key
 from .distributed import release_engine_state
-from .modeling import check_router
+from .modeling import require_router
 from .objectives import Stage, token_losses
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class SFTKeyTrainer(SFTTrainer):
     def __init__(self, *args, stage: Stage, log_part_losses: bool = True, **kwargs):
         training_args = kwargs["args"]
         if kwargs.get("model") is not None:  # check_recipe did when it found the model's config on this machine
-            check_router(training_args.router_aux_loss_coef, kwargs["model"].config)
+            require_router(training_args.router_aux_loss_coef, kwargs["model"].config)
         self.stage = stage
         padding_free = training_args.padding_free
         training_args.padding_free = False  # TRL refuses a custom collator with padding_free; ours does it
