@@ -1,16 +1,8 @@
-"""Answer extraction from generations and answer matching against gold, plus the paper's composite score.
+"""Answer extraction from generations, matching against gold, and the paper's composite score.
 
-Decisions worth knowing:
-- An empty answer inside tags gives ``answer=None`` (strict tags keep ``format_ok=True``); no number fallback then.
-- Numbers found by the last-number fallback are returned normalised: thousands separators removed, unicode minus
-  -> "-".
-- Two answers that both parse as plain numbers (`numbers.parse_number`) are compared as numbers and nothing else:
-  an integer gold needs an exactly equal number, other golds agree to 6 decimals (as math_verify rounds).
-  Percentages: ``50%`` matches ``50`` and ``0.5``.
-- "numeric" answers are plain numbers only (no math_verify, so ``2+3`` is not 5); "math" answers that are not
-  plain numbers go to math_verify, except predictions that hedge (``3 or 4``, ``2 3``).
-- math_verify runs with signal timeouts (5 s) on the main thread and without timeouts elsewhere (signals fail off
-  the main thread); inputs that look pathological (towers of powers, huge factorials) skip it.
+An empty answer inside tags is ``None`` (no number fallback). Two plain numbers compare only as numbers; "numeric"
+never uses math_verify (``2+3`` is not 5), "math" does unless the prediction hedges (``3 or 4``). math_verify gets
+5 s signal timeouts on the main thread only (signals fail elsewhere); pathological inputs skip it.
 """
 
 from __future__ import annotations
@@ -42,7 +34,6 @@ class Extraction:
 _TRAILING_PUNCT = ".!?,;:"
 
 
-# ---------------------------------------------------------------------------------------------------------- extraction
 def _thinking(text: str, tags: Tags, end: int) -> str | None:
     """Reasoning in text[:end]: after the last thinking-open tag up to its close (or `end`), else before a close."""
     start = text.rfind(tags.thinking_open, 0, end)
@@ -112,11 +103,9 @@ def extract_answer(
 ) -> Extraction:
     """Extract the final answer (and reasoning) from one generation.
 
-    "tags": strict when the stripped generation is exactly ``<Thinking>R</Thinking>\\n<Answer>A</Answer>`` (R and A
-    free of tags); otherwise lenient: the last answer tag with content (unclosed: up to the next tag or the end).
-    "plain": the last line matching `answer_template` (case-insensitive, trailing punctuation optional); format_ok
-    when nothing but whitespace follows it. Fallback for both: the last number in the text (never format_ok).
-    Raises ValueError for an unknown `response_format` or a template without exactly one ``{answer}``.
+    "tags": strict when it is exactly ``<Thinking>R</Thinking>\\n<Answer>A</Answer>``, else the last answer tag with
+    content. "plain": the last line matching `answer_template` (format_ok when only whitespace follows). Fallback:
+    the last number (never format_ok). ValueError for an unknown format or a template without one ``{answer}``.
     """
     if response_format not in RESPONSE_FORMATS:
         raise ValueError(f"response_format must be one of {RESPONSE_FORMATS}, got {response_format!r}")
@@ -133,7 +122,6 @@ def extract_answer(
     return Extraction(number, "last_number" if number is not None else "none", False, reasoning)
 
 
-# ------------------------------------------------------------------------------------------------------------ matching
 _PLACEHOLDERS = {"", "n/a", "na", "none", "null", "nan", "unknown", "?", "-"}
 _DELIMITED_RE = re.compile(r"\$|\\\(|\\\[|\\boxed")
 _RISKY_RE = re.compile(r"\^\s*\{[^}]*\^|\^\s*\(?[\d.]+\)?\s*\^|\d{4,}\s*\)?\s*!|\}\s*\)?\s*!|\d{60,}")
@@ -152,8 +140,7 @@ def _mv_call(func: Callable[..., Any], timeout_name: str, *args: Any, **kwargs: 
 
 
 def _only_words(rest: str) -> bool:
-    """Whether `rest` (what math_verify left unparsed) is prose: no digits/operators/LaTeX, no 1-letter words, no
-    hedge ("4 maybe" is not an answer)."""
+    """Whether `rest` (what math_verify left unparsed) is prose: no digits/LaTeX, 1-letter words or hedges."""
     if re.search(r"[\d\\^_{}=+*/()\[\]]", rest):
         return False
     return all(len(w) > 1 and w.lower() not in NOT_UNITS for w in re.findall(r"[A-Za-z]+", rest))
@@ -161,8 +148,8 @@ def _only_words(rest: str) -> bool:
 
 @lru_cache(maxsize=4096)
 def _mv_candidates(text: str) -> tuple[list[Any], ...]:
-    """math_verify parses of `text`: as LaTeX math (``$text$``), and as-is when nothing unparsed is left over except
-    words (so ``2\\sqrt{2}`` never reads as ``2``). Empty tuple when nothing parses."""
+    """math_verify parses of `text`: as ``$text$``, and as-is when only words are left unparsed (so ``2\\sqrt{2}``
+    never reads as ``2``)."""
     s = text.translate(MINUS).replace("**", "").strip()
     if not s or len(s) > _MAX_MATH_VERIFY_CHARS or _RISKY_RE.search(s):
         return ()
@@ -207,10 +194,8 @@ def _math_verify_match(predicted: str, gold: str) -> bool:
 
 _CHOICE_BARE_RE = re.compile(r"[(\[]?\s*([A-E])\s*[)\]]?\s*[.:]?", re.IGNORECASE)
 _CHOICE_LEAD_RE = re.compile(r"[(\[]?([A-E])[)\].:](?:\s|$)")
-# A few lowercase filler words may sit between the phrase and the letter ("the answer is for sure D"), but no
-# negation ("the answer is not A"); the letter is upper case, so "the answer is a bit unclear" names no option.
+# Up to 3 lowercase fillers, no negation; an upper-case letter, so "the answer is a bit unclear" names no option.
 _FILLER_THEN_LETTER = r"(?:\s+(?!(?:not|never|no)\b)[a-z]+,?){0,3}\s*[(\[]?([A-E])(?![A-Za-z0-9'])"
-# A commitment ("the answer is B", "Answer: B", "I pick B") outranks a mere mention ("option D is false")
 _CHOICE_COMMIT_RE = re.compile(
     r"(?i:answer|pick|choose|select)(?:\s+(?i:is|would\s+be|should\s+be|must\s+be))?\s*:?" + _FILLER_THEN_LETTER
 )
@@ -219,12 +204,10 @@ _CHOICE_PAREN_RE = re.compile(r"\(([A-E])\)")
 
 
 def _choice_letter(text: str) -> str | None:
-    """The option letter A-E that `text` commits to ("B", "(b)", "B.", "B) photosynthesis", "The answer is B"),
-    else None.
+    """The option letter A-E that `text` commits to ("B", "(b)", "The answer is B"), else None.
 
-    The last commitment wins ("The answer is A. No: the answer is B" is B) and outranks letters merely mentioned
-    ("Answer: B because option D is false" is B); without one, options mentioned or in parentheses count only when
-    they all name the same letter ("Option A or option C" commits to nothing)."""
+    The last commitment wins and outranks mere mentions ("Answer: B because option D is false" is B); mentions
+    count only when they all name one letter ("Option A or option C" commits to nothing)."""
     s = re.sub(r"[$*]", "", prepare(text)).strip()
     if m := _CHOICE_BARE_RE.fullmatch(s):
         return m.group(1).upper()
@@ -244,19 +227,13 @@ def _default_normalizer(text: str) -> str:
     return re.sub(r"^(?:a|an|the)\s+", "", s)
 
 
-def _check_type(answer_type: str) -> None:
-    if answer_type not in ANSWER_TYPES:
-        raise ValueError(f"answer_type must be one of {ANSWER_TYPES}, got {answer_type!r}")
-
-
 def gold_is_parseable(gold: str, answer_type: str) -> bool:
     """Whether `gold` can be parsed for `answer_type`; golds that can't are never matched by `answers_match`.
 
-    numeric: a plain number (`numbers.parse_number`); math: that or something math_verify parses as LaTeX;
-    placeholders like "N/A" never;
-    multiple_choice: a single letter A-E; text: non-empty after the default normalizer.
-    """
-    _check_type(answer_type)
+    numeric: a plain number; math: that or a math_verify parse ("N/A" never); multiple_choice: one letter A-E;
+    text: non-empty after the default normalizer."""
+    if answer_type not in ANSWER_TYPES:
+        raise ValueError(f"answer_type must be one of {ANSWER_TYPES}, got {answer_type!r}")
     if answer_type == "multiple_choice":
         return len(gold.strip()) == 1 and gold.strip().upper() in "ABCDE"
     if answer_type == "text":
@@ -276,12 +253,9 @@ def answers_match(
 ) -> bool:
     """Whether `predicted` answers `gold` for `answer_type` (one of ANSWER_TYPES).
 
-    numeric: both must parse as plain numbers (ignoring $, thousands separators, decimal commas, unit words and
-    units like m/s, unicode minus; see `numbers.numbers_equal` for equality and percentages). math: the same when
-    both are plain numbers, else math_verify (LaTeX, ``\\boxed{}``, ``\\frac``, expressions), which a hedged
-    prediction (``3 or 4``, ``2 3``) never reaches. multiple_choice: the committed option letter. text: equal after
-    `normalizer` (used only for text; default lowercases, collapses whitespace, strips trailing punctuation and a
-    leading article). False when `predicted` is None or the gold is unparseable.
+    numeric: both plain numbers (`numbers.parse_number`, `numbers_equal`). math: the same, else math_verify, which a
+    hedged prediction never reaches. multiple_choice: the committed letter. text: equal after `normalizer` (default:
+    `_default_normalizer`). False when `predicted` is None or the gold is unparseable.
     """
     if predicted is None or not gold_is_parseable(gold, answer_type):
         return False

@@ -33,10 +33,8 @@ def generate(
     show_progress: bool = True,
     synced_gpus: bool | None = None,
 ) -> list[tuple[str, int]]:
-    """Greedy generation with the KV cache: prompts are length-sorted (longest first, so memory errors show
-    at once) and left-padded. Returns (text, number of generated tokens) per prompt, in the input order.
-    `synced_gpus`: passed to `generate` (None: transformers decides; True: keep stepping until every rank is done,
-    for weights sharded across ranks)."""
+    """Greedy, KV-cached generation, longest prompts first (memory errors show at once), left-padded; returns (text,
+    generated tokens) per prompt in input order. `synced_gpus` goes to `generate` (True for rank-sharded weights)."""
     if not prompts:
         return []
     was_training, padding_side = model.training, tokenizer.padding_side
@@ -99,10 +97,8 @@ def evaluate_model(
 ) -> tuple[dict, list[dict]]:
     """Generate on the evaluation examples, sharded across processes and gathered, and score them.
 
-    Every process returns the same metrics; with N processes each generates 1/N of the examples. Every process gets
-    the same number of prompts (a shorter shard is filled up with the last example, whose extra generations are
-    dropped), so each calls `generate` as often as the others: with weights sharded across ranks (ZeRO-3/FSDP,
-    `synced_gpus: true`) every forward is collective, and a rank with one batch more would wait forever.
+    Every process returns the same metrics. Shards are padded to equal length (extra generations dropped) so every
+    rank calls `generate` equally often: with ZeRO-3/FSDP each forward is collective and an extra batch would hang.
     With `eval_backend: vllm`, `vllm_source` = (model path, adapter path or None) is served by vLLM instead.
     """
     state = PartialState()

@@ -1,7 +1,6 @@
 """Scoring: each generation judged against its gold answer, and the metrics every report reads, in one list.
 
-A new metric is one `Metric` entry in `METRICS`: the terminal table, `results.md`, the plots, the model card, the
-comparison and keep-best (which selects on a named metric) all read this list when they run.
+A new metric is one `Metric` entry in `METRICS`: every table, plot, card, comparison and keep-best reads this list.
 """
 
 from __future__ import annotations
@@ -83,8 +82,7 @@ NO_ANSWER_SLOT = ("last_number", "none")  # extraction methods that found no ans
 
 
 def reported() -> list[Metric]:
-    """The metrics shown in every results table, the card and the comparison, in `METRICS`' order (read at call
-    time, so a new entry needs nothing else)."""
+    """The metrics shown in every results table, the card and the comparison, in `METRICS`' order."""
     return [metric for metric in METRICS if metric.reported]
 
 
@@ -112,9 +110,9 @@ def selection_problem(name: str, answer_type: str) -> str | None:
 
 def summarise(predictions: list[dict], answer_type: str) -> dict:
     """Aggregate prediction records into the metrics written to results.json."""
-    if not predictions:
-        return {"num_examples": 0}
     metrics: dict = {"num_examples": len(predictions)}
+    if not predictions:
+        return metrics
     for metric in METRICS:
         value = metric.compute(predictions, answer_type) if answer_type in metric.answer_types else None
         if value is not None:
@@ -131,7 +129,6 @@ def score(
     for example, (text, length) in zip(examples, generations):
         extraction = extract_answer(text, script_args.response_format, tags, script_args.answer_template)
         matches = answers_match(extraction.answer, example["gold"], answer_type)
-        from_slot = extraction.method not in NO_ANSWER_SLOT
         final = reasoning_final_value(extraction.reasoning)
         reference = reasoning_final_value(example["reasoning"]) if example.get("reasoning") else None
         predictions.append(
@@ -142,7 +139,7 @@ def score(
                 "extracted_answer": extraction.answer,
                 "extraction_method": extraction.method,
                 "gold": example["gold"],
-                "correct": matches and from_slot,
+                "correct": matches and extraction.method not in NO_ANSWER_SLOT,
                 "lenient_correct": matches,
                 "format_ok": extraction.format_ok,
                 "gold_parseable": gold_is_parseable(example["gold"], answer_type),

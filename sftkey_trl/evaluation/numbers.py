@@ -1,14 +1,8 @@
-"""Plain numbers in answers and reasoning: LaTeX clean-up, finding numbers in prose, parsing a whole answer as one
-number (with currency, thousands separators, decimal commas, percent and units) and comparing two of them.
+"""Plain numbers in answers and reasoning: LaTeX clean-up, numbers in prose, a whole answer as one number, equality.
 
-Decisions worth knowing:
-- Thousands groups are exactly three digits after a leading group that does not start with 0: ``1,234`` and
-  ``1 234`` are 1234, ``0,111`` is not a thousands number (as a whole answer it is the decimal 0.111).
-- A single comma that cannot be a thousands separator is a decimal comma (``1,22`` = 1.22); ``1,222`` stays 1222.
-- A number followed by ``/`` and a word is a rate (``$7200/year``), not the start of a fraction.
-- Equality: an integer gold needs an exactly equal number; otherwise both sides are rounded to 6 decimals.
-- Hedge words (``or``, ``maybe``...) are never unit words, so ``4 maybe`` is not a number, and `is_hedged` tells
-  candidates offered side by side (``3 or 4``, ``2 3``) from one answer.
+Thousands groups follow a leading group not starting with 0 (``1 234`` is 1234, ``0,111`` is 0.111); a comma that
+cannot group thousands is decimal (``1,22``); ``$7200/year`` is a rate, not a fraction; hedge words (``maybe``)
+are never units, so ``4 maybe`` is no number.
 """
 
 from __future__ import annotations
@@ -89,9 +83,8 @@ def _unit_ok(unit: str) -> bool:
 
 
 def parse_number(text: str) -> Number | None:
-    """Parse a whole answer as one number: drops $/€/£, thousands separators, a leading ``x =`` or ``answer is``,
-    a trailing '.', unit words (``12 apples``, ``5 m/s``, ``25 km^2``); keeps whether it is a percentage.
-    None when anything else is left (an expression, two numbers, a hedge)."""
+    """A whole answer as one number, ignoring currency, thousands separators, ``x =``, a trailing '.' and units
+    (``5 m/s``); None when anything else is left (an expression, two numbers, a hedge)."""
     s = prepare(text).replace("^\\circ", "°").replace("^{\\circ}", "°")
     s = re.sub(r"[$€£]", "", s).strip().rstrip(".").strip()
     s = _ANSWER_PREFIX_RE.sub("", s)
@@ -111,16 +104,12 @@ def parse_number(text: str) -> Number | None:
     return Number(-value if m.group("sign") == "-" else value, bool(m.group("percent")))
 
 
-def _round6(value: Fraction) -> Fraction:
-    return round(value, 6)
-
-
 def numbers_equal(predicted: Number, gold: Number) -> bool:
     """Equal numbers: exact for an integer gold, else equal after rounding both to 6 decimals. A percentage on
     either side may also be read as a fraction of 100 (``50%`` = ``0.5``), never the other way round."""
     for g in (gold.value, gold.value / 100) if gold.percent else (gold.value,):
         for p in (predicted.value, predicted.value / 100) if predicted.percent else (predicted.value,):
-            if p == g or (g.denominator != 1 and _round6(p) == _round6(g)):
+            if p == g or (g.denominator != 1 and round(p, 6) == round(g, 6)):
                 return True
     return False
 

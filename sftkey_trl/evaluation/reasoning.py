@@ -1,16 +1,9 @@
 """The value a chain of thought arrives at, read from its last sentence that states a number.
 
-In that sentence, in order:
-1. an explicit answer ("the answer is 5", "80 is the answer") wins;
-2. premises are dropped: leading "Since/If/When ... ," clauses (a sentence that is only premises states no value:
-   the sentence before it is read instead) and a trailing "because ..." justification;
-3. a restatement or conclusion replaces what came before it: "= .5 hour which is 30 minutes",
-   "= 15.36, which rounds down to 15", "= 0.60 or 60%", ", so ... 4 days ago", ", meaning ... 17 bags";
-4. what is left gives the result right of its last '=' when that is a bare number (``= $7200/year`` is 7200,
-   ``= 2:00 pm`` is 2, ``= 3 + 4`` is not bare); else the first number that is neither an operand of arithmetic
-   nor a bound ("less than 50"), or a later one that a verb presents as the result ("75 cans would have 225 balls").
-   So "407 papers in 11 hours" is 407 and "4*2 to find 8 legs" is 8.
-A last sentence without digits may state the value in words ("so it took three days").
+In it: an explicit answer ("the answer is 5") wins; premises ("Since ... ,", "because ...") are dropped; a
+conclusion replaces what precedes it ("= 15.36, which rounds down to 15", ", so ... 4 days"); then the bare number
+right of the last '=', else the first number that is no operand or bound, or a later one a verb presents as the
+result ("75 cans would have 225 balls"). A last sentence without digits may state it in words ("three days").
 """
 
 from __future__ import annotations
@@ -141,8 +134,7 @@ def _sentence_value(sentence: str) -> str | None:
 
 
 def reasoning_final_value(reasoning: str | None) -> str | None:
-    """The value the reasoning arrives at (see the module docstring), thousands separators dropped; None if the
-    reasoning holds no number."""
+    """The value the reasoning arrives at (see the module docstring) without thousands separators, or None."""
     if not reasoning:
         return None
     sentences = _sentences(prepare(reasoning))
