@@ -171,9 +171,8 @@ def _mv_candidates(text: str) -> tuple[list[Any], ...]:
     if wrapped := run("$" + re.sub(r"(?<!\\)%", r"\\%", s) + "$"):
         results.append(wrapped)
     direct = run(s)
-    if direct and isinstance(direct[-1], str) and direct[-1] in s:
-        if _only_words(s.replace(direct[-1], "", 1)):
-            results.append(direct)
+    if direct and isinstance(direct[-1], str) and direct[-1] in s and _only_words(s.replace(direct[-1], "", 1)):
+        results.append(direct)
     return tuple(results)
 
 

@@ -43,9 +43,8 @@ def generate(
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[tuple[str, int]] = [("", 0)] * len(prompts)
-    batches = range(0, len(order), batch_size)
     try:
-        for start in tqdm(batches, desc="generating", disable=not show_progress, leave=False):
+        for start in tqdm(range(0, len(order), batch_size), desc="generating", disable=not show_progress, leave=False):
             chunk = order[start : start + batch_size]
             encoded = tokenizer(
                 [prompts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False

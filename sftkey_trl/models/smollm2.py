@@ -58,8 +58,7 @@ def build_smollm2(output: str | Path | None = None, source: str | Path | None = 
     if directory.exists() and any(directory.iterdir()):
         raise SFTKeyError(f"`{directory}` exists but is not a complete model folder; remove it and build again")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(directory.parent).free
-    if free < NEEDED_BYTES:
+    if (free := shutil.disk_usage(directory.parent).free) < NEEDED_BYTES:
         raise SFTKeyError(
             f"building SmolLM2 needs about {NEEDED_BYTES / 1e9:.1f} GB free under {directory.parent} but "
             f"{free / 1e9:.2f} GB are; free some space or pass --output on another disk (or set SFTKEY_CACHE)"
