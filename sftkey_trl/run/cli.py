@@ -119,11 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     Called as the program (no `argv`), it first sets up the process (`process.prepare_process`: CPU threads, and
     bitsandbytes hidden unless the run quantises); called from Python, it leaves the process as it is.
     """
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if argv is None:
-        from .process import prepare_process
+    from .process import start_entry_point
 
-        prepare_process(sys.argv[1:], flag_value(sys.argv[1:], "--config"))
+    start_entry_point(sys.argv[1:], as_program=argv is None)
     options, rest = run_options(list(sys.argv[1:] if argv is None else argv))
     with user_errors(options.debug):
         recipe, notes = load_checked_recipe(rest, options.dry_run)

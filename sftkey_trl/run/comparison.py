@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 from ..errors import SFTKeyError, closest
-from ..recipe.flags import flag_value
 
 
 def main(argv: list[str] | None = None, description: str | None = None) -> int:
@@ -26,11 +25,9 @@ def main(argv: list[str] | None = None, description: str | None = None) -> int:
     parser.add_argument("--converged", type=int, default=None, metavar="PATIENCE", help=converged)
     parser.add_argument("--converged_epochs", type=float, default=12, help="With --converged: the epoch cap.")
     options, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if argv is None:  # as the program: before the recipe parser imports the ML libraries (see run/process.py)
-        from .process import prepare_process
+    from .process import start_entry_point
 
-        prepare_process(rest, flag_value(rest, "--config"))
+    start_entry_point(rest, as_program=argv is None)  # before the recipe parser imports the ML libraries
     from ..evaluation.metrics import METRIC_NAMES
     from ..files import read_json
     from ..recipe.checks import check_comparison

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from accelerate.utils import get_int_from_env, parse_flag_from_env, str_to_bool
 
+from ..recipe.flags import flag_value
+
 logger = logging.getLogger("sftkey_trl")
 
 QUANTIZATION_KEYS = ("load_in_4bit", "load_in_8bit")
@@ -127,3 +129,11 @@ def prepare_process(argv: list[str], recipe: str | Path | None) -> None:
             "training on the CPU with %d threads (accelerate launch's default is 1; set OMP_NUM_THREADS to choose)",
             threads,
         )
+
+
+def start_entry_point(argv: list[str], as_program: bool) -> None:
+    """What both entry points do first: plain log lines and, run as the program (not called from Python), the
+    process set up by `prepare_process` from the recipe that `argv` names."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if as_program:
+        prepare_process(argv, flag_value(argv, "--config"))
