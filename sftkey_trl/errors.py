@@ -9,11 +9,8 @@ from typing import Any
 
 
 class SFTKeyError(Exception):
-    """A problem with the user's recipe, data or environment.
-
-    The message is one line that names the problem and the fix; `recipes/run.py` prints it
-    without a traceback (unless `--debug`) and exits with status 2.
-    """
+    """A problem with the user's recipe, data or environment: one line naming the problem and the fix, which
+    `recipes/run.py` prints without a traceback (unless `--debug`), exiting with status 2."""
 
 
 def first_line(error: BaseException) -> str:

@@ -1,6 +1,5 @@
-"""Atomic file and folder writes (a temporary name, then a rename, so a kill never leaves a half-written file
-behind), the plain JSON/YAML-friendly form of configuration values, and the cache where demo data and models are
-built."""
+"""Atomic file and folder writes (a temporary name, then a rename: a kill never leaves a half-written file), the
+JSON/YAML-friendly form of configuration values, and the cache where demo data and models are built."""
 
 from __future__ import annotations
 
@@ -66,9 +65,7 @@ def write_folder(directory: str | Path) -> Iterator[Path]:
 def read_json(path: str | Path, default: Any = None) -> Any:
     """Read JSON from `path`, or return `default` when the file does not exist."""
     path = Path(path)
-    if not path.exists():
-        return default
-    return json.loads(path.read_text())
+    return json.loads(path.read_text()) if path.exists() else default
 
 
 def plain(value: Any) -> Any:

@@ -13,15 +13,10 @@ from .objectives import Stage
 
 @dataclass
 class SFTKeyCollator:
-    """Collate tokenised examples (`input_ids`, `completion_mask`, `key_mask`) for one stage.
-
-    `loss_weights` are the stage objective's per-token weights (`train/objectives.py`). `labels` holds the token
-    id wherever the fused LM head must score the token (weight > 0, or every response token when
-    `score_completion` is set so that reasoning and key losses can be logged separately) and -100 elsewhere.
-    With `padding_free`, the batch is one flattened row with `position_ids` and the sequence boundaries
-    (`cu_seq_lens_*`) that flash-attention kernels read; otherwise rows are right-padded with an attention mask.
-    `pad_to_multiple_of` applies to both.
-    """
+    """Collate tokenised examples (`input_ids`, `completion_mask`, `key_mask`) for one stage, with the objective's
+    `loss_weights`. `labels` marks what the fused LM head scores (weight > 0, or the whole response with
+    `score_completion`, so reasoning and key losses can be logged apart). `padding_free`: one flattened row with
+    `position_ids` and the `cu_seq_lens_*` that flash-attention reads; else right-padded rows and an attention mask."""
 
     pad_token_id: int
     stage: Stage

@@ -1,11 +1,8 @@
 """What the launch shards, and which quantised setups work with it: checks to run before the model is loaded.
 
-`accelerate launch --config_file accelerate_configs/<x>.yaml` tells each process how it was launched through
-environment variables (`ACCELERATE_USE_DEEPSPEED`, `ACCELERATE_DEEPSPEED_ZERO_STAGE`, `ACCELERATE_USE_FSDP`,
-`FSDP_VERSION`, `FSDP_USE_ORIG_PARAMS`, ...); transformers turns them into `training_args.deepspeed_plugin`.
-A recipe can also name the engine itself (`deepspeed: ds.json` or `fsdp: ...` in the training arguments).
-`detect_launch` reads all of these without starting anything (no process group, no CUDA), so it is safe to call
-before the model is loaded and in tests.
+The engine comes from `accelerate launch`'s environment variables, transformers' `deepspeed_plugin`, or the recipe's
+own `deepspeed:` / `fsdp:` training arguments. `detect_launch` reads them without starting anything (no process
+group, no CUDA), so it is safe before the model is loaded and in tests.
 """
 
 from __future__ import annotations
@@ -16,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from accelerate.state import AcceleratorState, PartialState, is_initialized
 from accelerate.utils import get_cpu_distributed_information, get_int_from_env, str_to_bool
 
@@ -44,10 +42,7 @@ def _as_bool(value, name: str, default: bool | None = None) -> bool | None:
 
 @dataclass(frozen=True)
 class Launch:
-    """How this process was launched, as far as model loading cares.
-
-    engine: "single" (one process), "ddp" (several processes, each with the whole model), "deepspeed" or "fsdp".
-    """
+    """How this process was launched, as far as model loading cares: engine "single", "ddp", "deepspeed" or "fsdp"."""
 
     engine: str = "single"
     zero_stage: int | None = None
@@ -89,14 +84,12 @@ def _deepspeed_json(config) -> dict:
     """A DeepSpeed config given as a dict, a JSON string or a JSON file path ({} when unreadable)."""
     if isinstance(config, dict):
         return config
-    if isinstance(config, str) and config and config != "none":
-        try:
-            if config.lstrip().startswith("{"):
-                return json.loads(config)
-            return json.loads(Path(config).read_text())
-        except (OSError, ValueError):
-            return {}
-    return {}
+    if not isinstance(config, str) or config in ("", "none"):
+        return {}
+    try:
+        return json.loads(config if config.lstrip().startswith("{") else Path(config).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _deepspeed_launch(training_args) -> Launch | None:
@@ -174,48 +167,38 @@ def _fsdp_launch(training_args) -> Launch | None:
 
 
 def detect_launch(training_args) -> Launch:
-    """Which engine this process runs under: DeepSpeed and its ZeRO stage, FSDP and its settings, DDP or one process.
-
-    Reads `training_args.deepspeed_plugin` / `.deepspeed` / `.fsdp` / `.fsdp_plugin_args`, the variables that
-    `accelerate launch` sets, and an `AcceleratorState` / `PartialState` only if one already exists.
-    """
-    launch = _deepspeed_launch(training_args) or _fsdp_launch(training_args)
-    if launch is not None:
-        return launch
-    return Launch(engine="ddp" if world_size() > 1 else "single")
+    """Which engine this process runs under (DeepSpeed and its ZeRO stage, FSDP and its settings, DDP, one process),
+    from the training arguments, `accelerate launch`'s variables and an accelerate state only if one exists."""
+    return (
+        _deepspeed_launch(training_args)
+        or _fsdp_launch(training_args)
+        or Launch("ddp" if world_size() > 1 else "single")
+    )
 
 
 def world_size() -> int:
-    """Number of processes in the job (1 outside `accelerate launch` / `torchrun`): the accelerate state's once it
-    exists, before that the launcher's variables as accelerate reads them. Never creates the state, which would
-    start the process group before the training arguments choose its backend (and in a dry run)."""
+    """Number of processes in the job (1 outside a launcher). Never creates the accelerate state, which would start
+    the process group before the training arguments choose its backend (and in a dry run)."""
     state = _initialized_state()
     return int(state.num_processes) if state is not None else get_cpu_distributed_information().world_size
 
 
 def is_main_process() -> bool:
-    """True on the process of global rank 0 (the one that should log, save and write reports); read like
-    `world_size`."""
+    """True on the process of global rank 0 (the one that logs, saves and writes reports); read like `world_size`."""
     state = _initialized_state()
     return bool(state.is_main_process) if state is not None else get_cpu_distributed_information().rank == 0
 
 
 def _on_cpu(training_args) -> bool:
-    if getattr(training_args, "use_cpu", False):
-        return True
-    device = getattr(training_args, "device", None)
-    return getattr(device, "type", None) == "cpu"
+    device_type = getattr(getattr(training_args, "device", None), "type", None)
+    return bool(getattr(training_args, "use_cpu", False)) or device_type == "cpu"
 
 
 def check_engine_runs_here(training_args) -> None:
     """Refuse a sharding engine that accelerate would not start on these (CPU) processes; call before loading.
 
-    accelerate 1.15 selects FSDP only on GPU-class devices (its state never turns a CPU job into FSDP): with
-    `use_cpu` it runs plain DDP (or stops in the FSDP plugin: "There are currently no available devices found"),
-    without it the processes are not even data-parallel. DeepSpeed does run on CPU processes (its CPU accelerator,
-    gloo), but only without `use_cpu` (which makes accelerate drop DeepSpeed for DDP) and with `ddp_backend: gloo`
-    (without a backend accelerate counts one process per job and the ranks train apart).
-    """
+    accelerate 1.15 selects FSDP only on GPU-class devices. DeepSpeed runs on CPU processes, but only without
+    `use_cpu` (accelerate then drops it for DDP) and with `ddp_backend: gloo` (else the ranks train apart)."""
     launch = detect_launch(training_args)
     if launch.engine not in ("fsdp", "deepspeed") or not _on_cpu(training_args):
         return
@@ -239,14 +222,9 @@ def check_engine_runs_here(training_args) -> None:
 
 
 def release_engine_state(training_args) -> bool:
-    """Let a new Trainer bring its own DeepSpeed plugin: forget the previous stage's `AcceleratorState` if it ran
-    DeepSpeed. Returns True when it did.
-
-    Every stage has its own training arguments and so its own `DeepSpeedPlugin`; accelerate refuses a second
-    `Accelerator` that passes a plugin while the shared state already holds one ("You cannot pass in a
-    `deepspeed_plugin` when creating a second `Accelerator`", transformers#35073), so stage 2 never started under
-    DeepSpeed. The process group lives in `PartialState`, which is kept.
-    """
+    """Forget the previous stage's DeepSpeed `AcceleratorState` so the next Trainer can bring its own plugin; True
+    when it did. accelerate refuses a second plugin in a live state (transformers#35073), so stage 2 never started
+    under DeepSpeed; the process group lives in `PartialState`, which is kept."""
     if getattr(training_args, "deepspeed_plugin", None) is None:
         return False
     if not is_initialized() or _distributed_type(AcceleratorState()) != "DEEPSPEED":
@@ -256,31 +234,18 @@ def release_engine_state(training_args) -> bool:
 
 
 def quantized_device_map(training_args) -> dict | None:
-    """The `device_map` to load a 4-bit/8-bit model with under this launch.
-
-    - one process or DDP / ZeRO-1 / ZeRO-2: `{"": <this process's device>}`: each rank loads its own quantised copy
-      on its own GPU (`{"": "cpu"}` without a GPU);
-    - DeepSpeed ZeRO-3 or FSDP: None: the engine places and shards the weights (transformers refuses a `device_map`
-      under ZeRO-3; bitsandbytes then loads onto the current device and the engine shards from there).
-    """
+    """The `device_map` to load a 4-bit/8-bit model with: each rank's own device for one process, DDP and ZeRO-1/2;
+    None under ZeRO-3 or FSDP, where the engine places and shards the weights (transformers refuses a map there)."""
     if detect_launch(training_args).shards_parameters:
         return None
     device = training_args.device
     if device.type == "cuda":
-        if device.index is None:
-            import torch
-
-            return {"": torch.cuda.current_device()}
-        return {"": device.index}
-    if device.type == "cpu":
-        return {"": "cpu"}
-    return {"": str(device)}
+        return {"": torch.cuda.current_device() if device.index is None else device.index}
+    return {"": "cpu" if device.type == "cpu" else str(device)}
 
 
 def _storage_name(value) -> str | None:
-    if value is None:
-        return None
-    return str(value).removeprefix("torch.")
+    return None if value is None else str(value).removeprefix("torch.")
 
 
 def _storage_target(model_args, training_args, launch: Launch) -> str:
@@ -330,12 +295,8 @@ def resolve_sharding_defaults(model_args, training_args) -> list[str]:
 
 def check_sharding_compatibility(model_args, training_args) -> list[str]:
     """Refuse quantised + sharding combinations that do not work (one line: the problem and a working alternative);
-    never changes `model_args` (`resolve_sharding_defaults` sets the dtypes). Returns no notes: it logs them.
-    The rules and their sources (peft, bitsandbytes, accelerate, transformers) are in docs/distributed.md:
-    ZeRO-3 must gather 16-bit weights on save; 8-bit cannot be sharded by ZeRO-3/FSDP; 4-bit under ZeRO-3/FSDP
-    needs a float storage dtype equal to the model dtype (set automatically; float16 refused); QLoRA + FSDP +
-    `paged_adamw_8bit` is refused; FSDP1 settings and ZeRO-3 offload that cost memory are warned about.
-    """
+    never changes `model_args`; returns no notes (it logs them). The rules and their sources are in
+    docs/distributed.md."""
     launch = detect_launch(training_args)
     if launch.engine == "deepspeed" and launch.zero_stage == 3 and launch.zero3_save_16bit_model is False:
         raise SFTKeyError(

@@ -1,26 +1,18 @@
 """Estimate the peak GPU memory of a training run (per GPU, in GiB) from the model's shape. An ESTIMATE only.
 
-No GPU is needed: the figure is a sum of the usual terms, calibrated against three runs measured on one H200
-(`MEASURED` below; the formula lands within about 5% of each). It counts what PyTorch allocates (the figure
-`torch.cuda.max_memory_allocated` reports); the CUDA context and allocator fragmentation add roughly 0.5-1 GiB.
+The figure is a sum of the usual terms, calibrated against three runs on one H200 (`MEASURED`; within about 5% of
+each). It counts what PyTorch allocates (`torch.cuda.max_memory_allocated`); the CUDA context and fragmentation add
+about 0.5-1 GiB. Generation during evaluation and DeepSpeed/NCCL buffers are not counted.
 
-    weights     QLoRA: nf4 linear layers at 0.5 byte/param + quantisation constants (0.0625 byte/param for fp32
-                absmax per 64-value block; ~0.016 with nested/double quantisation), embeddings and an untied LM
-                head kept in bf16 (2 bytes/param). LoRA: every weight in bf16. Full fine-tuning with DeepSpeed
-                ZeRO-3: 16 bytes/param (bf16 weight + bf16 gradient + fp32 master weight + two fp32 Adam states)
-                sharded over the GPUs, plus the gathered bf16 weights of about two layers (or the embedding).
-    adapter     LoRA rank r on q/k/v/o/gate/up/down of every layer: r x (fan_in + fan_out) params per matrix,
-                each with fp32 weight + gradient + two Adam states (16 bytes).
-    activations tokens = batch x seq_len, bf16. With activation (gradient) checkpointing each layer keeps only
-                its input (hidden_size values per token) and one layer at a time is recomputed in full; without
-                it every layer keeps everything. One layer in full keeps about 5 x hidden + 2 x kv_dim +
-                4 x intermediate values per token, plus the dropout-masked inputs of the LoRA matrices
-                (6 x hidden + intermediate) for LoRA/QLoRA.
-    LM head     not counted: TRL's fused LM head projects only the supervised positions, in tiles, so the
-                (batch, seq, vocab) logits are never materialised (measured: loss on 24 tokens or on 60% of
-                2048 gives the same peak).
-
-Not counted either: generation during evaluation (its KV cache) and DeepSpeed/NCCL buffers.
+    weights     QLoRA: nf4 linear layers at 0.5 byte/param + absmax constants (1/16 byte, ~1/64 nested); embeddings
+                and an untied LM head in bf16. LoRA: every weight in bf16. Full: ZeRO-3's 16 bytes/param sharded
+                over the GPUs, plus about two gathered bf16 layers (or the embedding).
+    adapter     LoRA rank r on q/k/v/o/gate/up/down: r x (fan_in + fan_out) params per matrix at 16 bytes.
+    activations bf16, tokens = batch x seq_len. With checkpointing each layer keeps its input and one layer is
+                recomputed in full (5 x hidden + 2 x kv_dim + 4 x intermediate per token, plus LoRA's dropout
+                copies, 6 x hidden + intermediate); without it every layer keeps everything.
+    LM head     not counted: TRL's fused LM head never materialises the (batch, seq, vocab) logits (measured: loss
+                on 24 tokens or on 60% of 2048 gives the same peak).
 """
 
 from __future__ import annotations
@@ -88,12 +80,8 @@ def estimate_memory_gib(
     tied_embeddings: bool = True,
     nested_quant: bool = True,
 ) -> float:
-    """Estimated peak training memory per GPU, in GiB (see the module docstring for the terms).
-
-    `method`: "qlora" (4-bit nf4 base + LoRA), "lora" (bf16 base + LoRA) or "full" (full fine-tuning; sharded
-    ZeRO-3 style over `num_gpus`). `batch` is the per-device batch, `seq_len` the (padded) sequence length.
-    Without `intermediate_size`/`kv_dim` they are derived from the parameter count (kv_dim = hidden / 4).
-    """
+    """Estimated peak training memory per GPU, in GiB, for `method` "qlora", "lora" or "full" (ZeRO-3 over
+    `num_gpus`); `batch` is per device. Unset `intermediate_size`/`kv_dim` are derived from the parameter count."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if num_gpus < 1 or batch < 1 or seq_len < 1:

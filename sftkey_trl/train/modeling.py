@@ -86,13 +86,8 @@ def lora_config(model_args) -> LoraConfig | None:
 
 
 def load_model(model_args, training_args, checkpoint: str | Path | None = None, trainable: bool = True):
-    """Load the model a stage starts from.
-
-    - `checkpoint` None: the base model (plus nothing: TRL adds the LoRA adapter from `lora_config`).
-    - LoRA/QLoRA with a checkpoint: the base model (re-quantised to 4-bit for QLoRA) with the saved adapter
-      loaded trainable, so the same adapter keeps training.
-    - Full fine-tuning with a checkpoint: the saved weights.
-    """
+    """Load the model a stage starts from: the base model without `checkpoint` (TRL adds the LoRA adapter); with one,
+    the saved weights, or for LoRA/QLoRA the (re-quantised) base model with the saved adapter loaded trainable."""
     name = resolve_model_path(model_args.model_name_or_path)
     is_adapter = checkpoint is not None and (Path(checkpoint) / "adapter_config.json").exists()
     source = str(checkpoint) if checkpoint is not None and not is_adapter else name
