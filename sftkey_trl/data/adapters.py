@@ -1,13 +1,8 @@
 """Dataset adapters: turn one raw dataset row (a dict) into a (question, reasoning, answer) triple.
 
-Each adapter knows one dataset layout (its columns, its default hub id/config/splits and the kind of
-answer it produces). An adapter raises `RowRejected` for a row it cannot use; `reason` is a short
-snake_case code so the caller can count rejections per reason instead of failing the whole run.
-
-Every adapter strips surrounding whitespace from each field, treats `None` (or a missing key) as
-empty, converts other non-string values with `str()`, and rejects an empty question
-(`empty_question`) or an empty answer (`empty_answer`). Reasoning that contains the SFTKey tags
-(`<Thinking>`, `<Answer>`, ...) is passed through untouched: the validation layer handles it.
+Each adapter knows one layout (its columns, hub defaults and answer kind). It strips every field, reads None or a
+missing key as empty, and raises `RowRejected` with a snake_case `reason` (counted per reason by the caller) for a
+row it cannot use, such as an empty question or answer. Tags inside the reasoning are left to the validation.
 """
 
 from __future__ import annotations
@@ -55,23 +50,17 @@ class Adapter:
     convert: Callable[[dict, FieldNames], Triple]
     required_columns: Callable[[FieldNames], list[str]]
     answer_type: str
-    hub_id: str | None
-    hub_config: str | None
-    train_split: str
-    test_split: str | None
     description: str
-
-
-# --------------------------------------------------------------------------------------------------
-# helpers
+    hub_id: str | None = None
+    hub_config: str | None = None
+    train_split: str = "train"
+    test_split: str | None = "test"
 
 
 def _text(row: dict, key: str) -> str:
     """The stripped string value of `row[key]`; '' for a missing key or None."""
     value: Any = row.get(key)
-    if value is None:
-        return ""
-    return value.strip() if isinstance(value, str) else str(value).strip()
+    return "" if value is None else str(value).strip()
 
 
 def _require(value: str, reason: str, what: str) -> str:
@@ -87,10 +76,6 @@ def _fixed(*columns: str) -> Callable[[FieldNames], list[str]]:
     return required
 
 
-# --------------------------------------------------------------------------------------------------
-# generic
-
-
 def _generic_columns(fields: FieldNames) -> list[str]:
     return [fields.question, fields.reasoning, fields.answer]
 
@@ -101,9 +86,6 @@ def _generic(row: dict, fields: FieldNames) -> Triple:
     reasoning = _require(_text(row, fields.reasoning), "empty_reasoning", f"`{fields.reasoning}`")
     return Triple(question, reasoning, answer)
 
-
-# --------------------------------------------------------------------------------------------------
-# gsm8k
 
 _CALCULATOR = re.compile(r"<<[^>]*>>")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
@@ -120,9 +102,6 @@ def _gsm8k(row: dict, fields: FieldNames) -> Triple:
     return Triple(question, reasoning, answer)
 
 
-# --------------------------------------------------------------------------------------------------
-# open-r1 math
-
 _UNUSABLE_ANSWERS = frozenset({"proof", "notfound", "none"})
 
 
@@ -133,10 +112,6 @@ def _openr1_math(row: dict, fields: FieldNames) -> Triple:
         raise RowRejected("unusable_answer", f"`answer` is {answer!r}")
     reasoning = _require(_text(row, "solution"), "empty_reasoning", "`solution`")
     return Triple(question, reasoning, answer)
-
-
-# --------------------------------------------------------------------------------------------------
-# openbookqa
 
 
 def _openbookqa(row: dict, fields: FieldNames) -> Triple:
@@ -159,10 +134,6 @@ def _openbookqa(row: dict, fields: FieldNames) -> Triple:
     return Triple("\n".join(lines), reasoning, key)
 
 
-# --------------------------------------------------------------------------------------------------
-# CoT collection
-
-
 def _cot_collection(row: dict, fields: FieldNames) -> Triple:
     question = _require(_text(row, "source"), "empty_question", "`source`")
     answer = _require(_text(row, "target"), "empty_answer", "`target`")
@@ -170,18 +141,12 @@ def _cot_collection(row: dict, fields: FieldNames) -> Triple:
     return Triple(question, reasoning, answer)
 
 
-# --------------------------------------------------------------------------------------------------
-# MATH (\boxed answers)
-
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
 
 def last_boxed(text: str) -> str:
-    """Return the content of the last `\\boxed{...}` or `\\fbox{...}` in `text`, honouring nested braces.
-
-    Escaped braces (`\\{`, `\\}`) are content, not grouping. Raises `RowRejected("no_boxed_answer")`
-    when there is none and `RowRejected("unbalanced_boxed")` when its braces never close.
-    """
+    """Return the content of the last `\\boxed{...}` or `\\fbox{...}` in `text`, honouring nested braces (escaped
+    braces are content); `RowRejected` with `no_boxed_answer` or `unbalanced_boxed` otherwise."""
     matches = list(_BOXED.finditer(text))
     if not matches:
         raise RowRejected("no_boxed_answer", "no `\\boxed{...}` in the solution")
@@ -209,9 +174,6 @@ def _math(row: dict, fields: FieldNames) -> Triple:
     return Triple(question, reasoning, answer)
 
 
-# --------------------------------------------------------------------------------------------------
-# registry
-
 ADAPTERS: dict[str, Adapter] = {
     adapter.name: adapter
     for adapter in (
@@ -220,10 +182,6 @@ ADAPTERS: dict[str, Adapter] = {
             convert=_generic,
             required_columns=_generic_columns,
             answer_type="numeric",
-            hub_id=None,
-            hub_config=None,
-            train_split="train",
-            test_split="test",
             description="any dataset with question/reasoning/answer columns (rename with `*_field`; "
             "set `answer_type` for non-numeric answers)",
         ),
@@ -234,8 +192,6 @@ ADAPTERS: dict[str, Adapter] = {
             answer_type="numeric",
             hub_id="openai/gsm8k",
             hub_config="main",
-            train_split="train",
-            test_split="test",
             description="grade-school math word problems; worked solution ending in `#### <number>`",
         ),
         Adapter(
@@ -245,7 +201,6 @@ ADAPTERS: dict[str, Adapter] = {
             answer_type="math",
             hub_id="open-r1/OpenR1-Math-220k",
             hub_config="default",
-            train_split="train",
             test_split=None,
             description="competition math problems with a reference solution and a final answer (train only)",
         ),
@@ -256,8 +211,6 @@ ADAPTERS: dict[str, Adapter] = {
             answer_type="multiple_choice",
             hub_id="allenai/openbookqa",
             hub_config="additional",
-            train_split="train",
-            test_split="test",
             description="4-way multiple-choice science questions; the supporting fact is the reasoning",
         ),
         Adapter(
@@ -266,8 +219,6 @@ ADAPTERS: dict[str, Adapter] = {
             required_columns=_fixed("source", "rationale", "target"),
             answer_type="text",
             hub_id="kaist-ai/CoT-Collection",
-            hub_config=None,
-            train_split="train",
             test_split=None,
             description="instruction/rationale/target triples from many tasks (train only)",
         ),
@@ -278,8 +229,6 @@ ADAPTERS: dict[str, Adapter] = {
             answer_type="math",
             hub_id="EleutherAI/hendrycks_math",
             hub_config="algebra",
-            train_split="train",
-            test_split="test",
             description="MATH competition problems; the answer is the last `\\boxed{...}` of the solution",
         ),
     )
@@ -302,11 +251,8 @@ def answer_type_of(script_args) -> str:
 
 
 def check_columns(adapter: Adapter, columns: list[str], fields: FieldNames) -> None:
-    """Raise a one-line `SFTKeyError` when the dataset lacks a column that `adapter` needs.
-
-    The message names the missing columns (with a close match when there is one), the columns found
-    and the fix: the `*_field` recipe keys for `generic`, otherwise another `dataset_format`.
-    """
+    """Raise a one-line `SFTKeyError` when the dataset lacks a column that `adapter` needs, naming the missing
+    columns (with a close match), the columns found and the fix (`*_field` keys for `generic`, else a format)."""
     found = list(columns)
     missing = [column for column in adapter.required_columns(fields) if column not in found]
     if not missing:

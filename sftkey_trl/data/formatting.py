@@ -43,11 +43,8 @@ class Rendered:
 
 
 class Formatter:
-    """Turns triples into prompts and responses the same way for training and generation.
-
-    Chat models use their chat template (or the recipe's `chat_template`), with an optional system prompt. Models
-    without one use the plain layout: `[bos]` + `prompt_template` + response + EOS.
-    """
+    """Turns triples into prompts and responses the same way for training and generation: through the chat
+    template (the model's or the recipe's), else the plain layout `[bos]` + `prompt_template` + response + EOS."""
 
     def __init__(self, tokenizer, script_args, eos_token: str | None = None):
         self.tokenizer = tokenizer

@@ -182,11 +182,8 @@ def _contains_tags(triple: Triple, formatter: Formatter) -> bool:
 
 
 def load_splits(script_args, seed: int) -> tuple[Dataset, Dataset | None, Dataset | None]:
-    """Training rows, validation rows and evaluation rows.
-
-    `eval_fraction` holds out part of train as the validation split (used to pick checkpoints); the evaluation
-    split is `eval_dataset_name`/`eval_split` when given, else that hold-out.
-    """
+    """Training, validation and evaluation rows: `eval_fraction` holds out part of train for validation (to pick
+    checkpoints); evaluation is `eval_dataset_name`/`eval_split` when given, else that hold-out."""
     adapter = get_adapter(script_args.dataset_format)
     name = script_args.dataset_name or adapter.hub_id
     config = script_args.dataset_config or (adapter.hub_config if name == adapter.hub_id else None)
@@ -209,40 +206,31 @@ def load_splits(script_args, seed: int) -> tuple[Dataset, Dataset | None, Datase
                 "side; use more data or set `eval_fraction: 0` and an `eval_dataset_name`"
             ) from None
         train, holdout = parts["train"], parts["test"]
-    if script_args.max_train_samples:
-        train = train.select(range(min(script_args.max_train_samples, len(train))))
-    if evaluation is None:
-        evaluation = holdout
-    if evaluation is not None and script_args.max_eval_samples:
-        evaluation = evaluation.select(range(min(script_args.max_eval_samples, len(evaluation))))
-    if holdout is not None and script_args.max_eval_samples:
-        holdout = holdout.select(range(min(script_args.max_eval_samples, len(holdout))))
-    return train, holdout, evaluation
+    train = _head(train, script_args.max_train_samples)
+    evaluation = _head(holdout if evaluation is None else evaluation, script_args.max_eval_samples)
+    return train, _head(holdout, script_args.max_eval_samples), evaluation
+
+
+def _head(rows: Dataset | None, limit: int | None) -> Dataset | None:
+    return rows.select(range(min(limit, len(rows)))) if rows is not None and limit else rows
 
 
 def prepare_data(script_args, training_args, stages, tokenizer, formatter: Formatter, cache_dir: Path | None):
     """Validate and tokenise the training data once (cached under `cache_dir`) and build the evaluation prompts.
-
-    Every invalid row is counted by reason; `on_invalid: error` stops with the report before any training,
-    `skip` drops the rows and logs the counts. A `max_length` that cuts most examples is always an error.
-    """
+    Invalid rows are counted by reason: `on_invalid: error` stops before training, `skip` drops them."""
     train_rows, validation_rows, eval_rows = load_splits(script_args, training_args.seed)
     report = InvalidReport()
     triples = to_triples(train_rows, script_args, report)
     if script_args.response_format == "tags":
-        kept = []
-        for index, triple in triples:
-            if _contains_tags(triple, formatter):
-                report.add("contains_tags", index)
-            else:
-                kept.append((index, triple))
-        triples = kept
+        tagged = [index for index, triple in triples if _contains_tags(triple, formatter)]
+        for index in tagged:
+            report.add("contains_tags", index)
+        triples = [item for item in triples if not _contains_tags(item[1], formatter)]
     if not triples:  # every row was rejected: nothing to tokenise
         raise _invalid_rows_error(report, len(train_rows), script_args.on_invalid, nothing_left=True)
     rendered = [formatter.render(triple) for _, triple in triples]
     digest = hashlib.sha256()
-    for key in ("max_length",):
-        digest.update(f"{key}={getattr(training_args, key)}".encode())
+    digest.update(f"max_length={training_args.max_length}".encode())
     digest.update(str(len(tokenizer)).encode() + str(tokenizer.name_or_path).encode())
     for item in rendered:
         digest.update(json.dumps([item.text, item.prompt_end, item.key_start, item.completion_end]).encode())

@@ -1,11 +1,9 @@
 """Synthetic reasoning tasks for the offline demo, written deterministically to local files.
 
-- `arithmetic`: `Compute 7 + 2 - 4.`, worked left to right in [0, 9]; the answer is the reasoning's last value.
-  A converged tiny model solves it completely.
-- `remainder`: `Compute (13 - 9 + 6 + 4) mod 6.`, worked left to right in [0, 19] (carries). In about half of the
-  rows (53% of the default training file) the answer is a remainder of the reasoning's last value that the
-  reasoning never writes down, so the answer tokens carry a computation of their own; the other rows copy the
-  value. A converged tiny model learns the reasoning but only some of the remainders.
+- `arithmetic`: `Compute 7 + 2 - 4.`, worked left to right in [0, 9]; a converged tiny model solves it completely.
+- `remainder`: `Compute (13 - 9 + 6 + 4) mod 6.`, worked in [0, 19]. In about half of the rows (53% of the default
+  training file) the answer is a remainder the reasoning never writes down, so the answer tokens carry a computation
+  of their own; a converged tiny model learns the reasoning but only some of the remainders.
 """
 
 from __future__ import annotations
@@ -30,11 +28,8 @@ def make_arithmetic_example(rng: random.Random, steps: tuple[int, int] = (2, 3),
 def make_remainder_example(
     rng: random.Random, steps: tuple[int, int] = (3, 5), max_value: int = 19, max_operand: int = 9
 ) -> dict[str, str]:
-    """One problem such as `Compute (13 - 9 + 6 + 4) mod 6.` (or without the remainder, `Compute 13 - 9 + 6.`).
-
-    The reasoning works the chain left to right and stops at its value; the answer is that value, or its remainder
-    when the question asks for one. Divisors are drawn below the value, so a remainder never equals the value.
-    """
+    """One problem such as `Compute (13 - 9 + 6 + 4) mod 6.` (or `Compute 13 - 9 + 6.`): the reasoning stops at the
+    chain's value; divisors are drawn below it, so a remainder never equals the value."""
     start = rng.randint(1, max_value - 1)
     expression, lines, value = _chain(rng, start, steps, max_value, max_operand)
     divisors = [divisor for divisor in REMAINDER_DIVISORS if divisor < value]
@@ -72,10 +67,8 @@ def write_dataset(
     num_test: int,
     seed: int = 0,
 ) -> Path:
-    """Write `train.jsonl` and `test.jsonl` (columns question/reasoning/answer) deterministically; return the dir.
-
-    Questions are unique across both files, so no test question is in train.
-    """
+    """Write `train.jsonl` and `test.jsonl` (question/reasoning/answer) deterministically, questions unique across
+    both files; return the folder."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)

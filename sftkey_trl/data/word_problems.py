@@ -1,10 +1,9 @@
 """`demo:word_problems`: natural-language multi-step word problems for a small pretrained model, built offline.
 
-Each problem is about people, objects, prices or times and takes 2-4 operations. The reasoning writes every
-operation it works; in part of the rows (48% of the default training file) the
-question asks for one more step that the reasoning never writes down: the change from a bill, what is left over
-after sharing, the hour on a 12-hour clock, how many more are needed. So, as in `demo:remainder`, the answer
-tokens carry a computation of their own. Generated deterministically; no question appears twice.
+Each problem (people, objects, prices or times) takes 2-4 operations, each written in the reasoning. In part of the
+rows (48% of the default training file) the question asks for one more step the reasoning never writes down (change
+from a bill, a remainder, a 12-hour clock, how many more), so, as in `demo:remainder`, the answer carries a
+computation of its own. Deterministic; no question appears twice.
 """
 
 from __future__ import annotations
@@ -85,12 +84,7 @@ def _saving(rng: random.Random, name: str) -> Problem:
     return story, lines, left, f"How many dollars does {name} have left?", extra, goal - left
 
 
-TEMPLATES: tuple[Callable[[random.Random, str], Problem], ...] = (
-    _shopping,
-    _collection,
-    _schedule,
-    _saving,
-)
+TEMPLATES: tuple[Callable[[random.Random, str], Problem], ...] = (_shopping, _collection, _schedule, _saving)
 
 
 def make_word_problem(rng: random.Random) -> dict[str, str]:

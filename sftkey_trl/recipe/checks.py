@@ -1,7 +1,7 @@
 """Every rule about a recipe, its data and its launch, each written once with its one-line message.
 
-`check_recipe` runs them all. `--dry_run`, `--inspect`, `--eval_only`, a real run and `compare.py` call it before
-any model or dataset is loaded, so a recipe that `--dry_run` rejects never trains. Nothing here downloads.
+`check_recipe` runs them all, before any model or dataset is loaded, for every entry point (`--dry_run` included);
+nothing here downloads.
 """
 
 from __future__ import annotations
@@ -33,13 +33,9 @@ def resolve_recipe(recipe: Recipe) -> list[str]:
 
 
 def check_recipe(recipe: Recipe, processes: list[int]) -> list[str]:
-    """Run every check; return notes worth showing (nothing wrong, but worth knowing).
-
-    `processes`: the process counts the recipe must work with (the real run's world size; for `--dry_run` one
-    process and the count its launch line names). Raises `SFTKeyError` for the first failed check. Every recipe
-    rule is reached from here, so `--dry_run` refuses what a real run refuses, but for the machine (a real run's
-    `check_engine_runs_here`: a dry run checks a GPU recipe anywhere) and what only the loaded model tells (an EOS
-    token; a router for `router_aux_loss_coef` when the model's config is not on this machine)."""
+    """Run every check for the given process counts, raising `SFTKeyError` for the first failure; returns notes.
+    `--dry_run` thus refuses what a real run refuses, but for the machine (`check_engine_runs_here`) and what only
+    the loaded model tells (its EOS token; a router when its config is not on this machine)."""
     script_args, training_args, model_args, stages = recipe.script, recipe.training, recipe.model, recipe.stages
     notes: list[str] = []
     check_key_values(recipe)
@@ -272,9 +268,8 @@ KEEP_BEST_KEYS = ("metric_for_best_model", "greater_is_better", "eval_steps")  #
 
 
 def check_keep_best_keys(recipe: Recipe) -> list[str]:
-    """Keep-best's keys, recipe-wide or in a stage: its metric must be one it can select on for the answer type
-    (higher is better, defined for those answers), `greater_is_better` cannot ask for the lowest, and a stage's own
-    keep-best keys need `keep_best: true` in that stage; returns a note when the recipe-wide keys have no effect."""
+    """Keep-best's metric must be selectable for the answer type (and never the lowest), a stage's own keep-best keys
+    need its `keep_best: true`; returns a note when the recipe-wide keys have no effect."""
     answer_type, output_dir = answer_type_of(recipe.script), Path(recipe.training.output_dir)
     for stage in recipe.stages:
         own = [key for key in KEEP_BEST_KEYS if key in stage.overrides]
@@ -321,8 +316,8 @@ def check_detached_context(training_args, stages: list[Stage]) -> list[str]:
 
 
 def check_router(training_args, model_args, stages: list[Stage]) -> list[str]:
-    """`router_aux_loss_coef` (recipe-wide or in a stage) needs a Mixture-of-Experts router, told by the model's config
-    read offline (the project's own models: their architecture); else a note: the trainer checks the loaded model."""
+    """`router_aux_loss_coef` needs a Mixture-of-Experts router, told by the model's config read offline; else a
+    note (the trainer checks the loaded model)."""
     coefs = {stage.overrides.get("router_aux_loss_coef", training_args.router_aux_loss_coef) for stage in stages}
     if not any(coefs):
         return []

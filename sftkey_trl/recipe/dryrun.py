@@ -1,9 +1,8 @@
 """`--dry_run`: show a checked recipe resolved, before any model or dataset is downloaded.
 
-The checks themselves are `checks.check_recipe` (the same ones a real run applies); this module only renders the
-recipe's non-default keys, each stage with its overrides resolved, the memory estimate and the notes as YAML.
-A recipe's `# Hardware:` and `# Launch:` header lines are shown when present; the launch line's accelerate
-config also tells how many processes the batch arithmetic must work for.
+The checks are `checks.check_recipe`'s; this module renders the non-default keys, each stage resolved, the memory
+estimate, the notes and the recipe's `# Hardware:`/`# Launch:` lines as YAML (the launch line's accelerate config
+also gives the process count the batch arithmetic must work for).
 """
 
 from __future__ import annotations
@@ -70,14 +69,9 @@ def launch_processes(recipe_path: str | Path | None) -> list[int]:
 
 
 def _non_default(obj, default, skip: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
-    changed = {}
-    for f in dataclasses.fields(obj):
-        if not f.init or f.name in skip:
-            continue
-        value, base = plain(getattr(obj, f.name)), plain(getattr(default, f.name, None))
-        if value != base:
-            changed[f.name] = value
-    return changed
+    fields = [f.name for f in dataclasses.fields(obj) if f.init and f.name not in skip]
+    pairs = {name: (plain(getattr(obj, name)), plain(getattr(default, name, None))) for name in fields}
+    return {name: value for name, (value, base) in pairs.items() if value != base}
 
 
 def _memory(model_args, training_args, processes: int) -> dict[str, Any] | None:
@@ -113,11 +107,7 @@ def dry_run(recipe: Recipe, notes: list[str]) -> str:
     resolved = []
     for stage in recipe.stages:
         args = stage_training_args(training_args, stage, str(output_dir / stage.name), count)
-        entry: dict[str, Any] = {
-            "name": stage.name,
-            "loss_on": stage.loss_on,
-            "trains_on": stage.description,
-        }
+        entry: dict[str, Any] = {"name": stage.name, "loss_on": stage.loss_on, "trains_on": stage.description}
         entry.update(stage.options())
         if stage.keep_best:
             entry["keep_best"] = True

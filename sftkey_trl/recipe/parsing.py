@@ -1,7 +1,5 @@
 """Read a recipe: `--config FILE` plus command-line overrides into a `Recipe` (its dataclasses and stages).
-
-Only the parsing lives here (unknown keys, wrong types); every rule about the values is in `checks.py`.
-"""
+Only the parsing lives here (unknown keys, wrong types); every rule about the values is in `checks.py`."""
 
 from __future__ import annotations
 
@@ -22,11 +20,8 @@ from .values import check_key_value
 
 
 def parse_config(argv: list[str] | None = None) -> Recipe:
-    """Parse `--config FILE` plus CLI overrides into a `Recipe`.
-
-    `--stages` on the command line takes a YAML/JSON list. Unknown keys, wrong types and wrong values raise
-    `SFTKeyError` with one line naming the key and the closest valid one.
-    """
+    """Parse `--config FILE` plus CLI overrides (`--stages` takes a YAML/JSON list) into a `Recipe`; unknown keys
+    and wrong types or values raise a one-line `SFTKeyError` naming the key and the closest valid one."""
     argv = list(sys.argv[1:] if argv is None else argv)
     config_path = flag_value(argv, "--config", remove=True)
     overrides = list(argv)  # the command-line keys a model card records, never the secret `--hub_token`

@@ -147,10 +147,8 @@ class Recipe:
     overrides: list[str] = field(default_factory=list)
 
 
-# --------------------------------------------------------------------------------------------------
-# Every key's type and range, stated once (checked by `values.check_key_value`). The type is the key's annotation in
-# the dataclasses a recipe fills (`key_types`), the range is `KEY_RANGES`. Bools are never numbers (nor numbers
-# bools), counts are whole numbers of at least 1, NaN and infinity are never valid.
+# Every key's type (its annotation, `key_types`) and range (`KEY_RANGES`), stated once and checked by
+# `values.check_key_value`: bools are never numbers nor numbers bools; NaN and infinity are never valid.
 
 
 @dataclass(frozen=True)
@@ -199,8 +197,7 @@ KEY_RANGES: dict[str, Range] = {
 @dataclass(frozen=True)
 class KeyType:
     """What a key's annotation allows: `kinds` among bool, int, float, str, list, dict; `choices` (an enum, a
-    `Literal` or the field's `choices`); `nullable` when null means unset; `opaque` for a TRL object type (not judged
-    here)."""
+    `Literal` or the field's `choices`); `nullable` when null means unset; `opaque` for a TRL object type."""
 
     kinds: frozenset[str]
     choices: tuple = ()

@@ -1,9 +1,6 @@
 """Every recipe value against its key's type and range (`schema.KEY_RANGES`, `schema.key_types`), and the values
-that name something (an adapter, a column, the model, a demo split).
-
-YAML values bypass argparse's typing, so `parse_config` checks each raw recipe value here before TRL's
-`__post_init__` sees it, and `check_recipe` checks the stage overrides and the resolved values (command-line ones
-included).
+that name something (an adapter, a column, the model, a demo split). YAML values bypass argparse's typing, so
+`parse_config` checks raw values here and `check_recipe` the stage overrides and the resolved values.
 """
 
 from __future__ import annotations

@@ -1,26 +1,14 @@
 """`context: detached`: a key stage that treats the prompt and the reasoning as fixed context.
 
-Per batch, the prefix of each row (every token before the one that predicts the first key token) runs forward under
-`torch.no_grad()` and fills a transformers `DynamicCache`; then only the key span (from the token that predicts the
-first key token to the last key token) runs forward with gradient, against that cache, through TRL's fused LM head.
-The loss value is the ordinary key-stage loss; its gradient is the ordinary gradient with the prefix's keys and
-values detached, so the answer loss no longer reaches the reasoning positions, and a step costs a no-grad forward of
-the prefix plus a forward and backward of a few tokens per row.
+Per batch, each row's prefix (every token before the one predicting the first key token) runs forward under
+`no_grad` into a `DynamicCache`; only the key span then runs forward and backward, against that cache, through TRL's
+fused LM head. The loss is the ordinary key loss with the prefix's keys and values detached, so the answer loss no
+longer reaches the reasoning.
 
-Layout for a right-padded batch whose rows have different prefix lengths `p_i`:
-
-- prefix batch: `P = max p_i` columns, row i's `p_i` prefix tokens right-aligned (left-padded), with a 2D mask
-  that is 1 only on them (the cache then holds `P` slots per row, the padded ones masked);
-- key batch: row i's span left-aligned into `K = max span_i` columns, right-padded;
-- attention mask `[prefix mask | key mask]` over the `P + K` cached-plus-new slots. The model orders the causal
-  mask by slot (a key slot follows every prefix slot) and the 2D mask hides the padded prefix slots, so key token j
-  of row i sees row i's prefix and its key tokens up to j;
-- `position_ids` are each token's position in its own row, so rotary embeddings see the true distances.
-
-Right-aligning the prefix makes every row's prefix end at slot `P - 1`, so the distance between two slots of a row
-is the distance between their positions. transformers builds sliding-window masks (Mistral, Gemma-2/3, Phi-3, Qwen2
-with `use_sliding_window`) from slot indices, not from `position_ids`: with left-aligned prefixes, a row with a
-shorter prefix would see its last prefix tokens as further away than they are and its window would cut them.
+Layout: prefixes right-aligned (left-padded) into `P` columns, key spans left-aligned into `K`, attention mask
+`[prefix mask | key mask]`, `position_ids` each token's position in its own row. Right-aligning makes the distance
+between two slots of a row the distance between their positions, which matters because transformers builds
+sliding-window masks (Mistral, Gemma-2/3, Phi-3, Qwen2) from slot indices, not from `position_ids`.
 """
 
 from __future__ import annotations
@@ -47,12 +35,8 @@ class KeySplit:
 
 
 def split_at_key(input_ids: torch.Tensor, attention_mask: torch.Tensor, weights: torch.Tensor) -> KeySplit:
-    """Split a padded batch at each row's first weighted token.
-
-    `weights[:, t]` is the loss weight of predicting token t (from position t - 1). Row i's span runs from
-    position `s_i` (the one that predicts its first weighted token) to its last weighted token; its prefix is
-    positions `0 .. s_i - 1`. A row without weighted tokens is all prefix.
-    """
+    """Split a padded batch at each row's first weighted token (`weights[:, t]` weighs predicting token t): the span
+    runs from the position predicting it to the last weighted token; a row without weighted tokens is all prefix."""
     rows, length = input_ids.shape
     device = input_ids.device
     attention_mask = attention_mask.long()
@@ -116,11 +100,8 @@ def checkpointing_off(model: torch.nn.Module):
 
 
 def detached_forward(model: torch.nn.Module, split: KeySplit):
-    """The prefix under `no_grad` into a `DynamicCache`, then the key span with gradient through the fused LM head.
-
-    `model` is what the trainer calls (possibly DDP-wrapped); the prefix pass calls the unwrapped model, which needs
-    no gradient synchronisation. Returns TRL's `FusedCausalLMOutput` for the key batch (`log_probs`: (B, K - 1)).
-    """
+    """The prefix under `no_grad` into a `DynamicCache` (through the unwrapped model: no gradient sync), then the key
+    span with gradient through the fused LM head; returns TRL's `FusedCausalLMOutput` for the key batch."""
     from transformers import DynamicCache
 
     unwrapped = getattr(model, "module", model)

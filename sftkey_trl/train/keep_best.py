@@ -1,13 +1,10 @@
-"""Keep the best model of a stage: evaluate on the validation split before the stage starts and every
-`eval_steps` steps, make the stage's output the best weights by a named metric (the incoming ones included), and
-optionally stop the stage after `patience` evaluations without improvement.
+"""Keep the best model of a stage: evaluate on the validation split before the stage and every `eval_steps` steps,
+make the stage's output the best weights by a named metric (the incoming ones included), optionally stop after
+`patience` evaluations without improvement.
 
-The callback's state (history, best step and score, evaluations without improvement) goes into every Trainer
-checkpoint's `trainer_state.json` (Trainer writes it before it deletes older checkpoints, so with `save_total_limit`
-no kill can leave only a checkpoint without it) and is restored when the stage resumes from that checkpoint, so a
-killed and resumed stage keeps what an uninterrupted one keeps. Snapshots live in `<stage>/best/step-N/`: step 0 too
-when the stage has no incoming folder (stage 1 starts from the base model); the snapshot that the newest checkpoint
-names is kept until a newer checkpoint names another, so resuming from it always finds its weights.
+The state goes into every checkpoint's `trainer_state.json` and is restored on resume, so a killed and resumed stage
+keeps what an uninterrupted one keeps. Snapshots live in `<stage>/best/step-N/`; the one the newest checkpoint names
+is kept until a newer checkpoint names another.
 """
 
 from __future__ import annotations
@@ -47,14 +44,9 @@ def holds_keep_best_state(checkpoint: Path) -> bool:
 
 
 class KeepBestCallback(TrainerCallback):
-    """Track a validation metric during a stage and snapshot the best weights under `<stage>/best/step-N/`.
-
-    `evaluate(model) -> metrics` scores the model being trained. Step 0 is the incoming model: the previous stage's
-    output in `incoming`, or (None) the model the stage starts from, snapshotted at step 0. If the stage never beats
-    it, that is what is kept. Ties keep the earlier (less trained) weights and count as no improvement. With
-    `patience`, training stops after that many evaluations in a row without improvement (step 0 is the baseline,
-    never counted). Call `start` before training.
-    """
+    """Track a validation metric (`evaluate(model) -> metrics`) and snapshot the best weights. Step 0 is the
+    incoming model (`incoming`, else snapshotted); ties keep the earlier weights and count as no improvement;
+    `patience` stops after that many evaluations in a row without one. Call `start` before training."""
 
     def __init__(
         self,
@@ -175,9 +167,8 @@ class KeepBestCallback(TrainerCallback):
         self._prune()
 
     def finalize(self, stage_dir: Path, final_step: int) -> dict:
-        """Make `stage_dir` hold the best weights (the main process copies them; every rank must wait for it before
-        reading `stage_dir`); return a report for results.json. The snapshots stay (a rerun after a kill here resumes
-        from them); delete `<stage>/best/` once the stage is recorded as trained."""
+        """Make `stage_dir` hold the best weights (the main process copies them; other ranks wait before reading) and
+        return a report for results.json. Snapshots stay for a rerun; delete `<stage>/best/` once recorded."""
         if self.best_step == final_step:
             kept = f"the final weights (step {final_step})"
         else:

@@ -1,18 +1,12 @@
 """Stage objectives: what a stage's loss is, in one place.
 
-A stage names its objective with `loss_on`. An objective gives each token of a tokenised example a loss weight
-from the example's two masks (`completion_mask`: the whole response; `key_mask`: what follows `</Thinking>`) and
-declares the stage keys it reads. The loss is `sum(weight * token_loss) / normaliser`. The per-token loss is the
-negative log-likelihood, or with `loss_type: dft` (recipe-wide or per stage) its DFT rescaling (`token_losses`).
-`loss_normalization` picks the normaliser: `supervised_tokens` counts the tokens with a non-zero weight (a plain
-mean, the paper's reading), `completion_tokens` counts the response tokens (so a key token weighs in stage 2 what
-it weighed in stage 1).
-`context` says how a key stage runs the tokens before the key: `full` (forward and backward over the whole
-sequence) or `detached` (the reasoning is fixed context: `train/detached.py`).
+A stage names its objective with `loss_on`; the objective weighs each token from the example's `completion_mask`
+(the response) and `key_mask` (what follows `</Thinking>`). The loss is `sum(weight * token_loss) / normaliser`,
+the token loss NLL or DFT (`loss_type`), the normaliser the weighted tokens or the response tokens
+(`loss_normalization`). `context: detached` holds the reasoning fixed (`train/detached.py`).
 
-A new objective is one `Objective` entry in `OBJECTIVES` (plus a field on `Stage` if it has a new key, checked in
-`_check_option`) and its tests; the collator, the trainer, `--inspect`, `--dry_run`, the recipe's help, the model
-card and the comparison's arms read it from here.
+A new objective is one `Objective` entry in `OBJECTIVES` (plus a `Stage` field for a new key, checked in
+`_check_option`); the collator, trainer, `--inspect`, `--dry_run`, help, card and comparison read it from here.
 """
 
 from __future__ import annotations
@@ -116,12 +110,8 @@ class Stage:
 
 
 def token_losses(log_probs: torch.Tensor, loss_type: str) -> torch.Tensor:
-    """Per-token losses from the fused LM head's log-probabilities (zero where a token is not scored).
-
-    `nll` is `-log p`. `dft` (Dynamic Fine-Tuning, arXiv 2508.05629) is `-log p` scaled by the token's own
-    probability `p`, detached so that it only rescales the gradient. The stage's weights and normaliser apply to
-    either the same way.
-    """
+    """Per-token losses from the fused LM head's log-probabilities: `nll` is `-log p`; `dft` (arXiv 2508.05629)
+    scales it by the token's own detached probability, so it only rescales the gradient."""
     nll = -log_probs
     if loss_type == "dft":
         return nll * log_probs.detach().exp()
@@ -159,11 +149,8 @@ DEFAULTS = {f.name: f.default for f in dataclasses.fields(Stage) if f.name in OP
 def parse_stages(
     raw: Any, training_keys: set[str], coerce: Callable[[str, Any, str], Any] | None = None
 ) -> list[Stage]:
-    """Validate the recipe's `stages:` list into `Stage` objects; every problem is a one-line `SFTKeyError`.
-
-    Keys that are not stage keys must be training-argument keys (`training_keys`); `coerce(key, value, where)`
-    types them as the command line would.
-    """
+    """Validate the recipe's `stages:` list into `Stage` objects (one-line `SFTKeyError`s); other keys must be in
+    `training_keys`, typed by `coerce(key, value, where)` as the command line would."""
     if not isinstance(raw, list) or not raw:
         raise SFTKeyError("`stages` must be a non-empty list, e.g. [{name: sft, loss_on: completion}, ...]")
     stages, names = [], set()

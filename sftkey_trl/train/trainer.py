@@ -1,15 +1,9 @@
 """`SFTKeyTrainer`: TRL's `SFTTrainer` with per-token loss weights on top of its fused LM head.
 
-The loss is `sum(weight * token_loss) / normaliser` where the per-token losses come from TRL's fused LM head
-(`model(..., fused_lm_head=True)`): only labelled positions are projected through the LM head, in tiles, so no
-`(batch, seq, vocab)` logits are ever built. The per-token loss (`nll` or `dft`), the weights and the normaliser
-are the stage objective's (`train/objectives.py`). Under gradient accumulation and data parallelism the normaliser
-is summed over all micro-batches and ranks, the same way `transformers.Trainer` counts `num_items_in_batch`.
-A Mixture-of-Experts model's router load-balancing loss is added as TRL adds it: `router_aux_loss_coef` times the
-micro-batch's auxiliary loss, divided by the accumulation steps when the main loss is normalised over them.
-TRL options this loss does not honour are refused before the model loads (`recipe/options.py`).
-A key stage with `context: detached` runs the reasoning without gradient into a KV cache and only the key span
-with it (`train/detached.py`); its weights, normaliser and fused head are the same.
+The loss is `sum(weight * token_loss) / normaliser` over TRL's fused LM head (`fused_lm_head=True`: no
+`(batch, seq, vocab)` logits), with the stage objective's token loss, weights and normaliser. The normaliser is
+summed over micro-batches and ranks as `transformers.Trainer` counts `num_items_in_batch`; a Mixture-of-Experts
+router loss is added as TRL adds it. TRL options this loss does not honour are refused in `recipe/options.py`.
 """
 
 from __future__ import annotations
