@@ -15,9 +15,8 @@ from .masks import tokenize_rendered
 
 
 def check_local_data(script_args, training_args, load_tokenizer: Callable[[], Any], sample: int = 2000) -> list[str]:
-    """`--dry_run`'s look at what is on this machine: the evaluation rows that survive the adapter, and the length
-    notes a real run would give, from the first `sample` training rows and the tokenizer `load_tokenizer()` finds
-    offline (it raises `SFTKeyError` when there is none)."""
+    """`--dry_run`'s look at local data: the evaluation rows the adapter keeps, and a real run's length notes from
+    the first `sample` training rows and the offline tokenizer (`load_tokenizer()` raises `SFTKeyError` without)."""
     names = [script_args.dataset_name or "", script_args.eval_dataset_name or ""]
     if not any(name.startswith(DEMO_PREFIX) or local_path(name) for name in names if name):
         return ["data checks: the data is not local; they run when a real run loads it"]

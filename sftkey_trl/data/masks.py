@@ -1,9 +1,8 @@
 """Tokenise rendered examples once, with offset mapping, into `input_ids` plus a completion mask and a key mask.
 
-A token belongs to a span when its characters overlap it, so a token that straddles a boundary (for instance
-BPE merging the `>` of `</Thinking>` with the newline after it) counts as completion and as key: the key stage
-then trains on it. Masks come from character offsets of the rendered text, never from matching a response
-template on token ids, which breaks whenever the template tokenises differently in context.
+A token belongs to a span when its characters overlap it (a token straddling `</Thinking>` and the newline counts
+as key too). Masks come from character offsets, never from matching a response template on token ids, which breaks
+whenever the template tokenises differently in context.
 """
 
 from __future__ import annotations

@@ -101,12 +101,9 @@ def extract_answer(
     tags: Tags = Tags(),  # noqa: B008 - frozen dataclass, safe as a default
     answer_template: str = "The answer is {answer}.",
 ) -> Extraction:
-    """Extract the final answer (and reasoning) from one generation.
-
-    "tags": strict when it is exactly ``<Thinking>R</Thinking>\\n<Answer>A</Answer>``, else the last answer tag with
-    content. "plain": the last line matching `answer_template` (format_ok when only whitespace follows). Fallback:
-    the last number (never format_ok). ValueError for an unknown format or a template without one ``{answer}``.
-    """
+    """Extract the final answer (and reasoning) from one generation: "tags" strict when exactly the paper's layout,
+    else the last answer tag with content; "plain" the last line matching `answer_template` (format_ok when only
+    whitespace follows); else the last number (never format_ok)."""
     if response_format not in RESPONSE_FORMATS:
         raise ValueError(f"response_format must be one of {RESPONSE_FORMATS}, got {response_format!r}")
     text = generation or ""
@@ -203,10 +200,8 @@ _CHOICE_PAREN_RE = re.compile(r"\(([A-E])\)")
 
 
 def _choice_letter(text: str) -> str | None:
-    """The option letter A-E that `text` commits to ("B", "(b)", "The answer is B"), else None.
-
-    The last commitment wins and outranks mere mentions ("Answer: B because option D is false" is B); mentions
-    count only when they all name one letter ("Option A or option C" commits to nothing)."""
+    """The option letter A-E that `text` commits to ("B", "(b)", "The answer is B"), else None: the last commitment
+    wins over mentions, which count only when they all name one letter ("Option A or option C" is None)."""
     s = re.sub(r"[$*]", "", prepare(text)).strip()
     if m := _CHOICE_BARE_RE.fullmatch(s):
         return m.group(1).upper()
@@ -227,10 +222,8 @@ def _default_normalizer(text: str) -> str:
 
 
 def gold_is_parseable(gold: str, answer_type: str) -> bool:
-    """Whether `gold` can be parsed for `answer_type`; golds that can't are never matched by `answers_match`.
-
-    numeric: a plain number; math: that or a math_verify parse ("N/A" never); multiple_choice: one letter A-E;
-    text: non-empty after the default normalizer."""
+    """Whether `gold` can be parsed for `answer_type` (never matched otherwise): a plain number, for math also a
+    math_verify parse; one letter A-E; non-empty normalised text."""
     if answer_type not in ANSWER_TYPES:
         raise ValueError(f"answer_type must be one of {ANSWER_TYPES}, got {answer_type!r}")
     if answer_type == "multiple_choice":
@@ -245,17 +238,11 @@ def gold_is_parseable(gold: str, answer_type: str) -> bool:
 
 
 def answers_match(
-    predicted: str | None,
-    gold: str,
-    answer_type: str = "math",
-    normalizer: Callable[[str], str] | None = None,
+    predicted: str | None, gold: str, answer_type: str = "math", normalizer: Callable[[str], str] | None = None
 ) -> bool:
-    """Whether `predicted` answers `gold` for `answer_type` (one of ANSWER_TYPES).
-
-    numeric: both plain numbers (`numbers.parse_number`, `numbers_equal`). math: the same, else math_verify, which a
-    hedged prediction never reaches. multiple_choice: the committed letter. text: equal after `normalizer` (default:
-    `_default_normalizer`). False when `predicted` is None or the gold is unparseable.
-    """
+    """Whether `predicted` answers `gold` for `answer_type`: equal plain numbers (math: else math_verify, never for a
+    hedged prediction), the committed letter, or equal text after `normalizer`; False for None or an unparseable
+    gold."""
     if predicted is None or not gold_is_parseable(gold, answer_type):
         return False
     if answer_type == "multiple_choice":

@@ -43,21 +43,15 @@ def generate(
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[tuple[str, int]] = [("", 0)] * len(prompts)
+    settings = {"max_new_tokens": max_new_tokens, "do_sample": False, "eos_token_id": stop_ids, "use_cache": True}
+    settings |= {"pad_token_id": tokenizer.pad_token_id, "synced_gpus": synced_gpus}
     try:
         for start in tqdm(range(0, len(order), batch_size), desc="generating", disable=not show_progress, leave=False):
             chunk = order[start : start + batch_size]
             encoded = tokenizer(
                 [prompts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False
             ).to(device)
-            output = model.generate(
-                **encoded,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=stop_ids,
-                pad_token_id=tokenizer.pad_token_id,
-                use_cache=True,
-                synced_gpus=synced_gpus,
-            )
+            output = model.generate(**encoded, **settings)
             for row, index in zip(output[:, encoded["input_ids"].shape[1] :].tolist(), chunk):
                 stop = next((k for k, token in enumerate(row) if token in stop_ids), len(row))
                 results[index] = (tokenizer.decode(row[:stop], skip_special_tokens=True), stop + (stop < len(row)))
@@ -94,12 +88,9 @@ def evaluate_model(
     vllm_source: tuple[str, str | None] | None = None,
     synced_gpus: bool | None = None,
 ) -> tuple[dict, list[dict]]:
-    """Generate on the evaluation examples, sharded across processes and gathered, and score them.
-
-    Every process returns the same metrics. Shards are padded to equal length (extra generations dropped) so every
-    rank calls `generate` equally often: with ZeRO-3/FSDP each forward is collective and an extra batch would hang.
-    With `eval_backend: vllm`, `vllm_source` = (model path, adapter path or None) is served by vLLM instead.
-    """
+    """Generate on the evaluation examples, sharded across processes and gathered, and score them (the same metrics
+    on every rank). Shards are padded to equal length so every rank calls `generate` equally often (under ZeRO-3/FSDP
+    an extra batch would hang). `eval_backend: vllm` serves `vllm_source` (model, adapter or None) instead."""
     state = PartialState()
     stop_ids = stop_token_ids(tokenizer, formatter.end_of_turn)
     if script_args.eval_backend == "vllm":
@@ -114,16 +105,9 @@ def evaluate_model(
     if indices and state.num_processes > 1:
         with state.split_between_processes(indices, apply_padding=True) as padded:  # `own`, then repeats
             padded = list(padded)
-    local = generate(
-        model,
-        tokenizer,
-        [examples[i]["prompt"] for i in padded],
-        stop_ids,
-        script_args.eval_batch_size,
-        script_args.max_new_tokens,
-        state.is_main_process,
-        synced_gpus,
-    )
+    prompts = [examples[i]["prompt"] for i in padded]
+    batch, budget = script_args.eval_batch_size, script_args.max_new_tokens
+    local = generate(model, tokenizer, prompts, stop_ids, batch, budget, state.is_main_process, synced_gpus)
     pairs = list(zip(own, local[: len(own)]))
     if state.num_processes > 1:
         pairs = gather_object(pairs)

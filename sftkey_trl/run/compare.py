@@ -1,6 +1,5 @@
-"""The comparison's statistics and reports: mean and exact Student-t 95% intervals per arm, paired differences
-against the paper's arm and against the baselines, compute per arm, ranked on a named metric. The arms themselves
-are in `variants.py`; `comparison.py` (behind `recipes/compare.py`) runs them."""
+"""The comparison's statistics and reports: Student-t 95% intervals per arm, paired differences against the paper's
+arm and the baselines, compute per arm, ranked on a named metric (arms: `variants.py`; the loop: `comparison.py`)."""
 
 from __future__ import annotations
 
@@ -20,9 +19,8 @@ BASELINES = ("sft_continue", MATCHED)  # every arm is also compared with each of
 
 
 def arm_configuration(variant, recipe: Recipe) -> str:
-    """A hash of everything that decides an arm's numbers but its seed: the recipe's data, model and training keys
-    (not those that only say where or how often things are written) and the arm's own stages and format (not its
-    description: rewording one keeps its measured seeds)."""
+    """A hash of everything but the seed that decides an arm's numbers: the recipe's result keys and the arm's stages
+    and format (not its description: rewording one keeps its measured seeds)."""
     from .plan import NON_RESULT_KEYS, config_hash, result_values
 
     skip = NON_RESULT_KEYS | {"seed", "stages", "description"}
@@ -31,10 +29,8 @@ def arm_configuration(variant, recipe: Recipe) -> str:
 
 
 def carried_arms(earlier: dict, running: list[str], seeds: list[int], configurations: dict[str, str]) -> dict:
-    """The arms of an earlier `comparison.json` that stay in the table beside the `running` ones: measured with the
-    configuration they would have now (`configurations`: arm -> `arm_configuration`) and with every one of this
-    run's `seeds`, kept to exactly those seeds (arm -> seed -> metrics). Any other is dropped, with a warning that
-    says how to measure it."""
+    """The arms of an earlier `comparison.json` kept beside the `running` ones (arm -> seed -> metrics): those measured
+    with today's `configurations` and every one of `seeds`, cut to those seeds; any other is dropped with a warning."""
     carried, recorded = {}, earlier.get("configurations", {})
     for name, runs in earlier.get("per_seed", {}).items():
         if name in running:
@@ -80,9 +76,8 @@ def paired(per_seed: dict[str, dict[int, dict]], a: str, b: str) -> dict:
 
 
 def summarise_variants(per_seed: dict[str, dict[int, dict]], reference: str = PAPER) -> dict:
-    """Mean and 95% CI per arm and metric, its compute (optimizer steps, trained tokens), the paired differences of
-    `reference` minus every other arm and of every arm minus each of the `BASELINES`, and whether the matched
-    baseline really took `reference`'s steps in every seed."""
+    """Mean and 95% CI per arm and metric, compute, paired differences (`reference` minus each arm, each arm minus
+    the `BASELINES`) and whether the matched baseline took `reference`'s steps in every seed."""
     table, compute = {}, {}
     for variant, runs in per_seed.items():
         values = {m.name: [run[m.name] for run in runs.values() if run.get(m.name) is not None] for m in reported()}
@@ -152,8 +147,8 @@ def markdown(summary: dict, descriptions: dict[str, str], seeds: list[int], metr
 
 
 def plot(summary: dict, path: Path, baseline: str = "sft_continue") -> None:
-    """Bar chart of accuracy and format accuracy per variant with 95% CI error bars; beside it, when `baseline` ran,
-    each variant's paired accuracy difference against it (same seed, 95% CI)."""
+    """Accuracy and format accuracy per variant (95% CI); below, when `baseline` ran, each one's paired accuracy
+    difference against it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -198,8 +193,8 @@ def write_comparison(
     metric: str = DEFAULT_METRIC,
     configurations: dict[str, str] | None = None,
 ) -> dict:
-    """Write comparison.json, comparison.md and comparison.png under `root`; return the summary. `configurations`
-    (arm -> `arm_configuration`) is recorded, so a later run carries only arms measured as it would measure them."""
+    """Write comparison.json (recording `configurations`, for `carried_arms`), comparison.md and comparison.png under
+    `root`; return the summary."""
     summary = summarise_variants(per_seed)
     summary.update(seeds=seeds, ranked_by=metric)
     summary["configurations"] = {name: (configurations or {}).get(name) for name in per_seed}

@@ -1,6 +1,5 @@
-"""The results read back in words: what each stage after the first changed, which failure mode that matches, what
-keep-best kept, and the next step the README's guide suggests. One function (`diagnose`) feeds the terminal,
-`results.json` and the model card."""
+"""The results read back in words (`diagnose`, for the terminal, `results.json` and the card): what each later stage
+changed, the failure mode it matches, what keep-best kept, and the guide's next step."""
 
 from __future__ import annotations
 

@@ -20,9 +20,8 @@ logger = logging.getLogger(__name__)
 
 
 def merge_dtype(model_args) -> str:
-    """The dtype the base is loaded in for merging: the recipe's `dtype` when it names one; for a quantised base
-    (QLoRA), bf16 where the GPU supports it and float32 otherwise, as peft documents (an adapter cannot be merged
-    into 4-bit weights without rounding it away); else the checkpoint's own dtype."""
+    """The dtype the base is loaded in for merging: the recipe's `dtype`; for QLoRA bf16 where supported, else
+    float32 (merging into 4-bit weights would round the adapter away, as peft documents); else the checkpoint's."""
     if model_args.dtype in ("bfloat16", "float16", "float32"):
         return model_args.dtype
     if model_args.load_in_4bit or model_args.load_in_8bit:

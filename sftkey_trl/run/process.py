@@ -26,12 +26,9 @@ def _truthy(value) -> bool:
 
 
 def quantizes(argv: list[str], recipe: str | Path | None) -> bool:
-    """Whether a run quantises the model (`load_in_4bit`/`load_in_8bit` in the recipe or on the command line).
-
-    Read without the recipe parser, which imports transformers and with it peft and bitsandbytes. Anything
-    unclear (an unreadable recipe, a value that is not plainly false) counts as quantising, so that bitsandbytes
-    is never hidden from a run that needs it; the parser then reports the actual problem.
-    """
+    """Whether a run quantises the model (`load_in_4bit`/`load_in_8bit` in the recipe or on the command line), read
+    without the recipe parser (which imports bitsandbytes). Anything unclear counts as quantising, so bitsandbytes
+    is never hidden from a run that needs it; the parser then reports the actual problem."""
     import yaml
 
     values: dict[str, object] = {}
@@ -54,13 +51,9 @@ def quantizes(argv: list[str], recipe: str | Path | None) -> bool:
 
 
 def hide_bitsandbytes() -> bool:
-    """Make bitsandbytes look uninstalled to this process; return whether it was hidden.
-
-    `import peft` imports bitsandbytes whenever it is installed (peft/helpers.py), and transformers imports peft
-    for `TrainingArguments`, so every run would load it and its CPU backend would log a warning about the optional
-    `kernels` package. A `None` entry in `sys.modules` makes `import bitsandbytes` raise ImportError and
-    `importlib.util.find_spec` return None: peft and transformers then take their documented no-bitsandbytes path.
-    """
+    """Make bitsandbytes look uninstalled to this process (a `None` entry in `sys.modules`); return whether it was
+    hidden. peft imports it whenever installed, and its CPU backend then warns on every run; hidden, peft and
+    transformers take their documented no-bitsandbytes path."""
     if "bitsandbytes" in sys.modules:  # already imported (or already hidden): too late, or nothing to do
         return False
     sys.modules["bitsandbytes"] = None
@@ -76,13 +69,9 @@ def usable_cores() -> int:
 
 
 def threads_set_by_accelerate() -> bool:
-    """True when OMP_NUM_THREADS=1 in this process is `accelerate launch`'s default rather than the user's choice.
-
-    accelerate's launcher always writes OMP_NUM_THREADS into the training process's environment: the launcher's
-    own OMP_NUM_THREADS if it had one, else `--num_cpu_threads_per_process` if given, else 1 (more only with `--cpu`
-    and several physical cores). So the value is the user's exactly when the launcher process (our parent) had the
-    variable in its environment or the flag on its command line.
-    """
+    """True when OMP_NUM_THREADS=1 here is `accelerate launch`'s default rather than the user's choice: the launcher
+    always writes it (its own value, else `--num_cpu_threads_per_process`, else 1), so it is the user's exactly when
+    the launcher (our parent) had the variable or the flag."""
     import psutil
 
     if os.environ.get("OMP_NUM_THREADS") != "1" or "ACCELERATE_DYNAMO_BACKEND" not in os.environ:
@@ -99,9 +88,8 @@ def threads_set_by_accelerate() -> bool:
 
 
 def use_available_cores() -> int | None:
-    """When this is the only process and it trains on the CPU, undo `accelerate launch`'s OMP_NUM_THREADS=1 so
-    torch uses the cores `python recipes/run.py` would use. A user's OMP_NUM_THREADS is left alone. Returns the
-    number of threads set, or None when nothing was changed."""
+    """For the only process, on the CPU, undo `accelerate launch`'s OMP_NUM_THREADS=1 (never a user's) so torch uses
+    the cores `python recipes/run.py` would; returns the threads set, or None."""
     if get_int_from_env(["WORLD_SIZE"], 1) != 1 or not threads_set_by_accelerate():
         return None  # several processes share the cores (accelerate splits them), or the value is the user's
     import torch

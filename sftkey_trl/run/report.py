@@ -29,8 +29,8 @@ def markdown_table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def metric_rows() -> dict[str, str]:
-    """Row labels of the terminal table and the card (one row per reported metric, one column per evaluated model,
-    so it fits in 80 columns), from the `Metric` entries."""
+    """Row labels of the terminal table and the card: one row per reported metric (one column per model, to fit 80
+    columns)."""
     return {metric.name: metric.title or metric.name for metric in reported()} | {"num_examples": "examples"}
 
 
@@ -82,8 +82,8 @@ def results_markdown(results: dict) -> str:
 
 
 def plot_results(results: dict, output_dir: Path) -> None:
-    """`stages.png`: the reported scores (`Metric.reported`, higher is better) per stage; `training_curves.png`: the
-    reasoning-token and key-token losses over each stage's steps."""
+    """`stages.png`: the reported scores per stage; `training_curves.png`: the reasoning and key losses over the
+    stages' steps."""
     import json
 
     import matplotlib

@@ -1,7 +1,5 @@
-"""Experiment tracking across stages: with `report_to` (transformers' trackers), each stage is its own run, named
-`<run>/<stage>`, where `<run>` is the recipe's `run_name` or else the output folder's name. TensorBoard writes each
-stage to `<output_dir>/runs/<run>/<stage>` (or under `$TENSORBOARD_LOGGING_DIR`), so
-`tensorboard --logdir <output_dir>/runs` shows the stages side by side."""
+"""Experiment tracking across stages: with `report_to`, each stage is its own run `<run>/<stage>` (`run_name`, else
+the output folder's name); TensorBoard writes to `<output_dir>/runs/<run>/<stage>` (or `$TENSORBOARD_LOGGING_DIR`)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,8 @@
 """The arms of the comparison, each exactly what its label says, and how one arm is run for one seed.
 
-Every arm is derived from the recipe: its first `loss_on: completion` stage (stage 1) and its first `loss_on: key`
-stage (stage 2), resolved with the recipe's top-level values. Arms that share a folder share stage 1 (the manifest
-skips it when it is done), so `sft_tag`, `sftkey_tag`, `sft_continue` and the stage-2 forms train it once per seed.
-Compute is counted in optimizer steps and trained tokens, recorded per arm.
+Every arm derives from the recipe's first `loss_on: completion` stage (stage 1) and first `loss_on: key` stage
+(stage 2). Arms that share a folder share stage 1 (trained once per seed); compute is recorded per arm in optimizer
+steps and trained tokens.
 """
 
 from __future__ import annotations
@@ -32,11 +31,8 @@ def swept_key_weights(names: list[str]) -> list[float]:
 
 @dataclass(frozen=True)
 class Variant:
-    """One arm: a run folder, a response format, its stages, and what it is in words.
-
-    `match_steps_of`: the stages whose optimizer steps this arm's single stage must take in total (its `max_steps`
-    is set to them at run time: the compute-matched baseline).
-    """
+    """One arm: a run folder, a response format, its stages, and what it is in words. `match_steps_of`: the stages
+    whose optimizer steps its single stage takes in total (the compute-matched baseline's `max_steps`)."""
 
     name: str
     folder: str
@@ -56,18 +52,9 @@ def _settings(stage: Stage, args) -> str:
 def build_variants(
     recipe: Recipe, converge: tuple[int, float] | None = None, key_weights: list[float] = ()
 ) -> dict[str, Variant]:
-    """Every arm of the comparison, from the recipe's stage 1 and stage 2 (see the module docstring). An arm's
-    description is built from its stages (each one's `Stage.summary` and settings) plus what they do not say.
-
-    Stage 1 keeps the recipe's own `keep_best` and `patience`, so a recipe whose stage 1 trains to convergence
-    (recipes/demo/remainder.yaml) gives a converged stage 1 to every arm built on it.
-
-    `converge` = (patience, max epochs): the converged-stage-1 protocol. Stage 1 trains until its validation metric
-    has not improved for `patience` evaluations (at most `max epochs`) and keeps its best checkpoint, so the stage-2
-    forms and `sft_continue` start from a converged model, as the paper describes.
-
-    `key_weights`: one more `sft_keyweight_<weight>` arm per weight, `sft_keyweight` with that weight.
-    """
+    """Every arm of the comparison, described from its stages' own `Stage.summary` and settings. Stage 1 keeps the
+    recipe's `keep_best`/`patience`; `converge` = (patience, max epochs) trains it to convergence instead (the
+    paper's protocol); `key_weights` adds one `sft_keyweight_<weight>` arm per weight."""
     stages, training_args, recipe_format = recipe.stages, recipe.training, recipe.script.response_format
     first = next((s for s in stages if s.loss_on == "completion"), None)
     second = next((s for s in stages if s.loss_on == "key"), None)
@@ -144,8 +131,7 @@ def planned_steps(stages: tuple[Stage, ...], training_args, num_rows: int, proce
 
 def run_variant(variant: Variant, seed: int, recipe: Recipe, root: Path, steps_to_match: int | None = None) -> dict:
     """Train and evaluate one arm with one seed; return its last stage's metrics plus `optimizer_steps` and
-    `train_tokens` summed over its stages. A matched arm takes `steps_to_match` steps (the target arm's recorded
-    steps for this seed), or the target's planned steps when it has not run."""
+    `train_tokens` over its stages. A matched arm takes `steps_to_match` steps (else the target's planned ones)."""
     from .pipeline import Pipeline
 
     recipe = copy.deepcopy(dataclasses.replace(recipe, stages=list(variant.stages)))
