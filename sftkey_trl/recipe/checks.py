@@ -179,13 +179,15 @@ def check_model(model_args) -> None:
             )
         if getattr(model_args, key) and importlib.util.find_spec("bitsandbytes") is None:
             raise SFTKeyError(f"`{key}: true` needs bitsandbytes: `pip install bitsandbytes` (or set {key}: false)")
-    targets = model_args.lora_target_modules
-    targets = [targets] if isinstance(targets, str) else list(targets or [])
-    if model_args.use_peft and "lm_head" in targets:
-        raise SFTKeyError(
-            "`lora_target_modules` must not contain `lm_head` (TRL's fused LM head reads its weight directly); "
-            "remove it (leave the key unset for all linear layers but the LM head)"
-        )
+    for key, fix in (
+        ("lora_target_modules", "leave the key unset for all linear layers but the LM head"),
+        ("lora_target_parameters", "name only the expert parameters"),
+    ):
+        names = getattr(model_args, key)
+        names = [names] if isinstance(names, str) else list(names or [])
+        if model_args.use_peft and any("lm_head" in name.split(".") for name in names):
+            why = "TRL's fused LM head reads its weight directly"
+            raise SFTKeyError(f"`{key}` must not contain `lm_head` ({why}); remove it ({fix})")
     if model_args.lora_task_type != "CAUSAL_LM":
         raise SFTKeyError(f"`lora_task_type: {model_args.lora_task_type}` is not SFTKey's task (CAUSAL_LM); remove it")
     if model_args.use_peft and model_args.lora_target_parameters and model_args.lora_dropout:

@@ -84,6 +84,10 @@ def test_a_users_recipe_without_header_passes_dry_run(tmp_path, capsys):
     [
         ("load_in_4bit: true\nuse_peft: false\n", r"`load_in_4bit: true` needs `use_peft: true`"),
         ("use_peft: true\nlora_target_modules: [q_proj, lm_head]\n", r"must not contain `lm_head`"),
+        (
+            "use_peft: true\nlora_dropout: 0\nlora_target_parameters: [lm_head.weight]\n",
+            r"`lora_target_parameters` must not contain `lm_head`",
+        ),
         ("per_device_train_batch_size: 4\nglobal_batch_size: 10\n", r"`global_batch_size: 10` is not a multiple"),
         ("dataset_format: openr1_math\neval_split: test\n", r"has only a `train` split.*eval_fraction"),
         ("response_format: plain\nanswer_template: '{answer}'\n", r"`answer_template` needs words"),
