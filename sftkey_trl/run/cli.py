@@ -75,13 +75,12 @@ def inspect(recipe: Recipe, count: int, as_json: bool) -> None:
         text = tokenizer.decode(row["input_ids"], skip_special_tokens=False)
         for stage in stages:
             weights = stage.loss_weights(torch.tensor(row["completion_mask"]), torch.tensor(row["key_mask"]))
-            mask = (weights > 0).int().tolist()
             if as_json:
                 record = {
                     "index": row["index"],
                     "stage": stage.name,
                     "text": text,
-                    "supervised_text": supervised_text(tokenizer, row["input_ids"], mask),
+                    "supervised_text": supervised_text(tokenizer, row["input_ids"], (weights > 0).int().tolist()),
                     "weights": sorted({round(float(w), 4) for w in weights if w > 0}),
                 }
                 print(json.dumps(record, ensure_ascii=False))

@@ -147,9 +147,8 @@ class Pipeline:
     def train_stage(self, stage: Stage, args, start_from: Path | None):
         """Train one stage from `start_from` (None: the base model), resuming from its last complete checkpoint,
         into `<output_dir>/<stage>/`. Returns (the model, or None if keep_best kept an earlier snapshot; summary)."""
-        model = load_model(self.recipe.model, args, start_from)
         trainer = SFTKeyTrainer(
-            model=model,
+            model=load_model(self.recipe.model, args, start_from),
             args=args,
             train_dataset=self.data.train,
             processing_class=self.tokenizer,
