@@ -31,15 +31,13 @@ SETTINGS = [  # (resolved training argument, column title)
     ("weight_decay", "weight decay"),
     ("max_length", "max length"),
 ]
+REDACTED = "<redacted>"
+SECRET_WORDS = ("token", "secret", "password", "passwd", "api_key", "apikey", "credential")
+HF_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{20,}")
 
 
 def _setting(value) -> str:
     return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
-
-
-REDACTED = "<redacted>"
-SECRET_WORDS = ("token", "secret", "password", "passwd", "api_key", "apikey", "credential")
-HF_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{20,}")
 
 
 @cache
@@ -216,7 +214,6 @@ def model_card(folder: Path, stage: str, form: str, repo_id: str, recipe: Recipe
     if recipe.path and Path(recipe.path).is_file():
         text = redacted(Path(recipe.path).read_text()).rstrip()
         body += block("<details><summary>The recipe</summary>", "```yaml", text, "```", "", "</details>")
-    versions = manifest.get("library_versions", {})
-    if versions:
+    if versions := manifest.get("library_versions", {}):
         body += ["", "Framework versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v)]
     return ModelCard.from_template(data, template_str=TEMPLATE, body="\n".join(body))
