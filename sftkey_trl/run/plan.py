@@ -4,6 +4,7 @@ silently changed configuration."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -32,12 +33,10 @@ PACKAGES = ["sftkey-trl", "torch", "transformers", "trl", "peft", "datasets", "a
 
 def library_versions() -> dict[str, str | None]:
     """Installed versions of the packages that decide the results."""
-    versions = {}
+    versions = dict.fromkeys(PACKAGES)
     for name in PACKAGES:
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
     return versions
 
 
@@ -84,9 +83,7 @@ class Manifest:
         return self.data["stages"].get(name)
 
     def update(self, name: str, **fields: Any) -> None:
-        entry = self.data["stages"].setdefault(name, {})
-        entry.update(fields)
-        entry["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.data["stages"].setdefault(name, {}).update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
         self.data["library_versions"] = library_versions()
         if self.write:
             write_json(self.path, self.data)
