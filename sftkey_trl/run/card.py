@@ -7,11 +7,13 @@ import re
 from functools import cache
 from pathlib import Path
 
+import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..files import read_json
 from ..recipe.schema import Recipe, key_types
 from ..train.objectives import Stage
+from .compare import markdown
 from .diagnosis import diagnose
 from .report import _cell, markdown_table, metric_rows, result_rows
 
@@ -29,15 +31,13 @@ SETTINGS = [  # (resolved training argument, column title)
     ("weight_decay", "weight decay"),
     ("max_length", "max length"),
 ]
+REDACTED = "<redacted>"
+SECRET_WORDS = ("token", "secret", "password", "passwd", "api_key", "apikey", "credential")
+HF_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{20,}")
 
 
 def _setting(value) -> str:
     return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
-
-
-REDACTED = "<redacted>"
-SECRET_WORDS = ("token", "secret", "password", "passwd", "api_key", "apikey", "credential")
-HF_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{20,}")
 
 
 @cache
@@ -70,19 +70,14 @@ def scrub(value, public: frozenset[str]):
 
 
 def redacted(recipe_text: str) -> str:
-    """The recipe's keys and values as YAML, with every secret replaced by `<redacted>` (see `scrub`).
-
-    The recipe is parsed, not matched line by line, so quoted keys (`"hub_token":`), flow-style mappings
-    (`stages: [{name: key, hub_token: ...}]`) and nested ones are found; comments are not kept (they could hold
-    anything). A recipe that does not parse is not shown."""
-    import yaml
-
+    """The recipe as YAML with every secret replaced by `<redacted>` (see `scrub`). Parsed, not matched line by line,
+    so quoted, flow-style and nested keys are found; comments (which could hold anything) are dropped, and a recipe
+    that does not parse is not shown."""
     try:
         data = yaml.safe_load(recipe_text)
     except yaml.YAMLError:
         return "# (the recipe is not shown: it is not valid YAML)"
-    clean = scrub(data, public_token_keys())
-    return yaml.safe_dump(clean, sort_keys=False, allow_unicode=True, width=1000).rstrip()
+    return yaml.safe_dump(scrub(data, public_token_keys()), sort_keys=False, allow_unicode=True, width=1000).rstrip()
 
 
 def is_hub_id(name: str | None) -> bool:
@@ -96,15 +91,19 @@ def objective(stage: dict) -> str:
     return text + ("; best checkpoint kept (keep_best)" if stage.get("keep_best") else "")
 
 
-def stages_section(output_dir: Path, results: dict) -> list[str]:
-    manifest = read_json(output_dir / "manifest.json", {}) or {}
+def block(heading: str, *lines: str) -> list[str]:
+    """A markdown block: a blank line, `heading`, a blank line, then `lines`."""
+    return ["", heading, "", *lines]
+
+
+def stages_section(manifest: dict, results: dict) -> list[str]:
+    """One row per stage of the manifest: its objective, resolved settings, global batch and the weights it kept."""
     rows = []
     for name, entry in manifest.get("stages", {}).items():
         config = entry.get("config", {})
-        training = config.get("training", {})
         summary = results.get("stages", {}).get(name, {}).get("training", {})
+        settings = [_setting(config.get("training", {}).get(key)) for key, _ in SETTINGS]
         kept = summary.get("keep_best", {}).get("kept", "final weights")
-        settings = [_setting(training.get(key)) for key, _ in SETTINGS]
         rows.append(
             [name, objective(config.get("stage", {})), *settings, _cell(summary.get("global_batch_size")), kept]
         )
@@ -124,12 +123,10 @@ def comparison_section(output_dir: Path) -> list[str]:
     summary = read_json(output_dir / "compare" / "comparison.json", None)
     if not summary:
         return []
-    from .compare import markdown
-
     descriptions = summary.get("descriptions", {})  # written by compare.py with the arms it ran
     table = markdown(summary, descriptions, summary.get("seeds", []), summary.get("ranked_by", "accuracy"))
     table = table.replace("\n## ", "\n### ")
-    return ["", "### Comparison of the variants (`recipes/compare.py`)", "", table.removeprefix("## ").strip()]
+    return block("### Comparison of the variants (`recipes/compare.py`)", table.removeprefix("## ").strip())
 
 
 def usage(repo_id: str, form: str, prompt_template: str | None, end_of_turn: str | None) -> list[str]:
@@ -187,6 +184,10 @@ def model_card(folder: Path, stage: str, form: str, repo_id: str, recipe: Recipe
         else f"the reasoning, then `{script_args.answer_template}`"
     )
     dataset = script_args.dataset_name + (f" ({script_args.dataset_config})" if script_args.dataset_config else "")
+    shown_recipe = f"`{recipe.path or 'built-in defaults'}`"
+    if recipe.overrides:
+        shown_recipe += f" with `{HF_TOKEN_RE.sub(REDACTED, ' '.join(recipe.overrides))}`"
+    manifest, notes = read_json(output_dir / "manifest.json", {}) or {}, diagnose(results)
     body = [
         f"# {repo_id.split('/')[-1]}",
         "",
@@ -195,36 +196,24 @@ def model_card(folder: Path, stage: str, form: str, repo_id: str, recipe: Recipe
         "",
         f"This repository holds stage `{stage}` (of {', '.join(f'`{s.name}`' for s in stages)}) as {FORMS[form]}. "
         f"Responses are formatted as {response}.",
-        "",
-        "## Use",
-        "",
+        *block("## Use"),
         *usage(repo_id, form, None if chat else script_args.prompt_template, training_args.eos_token),
-        "",
-        "## Training",
-        "",
+        *block("## Training"),
         f"- Base model: `{base}`; {method}",
         f"- Data: `{dataset}`, format `{script_args.dataset_format}`",
-        f"- Recipe: `{recipe.path or 'built-in defaults'}`"
-        + (f" with `{HF_TOKEN_RE.sub(REDACTED, ' '.join(recipe.overrides))}`" if recipe.overrides else ""),
+        f"- Recipe: {shown_recipe}",
         "",
-        *stages_section(output_dir, results),
-        "",
-        "## Results",
-        "",
+        *stages_section(manifest, results),
+        *block("## Results"),
         "Greedy generation on the evaluation data after each stage (`results.json`):",
         "",
         *results_section(results),
-        *(
-            ["", "What the numbers say:", "", *(f"- {line}" for line in diagnose(results))]
-            if diagnose(results)
-            else []
-        ),
+        *(block("What the numbers say:", *(f"- {line}" for line in notes)) if notes else []),
         *comparison_section(output_dir),
     ]
     if recipe.path and Path(recipe.path).is_file():
         text = redacted(Path(recipe.path).read_text()).rstrip()
-        body += ["", "<details><summary>The recipe</summary>", "", "```yaml", text, "```", "", "</details>"]
-    versions = (read_json(output_dir / "manifest.json", {}) or {}).get("library_versions", {})
-    if versions:
+        body += block("<details><summary>The recipe</summary>", "```yaml", text, "```", "", "</details>")
+    if versions := manifest.get("library_versions", {}):
         body += ["", "Framework versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v)]
     return ModelCard.from_template(data, template_str=TEMPLATE, body="\n".join(body))

@@ -75,13 +75,12 @@ def inspect(recipe: Recipe, count: int, as_json: bool) -> None:
         text = tokenizer.decode(row["input_ids"], skip_special_tokens=False)
         for stage in stages:
             weights = stage.loss_weights(torch.tensor(row["completion_mask"]), torch.tensor(row["key_mask"]))
-            mask = (weights > 0).int().tolist()
             if as_json:
                 record = {
                     "index": row["index"],
                     "stage": stage.name,
                     "text": text,
-                    "supervised_text": supervised_text(tokenizer, row["input_ids"], mask),
+                    "supervised_text": supervised_text(tokenizer, row["input_ids"], (weights > 0).int().tolist()),
                     "weights": sorted({round(float(w), 4) for w in weights if w > 0}),
                 }
                 print(json.dumps(record, ensure_ascii=False))
@@ -96,12 +95,9 @@ def inspect(recipe: Recipe, count: int, as_json: bool) -> None:
 
 
 def load_checked_recipe(rest: list[str], dry_run: bool = False) -> tuple[Recipe, list[str]]:
-    """Parse the recipe, resolve its defaults and run every check on it (`recipe/checks.py`) before anything is
-    loaded: `--dry_run` and a real run refuse the same recipes with the same line.
-
-    Returns the `Recipe` and the notes. A real run checks the batch arithmetic for its own process count;
-    `--dry_run` for one process and the count the recipe's `# Launch:` line names.
-    """
+    """Parse, resolve and check the recipe (`recipe/checks.py`) before anything is loaded, so `--dry_run` and a real
+    run refuse the same recipes with the same line; return it and the notes. The batch arithmetic is checked for the
+    run's own process count, or with `--dry_run` for one and the count the recipe's `# Launch:` line names."""
     from ..recipe.checks import check_recipe, resolve_recipe
     from ..recipe.dryrun import launch_processes
     from ..recipe.parsing import parse_config
@@ -109,16 +105,12 @@ def load_checked_recipe(rest: list[str], dry_run: bool = False) -> tuple[Recipe,
 
     recipe = parse_config(rest)
     processes = launch_processes(recipe.path) if dry_run else [world_size()]
-    notes = resolve_recipe(recipe)
-    return recipe, notes + check_recipe(recipe, processes)
+    return recipe, resolve_recipe(recipe) + check_recipe(recipe, processes)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse flags and the recipe, check it, then inspect, dry-run, evaluate, merge or train.
-
-    Called as the program (no `argv`), it first sets up the process (`process.prepare_process`: CPU threads, and
-    bitsandbytes hidden unless the run quantises); called from Python, it leaves the process as it is.
-    """
+    """Parse flags and the recipe, check it, then inspect, dry-run, evaluate, merge or train. As the program (no
+    `argv`) it first sets up the process (`process.prepare_process`); from Python it leaves the process as it is."""
     from .process import start_entry_point
 
     start_entry_point(sys.argv[1:], as_program=argv is None)
@@ -148,10 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
         check_engine_runs_here(recipe.training)  # a real run only: a dry run checks a GPU recipe on any machine
         pipeline = Pipeline(recipe)
-        if options.eval_only:
-            results = pipeline.evaluate_only(options.checkpoint)
-        else:
-            results = pipeline.run()
+        results = pipeline.evaluate_only(options.checkpoint) if options.eval_only else pipeline.run()
         if pipeline.state.is_main_process:
             print_results(results, Path(recipe.training.output_dir))
             if recipe.training.push_to_hub and not options.eval_only:

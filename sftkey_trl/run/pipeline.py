@@ -1,8 +1,6 @@
-"""Run a checked recipe: prepare the data once, then train, save and evaluate each stage in order.
-
-Each stage starts from the previous stage's weights and saves to `<output_dir>/<stage>/`; `plan.py` decides what a
-rerun skips, resumes or refuses. Call `recipe.checks.check_recipe` first (`run/cli.py` does).
-"""
+"""Run a checked recipe (`recipe.checks.check_recipe` first, as `run/cli.py` does): prepare the data once, then
+train, save and evaluate each stage from the previous one's weights into `<output_dir>/<stage>/`; `plan.py` decides
+what a rerun skips, resumes or refuses."""
 
 from __future__ import annotations
 
@@ -11,6 +9,7 @@ import gc
 import logging
 import shutil
 import time
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -48,17 +47,15 @@ class Pipeline:
         self.sharded = detect_launch(training_args).shards_parameters
         self.tokenizer = load_tokenizer(recipe.model, training_args)
         self.formatter = Formatter(self.tokenizer, recipe.script, training_args.eos_token)
-        self._data: PreparedData | None = None
 
-    @property
+    @cached_property
     def data(self) -> PreparedData:
-        if self._data is None:
-            cache = cache_root() / "tokenized" if self.state.is_main_process else None
-            with self.recipe.training.main_process_first(desc="preparing data"):
-                self._data = prepare_data(
-                    self.recipe.script, self.recipe.training, self.recipe.stages, self.tokenizer, self.formatter, cache
-                )
-        return self._data
+        """The prepared splits, built on first use (the main process first)."""
+        cache = cache_root() / "tokenized" if self.state.is_main_process else None
+        with self.recipe.training.main_process_first(desc="preparing data"):
+            return prepare_data(
+                self.recipe.script, self.recipe.training, self.recipe.stages, self.tokenizer, self.formatter, cache
+            )
 
     def stage_args(self, stage: Stage):
         """The stage's training arguments; its Trainer checkpoints go to `<output_dir>/<stage>/checkpoints`."""
@@ -81,40 +78,41 @@ class Pipeline:
         manifest = Manifest(self.output_dir, write=main)
         plan = plan_stages(self.recipe, self.stage_args, self.data.data_hash, manifest, self.state.num_processes)
         self.state.wait_for_everyone()  # no rank writes before every rank has read the manifest and checked
-        results_path = self.output_dir / "results.json"
-        results = read_json(results_path, None) or {"stages": {}}
+        results = read_json(self.output_dir / "results.json", None) or {"stages": {}}
         results.update(answer_type=self.data.answer_type, invalid_rows=self.data.report.counts)
         if self.recipe.script.select_on_test and any(stage.keep_best for stage in self.recipe.stages):
             results["selected_on_test"] = True  # keep_best chose checkpoints on the evaluation set: say so
         evaluate = self.recipe.script.eval_after_stages and bool(self.data.eval_examples)
         if self.recipe.script.eval_base and evaluate and "base" not in results:
-            base = load_model(self.recipe.model, self.recipe.training)
-            results["base"] = self.evaluate(base, "base")
-            del base
+            results["base"] = self.evaluate(load_model(self.recipe.model, self.recipe.training), "base")
         start_from: Path | None = None
         for planned in plan:
             self.run_stage(planned, manifest, results, start_from, evaluate)
             start_from = self.output_dir / planned.stage.name
         results["summary"] = diagnose(results)
-        if main:
-            write_json(results_path, results)
-            write_text(self.output_dir / "results.md", results_markdown(results))
-            plot_results(results, self.output_dir)
+        self._save_results(results, report=True)
         self.state.wait_for_everyone()
         return results
+
+    def _save_results(self, results: dict, report: bool = False) -> None:
+        """Write `results.json` from the main process; with `report` (the run's end) also results.md and the plots."""
+        if self.state.is_main_process:
+            write_json(self.output_dir / "results.json", results)
+            if report:
+                write_text(self.output_dir / "results.md", results_markdown(results))
+                plot_results(results, self.output_dir)
 
     def run_stage(self, planned: PlannedStage, manifest: Manifest, results: dict, start_from, evaluate: bool):
         """Train (or resume, or skip) one stage, then evaluate it; the manifest and results.json follow each step."""
         stage, args, main = planned.stage, planned.args, self.state.is_main_process
         stage_dir = self.output_dir / stage.name
-        entry = manifest.stage(stage.name) or {}
         if planned.restarting:
             if main:
                 shutil.rmtree(stage_dir, ignore_errors=True)
             manifest.forget(stage.name)
             results["stages"].pop(stage.name, None)
-            entry = {}
             self.state.wait_for_everyone()
+        entry = manifest.stage(stage.name) or {}
         if entry.get("status") == "done":
             if not evaluate or evaluated(results["stages"].get(stage.name)):
                 logger.info("stage %s is done with the same configuration: skipped", stage.name)
@@ -130,8 +128,7 @@ class Pipeline:
                 model = None
                 gc.collect()
             results["stages"][stage.name] = {"loss_on": stage.loss_on, "training": training}
-            if main:
-                write_json(self.output_dir / "results.json", results)
+            self._save_results(results)
             manifest.update(stage.name, status="trained", seconds=training["train_seconds"])
         if main:  # keep_best's snapshots: the stage's output holds the kept weights now
             shutil.rmtree(stage_dir / BEST_DIR, ignore_errors=True)
@@ -140,8 +137,7 @@ class Pipeline:
                 model = load_model(self.recipe.model, args, stage_dir, trainable=False)
             results["stages"].setdefault(stage.name, {"loss_on": stage.loss_on})
             results["stages"][stage.name].update(self.evaluate(model, stage.name, stage_dir))
-        if main:
-            write_json(self.output_dir / "results.json", results)
+        self._save_results(results)
         manifest.update(stage.name, status="done")
         del model
         gc.collect()
@@ -150,11 +146,9 @@ class Pipeline:
 
     def train_stage(self, stage: Stage, args, start_from: Path | None):
         """Train one stage from `start_from` (None: the base model), resuming from its last complete checkpoint,
-        and save it to `<output_dir>/<stage>/`. Returns (trained model or None when an earlier snapshot was kept,
-        training summary)."""
-        model = load_model(self.recipe.model, args, start_from)
+        into `<output_dir>/<stage>/`. Returns (the model, or None if keep_best kept an earlier snapshot; summary)."""
         trainer = SFTKeyTrainer(
-            model=model,
+            model=load_model(self.recipe.model, args, start_from),
             args=args,
             train_dataset=self.data.train,
             processing_class=self.tokenizer,
@@ -194,8 +188,7 @@ class Pipeline:
             if summary["keep_best"]["best_step"] != summary["optimizer_steps"]:
                 model = None  # the stage's output is an earlier snapshot: evaluate it from disk
         del trainer
-        # Only the main process wrote the stage folder (and keep_best's kept weights into it); the others read it
-        # next (keep_best's kept snapshot, a sharded run's evaluation, the next stage's start): wait for the writes
+        # Only the main process wrote the stage folder (keep_best's kept weights too); the others read it next
         self.state.wait_for_everyone()
         return model, summary
 
@@ -213,15 +206,11 @@ class Pipeline:
         synced = self.sharded and self.state.num_processes > 1
 
         def evaluate(model) -> dict:
-            metrics, _ = evaluate_model(
-                model, self.tokenizer, examples, self.data.answer_type, in_process, self.formatter, synced_gpus=synced
-            )
-            return metrics
+            return self._generate(model, examples, in_process, synced_gpus=synced)[0]
 
-        metric = args.metric_for_best_model or DEFAULT_METRIC
-        folder, main = self.output_dir / stage.name, self.state.is_main_process
+        metric, main = args.metric_for_best_model or DEFAULT_METRIC, self.state.is_main_process
         callback = KeepBestCallback(
-            evaluate, metric, folder, every, trainer, main, stage.patience, incoming=start_from
+            evaluate, metric, self.output_dir / stage.name, every, trainer, main, stage.patience, incoming=start_from
         )
         callback.start(resume)
         trainer.add_callback(callback)
@@ -236,18 +225,17 @@ class Pipeline:
             return base, str(checkpoint)
         return str(checkpoint or base), None
 
+    def _generate(self, model, examples: list[dict], script_args, **options) -> tuple[dict, list[dict]]:
+        """`evaluation.generation.evaluate_model` on `examples` with this run's tokenizer, answer type and format."""
+        return evaluate_model(
+            model, self.tokenizer, examples, self.data.answer_type, script_args, self.formatter, **options
+        )
+
     def evaluate(self, model, name: str | Path, checkpoint: Path | None = None) -> dict:
         """Generate on the evaluation split with `model`; write `<output_dir>/<name>/predictions.jsonl` and return
         the metrics. With `eval_backend: vllm`, `checkpoint` (the saved stage) is served instead of `model`."""
-        metrics, predictions = evaluate_model(
-            model,
-            self.tokenizer,
-            self.data.eval_examples,
-            self.data.answer_type,
-            self.recipe.script,
-            self.formatter,
-            vllm_source=self._vllm_source(checkpoint),
-        )
+        source = self._vllm_source(checkpoint)
+        metrics, predictions = self._generate(model, self.data.eval_examples, self.recipe.script, vllm_source=source)
         if self.state.is_main_process:
             write_jsonl(self.output_dir / name / "predictions.jsonl", predictions)
         return metrics

@@ -4,6 +4,7 @@ silently changed configuration."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -32,12 +33,10 @@ PACKAGES = ["sftkey-trl", "torch", "transformers", "trl", "peft", "datasets", "a
 
 def library_versions() -> dict[str, str | None]:
     """Installed versions of the packages that decide the results."""
-    versions = {}
+    versions = dict.fromkeys(PACKAGES)
     for name in PACKAGES:
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
     return versions
 
 
@@ -50,13 +49,9 @@ def resolved_config(recipe: Recipe, stage_args, stage, data_hash: str, previous:
     """Everything that decides a stage's result: data, model, the stage's training arguments, the launch's process
     count (without `global_batch_size` it sets the global batch; a checkpoint resumes on its own count) and its
     parent."""
-    sections = {"data": recipe.script, "model": recipe.model, "training": stage_args}
-    config = {name: result_values(obj) for name, obj in sections.items()}
-    config["training"].pop("stages", None)
-    config["stage"] = {k: v for k, v in plain(stage).items()}
-    config["processes"] = processes
-    config["data_hash"] = data_hash
-    config["previous_stage_hash"] = previous
+    training = result_values(stage_args, NON_RESULT_KEYS | {"stages"})
+    config = {"data": result_values(recipe.script), "model": result_values(recipe.model), "training": training}
+    config.update(stage=plain(stage), processes=processes, data_hash=data_hash, previous_stage_hash=previous)
     return config
 
 
@@ -88,9 +83,7 @@ class Manifest:
         return self.data["stages"].get(name)
 
     def update(self, name: str, **fields: Any) -> None:
-        entry = self.data["stages"].setdefault(name, {})
-        entry.update(fields)
-        entry["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.data["stages"].setdefault(name, {}).update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
         self.data["library_versions"] = library_versions()
         if self.write:
             write_json(self.path, self.data)
@@ -152,13 +145,8 @@ def evaluated(results_entry: dict | None) -> bool:
 
 
 def last_complete_checkpoint(directory: Path, holds: Callable[[Path], bool] | None = None) -> str | None:
-    """The newest `checkpoint-N` whose `trainer_state.json` (written last by Trainer) is readable, and for which
-    `holds(checkpoint)` is true when given (e.g. it holds keep_best's state).
-
-    A kill during a checkpoint save leaves a folder without them; such a folder is never resumed from.
-    """
-    if not directory.is_dir():
-        return None
+    """The newest `checkpoint-N` whose `trainer_state.json` (written last by Trainer) is readable and, if given,
+    `holds(checkpoint)` is true (e.g. keep_best's state is there); a folder a kill left mid-save lacks them."""
     candidates = sorted(
         (p for p in directory.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
         key=lambda p: int(p.name.split("-")[-1]),
