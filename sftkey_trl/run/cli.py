@@ -94,16 +94,19 @@ def inspect(recipe: Recipe, count: int, as_json: bool) -> None:
             console.print(rendered)
 
 
-def load_checked_recipe(rest: list[str], dry_run: bool = False) -> tuple[Recipe, list[str]]:
+def load_checked_recipe(rest: list[str], dry_run: bool = False, comparison: bool = False) -> tuple[Recipe, list[str]]:
     """Parse, resolve and check the recipe (`recipe/checks.py`) before anything is loaded, so `--dry_run` and a real
     run refuse the same recipes with the same line; return it and the notes. The batch arithmetic is checked for the
-    run's own process count, or with `--dry_run` for one and the count the recipe's `# Launch:` line names."""
-    from ..recipe.checks import check_recipe, resolve_recipe
+    run's own process count, or with `--dry_run` for one and the count the recipe's `# Launch:` line names.
+    `comparison`: compare.py's own rule (it pushes nothing) comes first, before any push setting is checked."""
+    from ..recipe.checks import check_comparison, check_recipe, resolve_recipe
     from ..recipe.dryrun import launch_processes
     from ..recipe.parsing import parse_config
     from ..train.distributed import world_size
 
     recipe = parse_config(rest)
+    if comparison:
+        check_comparison(recipe.training)
     processes = launch_processes(recipe.path) if dry_run else [world_size()]
     return recipe, resolve_recipe(recipe) + check_recipe(recipe, processes)
 

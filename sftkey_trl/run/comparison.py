@@ -30,7 +30,6 @@ def main(argv: list[str] | None = None, description: str | None = None) -> int:
     start_entry_point(rest, as_program=argv is None)  # before the recipe parser imports the ML libraries
     from ..evaluation.metrics import METRIC_NAMES
     from ..files import read_json
-    from ..recipe.checks import check_comparison
     from ..recipe.schema import COMPARE_DEMO_RECIPE
     from . import variants as arms
     from .cli import load_checked_recipe, run_options, user_errors
@@ -44,8 +43,7 @@ def main(argv: list[str] | None = None, description: str | None = None) -> int:
         if run_only:  # run.py's own flags: compare.py would otherwise train every arm anyway
             flag = run_only[0]
             raise SFTKeyError(f"`--{flag}` is a flag of recipes/run.py, not compare.py; use recipes/run.py for it")
-        recipe, _ = load_checked_recipe(rest)
-        check_comparison(recipe.training)
+        recipe, _ = load_checked_recipe(rest, comparison=True)
         converge = (options.converged, options.converged_epochs) if options.converged else None
         names = [n.strip() for n in (options.variants or ",".join(arms.DEFAULT_VARIANTS)).split(",") if n.strip()]
         variants = arms.build_variants(recipe, converge, arms.swept_key_weights(names))

@@ -227,11 +227,16 @@ def test_compare_refuses_run_py_flags_instead_of_training(flags, tmp_path, capsy
     assert error == f"error: `{flags[0]}` is a flag of recipes/run.py, not compare.py; use recipes/run.py for it"
 
 
-def test_compare_refuses_push_to_hub_before_training(tmp_path, monkeypatch, capsys):
-    """compare.py pushes nothing: `push_to_hub` is refused in one line (with a token, so run.py would push)."""
+@pytest.mark.parametrize("token", ["hf_test", None])
+def test_compare_refuses_push_to_hub_before_training(tmp_path, monkeypatch, capsys, token):
+    """compare.py pushes nothing: `push_to_hub` is refused in one line, whether or not a token would let run.py push
+    (without one, the token error must not come first: no token would make compare.py push)."""
+    import huggingface_hub
+
     from sftkey_trl.run.comparison import main
 
-    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: token)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
     with pytest.raises(SystemExit) as exit_:
         main(["--push_to_hub", "true", "--output_dir", str(tmp_path / "o")])
     error = capsys.readouterr().err.strip()
