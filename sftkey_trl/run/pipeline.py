@@ -161,8 +161,7 @@ class Pipeline:
         resume = last_complete_checkpoint(Path(args.output_dir), holds_keep_best_state if stage.keep_best else None)
         if self.state.is_main_process:
             resuming = f", resuming from {resume}" if resume else ""
-            loss_on = stage.loss_on + (" (reasoning as detached context)" if stage.context == "detached" else "")
-            logger.info("stage %s: loss on %s, global batch %d%s", stage.name, loss_on, batch, resuming)
+            logger.info("stage %s: loss on %s, global batch %d%s", stage.name, stage.summary, batch, resuming)
         stage_dir = self.output_dir / stage.name
         keep_best = self.keep_best_callback(stage, args, trainer, start_from, resume) if stage.keep_best else None
         started = time.perf_counter()
