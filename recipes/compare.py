@@ -15,9 +15,9 @@ from __future__ import annotations
 import sys
 from functools import partial
 
-from sftkey_trl.run.comparison import main
+from sftkey_trl.run.comparison import run_comparison
 
-main = partial(main, description=__doc__)  # --help shows the usage above
+main = partial(run_comparison, description=__doc__)  # --help shows the usage above
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -222,10 +222,13 @@ def prepare_data(script_args, training_args, stages, tokenizer, formatter: Forma
     report = InvalidReport()
     triples = to_triples(train_rows, script_args, report)
     if script_args.response_format == "tags":
-        tagged = [index for index, triple in triples if _contains_tags(triple, formatter)]
-        for index in tagged:
-            report.add("contains_tags", index)
-        triples = [item for item in triples if not _contains_tags(item[1], formatter)]
+        kept = []
+        for index, triple in triples:
+            if _contains_tags(triple, formatter):
+                report.add("contains_tags", index)
+            else:
+                kept.append((index, triple))
+        triples = kept
     if not triples:  # every row was rejected: nothing to tokenise
         raise _invalid_rows_error(report, len(train_rows), script_args.on_invalid, nothing_left=True)
     rendered = [formatter.render(triple) for _, triple in triples]

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..errors import SFTKeyError, closest
 
 
-def main(argv: list[str] | None = None, description: str | None = None) -> int:
+def run_comparison(argv: list[str] | None = None, description: str | None = None) -> int:
     """Check the recipe and the flags, run every arm seed by seed, and print `comparison.md`; `description` is the
     script's usage text (`--help`). Called as the program (no `argv`), it first sets up the process."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -205,7 +205,7 @@ class Pipeline:
         synced = self.sharded and self.state.num_processes > 1
 
         def evaluate(model) -> dict:
-            return self._generate(model, examples, in_process, synced_gpus=synced)[0]
+            return self._score(model, examples, in_process, synced_gpus=synced)[0]
 
         metric, main = args.metric_for_best_model or DEFAULT_METRIC, self.state.is_main_process
         callback = KeepBestCallback(
@@ -224,7 +224,7 @@ class Pipeline:
             return base, str(checkpoint)
         return str(checkpoint or base), None
 
-    def _generate(self, model, examples: list[dict], script_args, **options) -> tuple[dict, list[dict]]:
+    def _score(self, model, examples: list[dict], script_args, **options) -> tuple[dict, list[dict]]:
         """`evaluation.generation.evaluate_model` on `examples` with this run's tokenizer, answer type and format."""
         return evaluate_model(
             model, self.tokenizer, examples, self.data.answer_type, script_args, self.formatter, **options
@@ -234,7 +234,7 @@ class Pipeline:
         """Generate on the evaluation split with `model`; write `<output_dir>/<name>/predictions.jsonl` and return
         the metrics. With `eval_backend: vllm`, `checkpoint` (the saved stage) is served instead of `model`."""
         source = self._vllm_source(checkpoint)
-        metrics, predictions = self._generate(model, self.data.eval_examples, self.recipe.script, vllm_source=source)
+        metrics, predictions = self._score(model, self.data.eval_examples, self.recipe.script, vllm_source=source)
         if self.state.is_main_process:
             write_jsonl(self.output_dir / name / "predictions.jsonl", predictions)
         return metrics

@@ -218,7 +218,7 @@ def test_a_key_weight_sweep_is_one_arm_per_weight_beside_sft_keyweight():
 def test_compare_refuses_run_py_flags_instead_of_training(flags, tmp_path, capsys):
     """run.py's own flags (`--dry_run`, `--inspect`, ...) would be parsed and dropped by compare.py, which would then
     train every arm: each is refused in one line before anything is loaded."""
-    from sftkey_trl.run.comparison import main
+    from sftkey_trl.run.comparison import run_comparison as main
 
     with pytest.raises(SystemExit) as exit_:
         main([*flags, "--output_dir", str(tmp_path / "o")])
@@ -233,7 +233,7 @@ def test_compare_refuses_push_to_hub_before_training(tmp_path, monkeypatch, caps
     (without one, the token error must not come first: no token would make compare.py push)."""
     import huggingface_hub
 
-    from sftkey_trl.run.comparison import main
+    from sftkey_trl.run.comparison import run_comparison as main
 
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: token)
     monkeypatch.delenv("HF_TOKEN", raising=False)
