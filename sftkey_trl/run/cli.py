@@ -48,7 +48,11 @@ def user_errors(debug: bool):
     except SFTKeyError as error:
         if debug:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        # One write per line: every rank of a launch reports into the same pipe, and print's separate write of the
+        # newline lets two ranks' lines run together.
+        sys.stderr.flush()
+        sys.stderr.write(f"error: {error}\n")
+        sys.stderr.flush()
         sys.exit(2)
 
 
