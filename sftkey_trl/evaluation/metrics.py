@@ -28,6 +28,7 @@ class Metric:
     higher_is_better: bool | None = True  # None: no direction (it describes generations, it does not score them)
     answer_types: tuple[str, ...] = ANSWER_TYPES  # the answer types it is defined for (None for the others)
     title: str = ""  # a reported metric's row label in the terminal table and the card
+    decimals: int = 3  # digits after the point in the results tables
 
 
 def _rate(key: str, rows: list[dict]) -> float:
@@ -72,7 +73,7 @@ METRICS: list[Metric] = [
            title="reasoning reaches reference"),
     Metric("mean_generated_tokens", "tokens", "mean generated tokens per example",
            lambda r, t: mean(p["generated_tokens"] for p in r), reported=True, higher_is_better=False,
-           title="generated tokens (mean)"),
+           title="generated tokens (mean)", decimals=1),
     Metric("mean_reasoning_length", "reas len", "mean reasoning length in characters",
            lambda r, t: mean(p["reasoning_length"] for p in r), higher_is_better=None),
 ]  # fmt: skip

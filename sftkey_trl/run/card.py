@@ -15,7 +15,7 @@ from ..recipe.schema import Recipe, key_types
 from ..train.objectives import Stage
 from .compare import markdown
 from .diagnosis import diagnose
-from .report import _cell, markdown_table, metric_rows, result_rows
+from .report import cell, markdown_table, metric_rows, result_rows
 
 TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}\n"
 FORMS = {
@@ -105,16 +105,17 @@ def stages_section(manifest: dict, results: dict) -> list[str]:
         settings = [_setting(config.get("training", {}).get(key)) for key, _ in SETTINGS]
         kept = summary.get("keep_best", {}).get("kept", "final weights")
         rows.append(
-            [name, objective(config.get("stage", {})), *settings, _cell(summary.get("global_batch_size")), kept]
+            [name, objective(config.get("stage", {})), *settings, cell(summary.get("global_batch_size")), kept]
         )
     return markdown_table(["stage", "loss on", *(title for _, title in SETTINGS), "global batch", "kept"], rows)
 
 
 def results_section(results: dict) -> list[str]:
+    """The card's results: one row per reported metric, one column per evaluated model."""
     rows = result_rows(results)
     if not any("accuracy" in metrics for _, metrics in rows):
         return ["No evaluation was run (`eval_after_stages: false` or no evaluation data)."]
-    table = [[label] + [_cell(metrics.get(key)) for _, metrics in rows] for key, label in metric_rows().items()]
+    table = [[label] + [cell(metrics.get(key), key) for _, metrics in rows] for key, label in metric_rows().items()]
     return markdown_table(["metric"] + [name for name, _ in rows], table)
 
 

@@ -56,6 +56,7 @@ def resolved_config(recipe: Recipe, stage_args, stage, data_hash: str, previous:
 
 
 def config_hash(config: dict) -> str:
+    """A short, order-independent fingerprint of a resolved stage configuration."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -80,15 +81,18 @@ class Manifest:
         self.data = read_json(self.path, None) or {"stages": {}}
 
     def stage(self, name: str) -> dict | None:
+        """The manifest entry of stage `name`, or None if it never started."""
         return self.data["stages"].get(name)
 
     def update(self, name: str, **fields: Any) -> None:
+        """Merge `fields` into stage `name`'s entry, stamped with the time and library versions."""
         self.data["stages"].setdefault(name, {}).update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
         self.data["library_versions"] = library_versions()
         if self.write:
             write_json(self.path, self.data)
 
     def forget(self, name: str) -> None:
+        """Drop stage `name`'s entry (it will be trained again)."""
         if self.data["stages"].pop(name, None) is not None and self.write:
             write_json(self.path, self.data)
 

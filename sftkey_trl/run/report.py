@@ -7,8 +7,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ..evaluation.metrics import reported
+from ..evaluation.metrics import METRICS, reported
 from .diagnosis import diagnose
+
+DECIMALS = {metric.name: metric.decimals for metric in METRICS}
 
 
 def result_rows(results: dict) -> list[tuple[str, dict]]:
@@ -17,10 +19,11 @@ def result_rows(results: dict) -> list[tuple[str, dict]]:
     return rows + list(results.get("stages", {}).items())
 
 
-def _cell(value) -> str:
+def cell(value, key: str = "") -> str:
+    """A table cell: `-` for a missing value; a float to metric `key`'s decimals (3 for anything else)."""
     if value is None:
         return "-"
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+    return f"{value:.{DECIMALS.get(key, 3)}f}" if isinstance(value, float) else str(value)
 
 
 def markdown_table(header: list[str], rows: list[list]) -> list[str]:
@@ -34,15 +37,11 @@ def metric_rows() -> dict[str, str]:
     return {metric.name: metric.title or metric.name for metric in reported()} | {"num_examples": "examples"}
 
 
-def _short(key: str, value) -> str:
-    return f"{value:.1f}" if key == "mean_generated_tokens" and isinstance(value, float) else _cell(value)
-
-
 def results_table(results: dict, output_dir: Path) -> Table:
     """The metrics as rows and the evaluated models (base, then each stage) as columns. Labels and numbers are
     never cut; a model name too long for the width wraps onto a second header line."""
     rows, labels = result_rows(results), metric_rows()
-    cells = {name: [_short(key, metrics.get(key)) for key in labels] for name, metrics in rows}
+    cells = {name: [cell(metrics.get(key), key) for key in labels] for name, metrics in rows}
     table = Table(title="SFTKey results", caption=str(output_dir / "results.json"), expand=False)
     table.add_column("metric", no_wrap=True, min_width=max(map(len, labels.values())))
     for name, _ in rows:
@@ -66,14 +65,14 @@ def results_markdown(results: dict) -> str:
     lines = ["# SFTKey results", ""]
     if results.get("selected_on_test"):
         lines += ["**keep_best selected checkpoints on the evaluation set (`select_on_test: true`): optimistic.**", ""]
-    rows = [[name] + [_cell(metrics.get(key)) for key, _ in columns] for name, metrics in result_rows(results)]
+    rows = [[name] + [cell(metrics.get(key), key) for key, _ in columns] for name, metrics in result_rows(results)]
     lines += markdown_table(["stage"] + [title for _, title in columns], rows)
     rows = []
     for name, entry in results.get("stages", {}).items():
         training = entry.get("training", {})
         keys = ("train_loss", "train_seconds", "tokens_per_second", "global_batch_size")
         kept = training.get("keep_best", {}).get("kept", "final weights")
-        rows.append([name, entry.get("loss_on", "-"), *(_cell(training.get(key)) for key in keys), kept])
+        rows.append([name, entry.get("loss_on", "-"), *(cell(training.get(key)) for key in keys), kept])
     header = ["stage", "loss on", "train loss", "seconds", "tokens/s", "global batch", "kept"]
     lines += ["", *markdown_table(header, rows)]
     if summary := diagnose(results):

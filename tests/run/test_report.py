@@ -7,7 +7,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from sftkey_trl.run.report import metric_rows, print_results
+from sftkey_trl.run.card import results_section
+from sftkey_trl.run.report import metric_rows, print_results, results_markdown
 
 METRICS = {"accuracy": 0.25, "format_accuracy": 1.0, "composite": 0.475, "reasoning_final_accuracy": 0.25,
            "answer_reasoning_consistency": 1.0, "mean_generated_tokens": 135.125, "num_examples": 1319}  # fmt: skip
@@ -31,3 +32,10 @@ def test_long_stage_names_wrap_instead_of_being_cut():
     text = render(["sft", "key_best_of_three", "another_long_stage", "x"])
     assert max(len(line) for line in text.splitlines()) <= 80
     assert "…" not in text and all(label in text for label in metric_rows().values())
+
+
+def test_every_table_rounds_a_metric_to_its_own_decimals():
+    """The terminal table, results.md and the card read each metric's `decimals` from its one entry."""
+    results = {"base": dict(METRICS), "stages": {"sft": dict(METRICS)}}
+    for text in (render(["sft"]), results_markdown(results), "\n".join(results_section(results))):
+        assert "135.1" in text and "135.125" not in text and "0.475" in text
