@@ -1,8 +1,10 @@
 """Process-wide set-up for the entry points (`recipes/run.py`, `recipes/compare.py`), done before the ML libraries
-are imported: how many CPU threads torch uses, and bitsandbytes kept out of runs that do not quantise."""
+are imported: how many CPU threads torch uses, bitsandbytes kept out of runs that do not quantise, and the process
+group closed at exit."""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -119,9 +121,20 @@ def prepare_process(argv: list[str], recipe: str | Path | None) -> None:
         )
 
 
+def close_process_group() -> None:
+    """Destroy the default process group, if one was started. Left to the interpreter's teardown, a gloo group can
+    abort a rank that finished its work (SIGABRT, "terminate called without an active exception"), and the launcher
+    then fails the whole run."""
+    distributed = sys.modules.get("torch.distributed")  # never imported: no group to close, and no torch import
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
+
+
 def start_entry_point(argv: list[str], as_program: bool) -> None:
     """What both entry points do first: plain log lines and, run as the program (not called from Python), the
-    process set up by `prepare_process` from the recipe that `argv` names."""
+    process set up by `prepare_process` from the recipe that `argv` names, with its process group closed at exit
+    (after a return, an error line or an exception alike)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if as_program:
         prepare_process(argv, flag_value(argv, "--config"))
+        atexit.register(close_process_group)

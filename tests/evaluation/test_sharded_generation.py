@@ -50,6 +50,7 @@ examples = json.load(open(examples_file))
 metrics, predictions = evaluate_model(model, tokenizer, examples, "numeric", args, Formatter(tokenizer, args))
 if state.is_main_process:
     json.dump({"metrics": metrics, "generations": [p["generation"] for p in predictions]}, open(out, "w"))
+state.destroy_process_group()  # as the entry points do: a gloo group left to teardown can abort a finished rank
 """
 
 

@@ -121,3 +121,24 @@ def test_trl_checkpointing_default_is_kept_without_the_deprecated_key():
     assert args.activation_checkpointing is True  # TRL's default
     with pytest.warns(FutureWarning, match="gradient_checkpointing"):  # the user's own deprecated key still works
         assert SFTKeyConfig(output_dir="unused", gradient_checkpointing=False).activation_checkpointing is False
+
+
+CLOSE = """
+import atexit, sys
+import torch.distributed as dist
+
+atexit.register(lambda: print("GROUP_LEFT_AT_EXIT", dist.is_initialized()))  # registered first, so it runs last
+from sftkey_trl.run.process import start_entry_point
+start_entry_point(["--config", {demo!r}], as_program=True)
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+{end}
+"""
+
+
+@pytest.mark.parametrize("end", ["pass", "sys.exit(2)"])
+def test_the_entry_point_closes_its_process_group_at_exit(end, tmp_path):
+    """A gloo group left to the interpreter's teardown can abort a rank that finished (SIGABRT), failing the launch;
+    the entry point destroys it at exit, after a normal end and after an error line's exit alike."""
+    done = run_python(tmp_path, CLOSE.format(demo=str(DEMO), end=end))
+    assert done.returncode == (0 if end == "pass" else 2), done.stderr[-2000:]
+    assert "GROUP_LEFT_AT_EXIT False" in done.stdout, done.stdout
