@@ -50,7 +50,6 @@ def user_errors(debug: bool):
             raise
         # One write per line: every rank of a launch reports into the same pipe, and print's separate write of the
         # newline lets two ranks' lines run together.
-        sys.stderr.flush()
         sys.stderr.write(f"error: {error}\n")
         sys.stderr.flush()
         sys.exit(2)

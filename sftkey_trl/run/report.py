@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ..evaluation.metrics import METRICS, reported
+from ..evaluation.metrics import METRICS, Metric, reported
 from .diagnosis import diagnose
 
 DECIMALS = {metric.name: metric.decimals for metric in METRICS}
@@ -20,10 +20,10 @@ def result_rows(results: dict) -> list[tuple[str, dict]]:
 
 
 def cell(value, key: str = "") -> str:
-    """A table cell: `-` for a missing value; a float to metric `key`'s decimals (3 for anything else)."""
+    """A table cell: `-` for a missing value; a float to metric `key`'s decimals (the default for anything else)."""
     if value is None:
         return "-"
-    return f"{value:.{DECIMALS.get(key, 3)}f}" if isinstance(value, float) else str(value)
+    return f"{value:.{DECIMALS.get(key, Metric.decimals)}f}" if isinstance(value, float) else str(value)
 
 
 def markdown_table(header: list[str], rows: list[list]) -> list[str]:
