@@ -81,6 +81,11 @@ def reported() -> list[Metric]:
     return [metric for metric in METRICS if metric.reported]
 
 
+def metric_named(name: str) -> Metric | None:
+    """The `METRICS` entry called `name` (None: no such metric)."""
+    return next((metric for metric in METRICS if metric.name == name), None)
+
+
 def selectable(answer_type: str) -> list[str]:
     """The metrics keep_best can select on for `answer_type` answers: higher is better, and defined for them."""
     return [m.name for m in METRICS if m.higher_is_better is True and answer_type in m.answer_types]

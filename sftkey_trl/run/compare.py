@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 
 from ..evaluation.intervals import example_difference, mean_ci
-from ..evaluation.metrics import DEFAULT_METRIC, METRICS, Metric, reported
+from ..evaluation.metrics import DEFAULT_METRIC, Metric, metric_named, reported
 from ..files import write_json, write_text
 from ..recipe.schema import Recipe
 from .report import markdown_table
@@ -102,7 +102,7 @@ def seeds_in_words(seeds: list[int]) -> str:
 
 
 def _decimals(metric: str) -> int:
-    return next((m.decimals for m in METRICS if m.name == metric), Metric.decimals)
+    return found.decimals if (found := metric_named(metric)) else Metric.decimals
 
 
 def _seed_spread(entry: dict) -> float | None:
@@ -152,7 +152,7 @@ def value_text(entry: dict, metric: str) -> str:
 
 
 def _title(metric: str) -> str:
-    return next((m.title for m in METRICS if m.name == metric), metric)
+    return found.title if (found := metric_named(metric)) else metric
 
 
 def _difference_table(title: str, rows: dict, metrics: list[str]) -> list[str]:
