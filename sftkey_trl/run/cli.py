@@ -162,5 +162,5 @@ def export(stage: str, merge_dir: str | None, recipe: Recipe) -> None:
     folder = stage_folder(recipe.training.output_dir, stage, [s.name for s in recipe.stages])
     merged = merge_stage(folder, recipe.model, recipe.training, merge_dir)
     name = recipe.training.hub_model_id or f"{Path(recipe.training.output_dir).name}-{stage}"
-    model_card(merged, stage, "merged", name, recipe).save(merged / "README.md")
+    model_card(merged, stage, "merged", name, recipe, location=str(merged)).save(merged / "README.md")
     print(f"standalone model (stage `{stage}` merged into {recipe.model.model_name_or_path}): {merged}")
