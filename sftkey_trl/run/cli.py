@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             from ..train.modeling import load_tokenizer
 
             tokenizer = partial(load_tokenizer, recipe.model, recipe.training, offline=True)
-            print(dry_run(recipe, notes + check_local_data(recipe.script, recipe.training, tokenizer)))
+            data_notes = check_local_data(recipe.script, recipe.training, recipe.stages, tokenizer)
+            print(dry_run(recipe, notes + data_notes))
             return 0
         if options.inspect is not None:
             inspect(recipe, options.inspect, options.json)
