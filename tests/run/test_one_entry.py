@@ -61,7 +61,7 @@ def test_inspect_and_dry_run_show_the_new_objective(capsys):
     assert "<Answer>" in reason["text"] and "2" in reason["supervised_text"]  # the reasoning's arithmetic
     assert "<Answer>" not in reason["supervised_text"] and reason["weights"] == [1.0]
     assert cli.main(["--config", DEMO, "--stages", STAGES, "--inspect", "1"]) == 0
-    assert f"trains on (highlighted): {REASONING.description}" in capsys.readouterr().out
+    assert f"trains on ([[marked]]): {REASONING.description}" in capsys.readouterr().out  # not a terminal
     assert cli.main(["--config", DEMO, "--stages", STAGES, "--dry_run"]) == 0
     stages = yaml.safe_load(capsys.readouterr().out)["stages"]
     assert stages[2]["loss_on"] == "reasoning" and stages[2]["trains_on"] == REASONING.description
