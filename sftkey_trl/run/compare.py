@@ -285,7 +285,8 @@ def plot(summary: dict, path: Path, metric: str = DEFAULT_METRIC) -> bool:
         halves = [_seed_spread(entry) or 0.0 for entry in entries]
         errors = [[min(h, m) for m, h in zip(means, halves)], [min(h, 1 - m) for m, h in zip(means, halves)]]
         positions = [i + (k - (len(scores) - 1) / 2) * width for i in range(len(variants))]
-        ax.bar(positions, means, width, yerr=errors if several else None, capsize=4, label=_title(name))
+        bars = ax.bar(positions, means, width, yerr=errors if several else None, capsize=4, label=_title(name))
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)  # a score of 0 is read, not mistaken for no bar
     ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right")
     ax.set_ylim(0, 1.08)
     seeds = seeds_in_words(summary.get("seeds", []))
@@ -314,8 +315,13 @@ def _plot_differences(ax, versus: dict, others: list[str], metric: str, baseline
         else "tab:gray"
         for found in intervals
     ]  # fmt: skip
-    ax.bar(range(len(others)), means, 0.6, color=colors, alpha=0.6)
+    bars = ax.bar(range(len(others)), means, 0.6, color=colors, alpha=0.6)
+    ax.bar_label(bars, fmt="%+.2f", fontsize=7, padding=2)
     ax.axhline(0, color="black", linewidth=0.8)
+    for i, entry in enumerate(entries):
+        if entry.get("examples", {}).get("identical"):
+            ax.annotate("no test example\ndiffers", (i, 0), xytext=(0, 14), textcoords="offset points", ha="center",
+                        fontsize=7, color="dimgray")  # fmt: skip
     shown = [i for i, found in enumerate(intervals) if found is not None]
     if shown:
         # the bar is the mean over seeds of each seed's difference; the interval is centred on the examples' mean

@@ -114,7 +114,8 @@ def _plot_stages(results: dict, output_dir: Path, path: Path) -> bool:
     for k, metric in enumerate(metrics):
         values = [m.get(metric.name, float("nan")) for _, m in rows]
         positions = [i + (k - (len(metrics) - 1) / 2) * width for i in range(len(rows))]
-        ax.bar(positions, values, width, label=metric.title)
+        bars = ax.bar(positions, values, width, label=metric.title)
+        ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)  # a score of 0 is read, not mistaken for no bar
     ax.set_xticks(range(len(rows)), [name for name, _ in rows])
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("evaluated model (base, then each stage)")
@@ -152,9 +153,13 @@ def _plot_curves(results: dict, output_dir: Path, path: Path) -> bool:
         ax.plot(*zip(*points), style, label=label)
     for boundary in boundaries[:-1]:
         ax.axvline(boundary, color="gray", linewidth=0.6, linestyle=":")
-    ax.set_xlabel("optimizer step (the stages one after another; dotted: where a stage ends)")
+    several = len(boundaries) > 1
+    ax.set_xlabel(
+        "optimizer step" + (" (the stages one after another; dotted: where a stage ends)" if several else "")
+    )
     ax.set_ylabel("mean loss per token")
-    if all(y > 0 for points, _, _ in curves for _, y in points):
+    losses = [y for points, _, _ in curves for _, y in points]
+    if min(losses) > 0 and max(losses) / min(losses) > 20:  # a log axis only where the losses span decades
         ax.set_yscale("log")
     ax.set_title("Training loss on the reasoning and on the answer (key) tokens", loc="left", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
