@@ -1,27 +1,28 @@
-"""What `--dry_run` can check of the data on this machine before any model is loaded: the evaluation rows the
-adapter can use, and the length notes a real run would give."""
+"""What `--dry_run` can check of the data on this machine before any model is loaded: every row check a real run
+applies to the training rows (`loading.check_training_rows`, the same function: the same rows refused with the same
+line), the evaluation rows the adapter can use, and the length notes a real run would give."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 from ..errors import SFTKeyError
 from ..files import DEMO_PREFIX
 from .formatting import Formatter
-from .loading import InvalidReport, check_usable_rows, length_notes, load_splits, local_path, to_triples
-from .masks import tokenize_rendered
+from .loading import InvalidReport, check_training_rows, check_usable_rows, load_splits, local_path, to_triples
+
+TOKEN_CHECKS = "no character the tokenizer cannot encode, no key cut by `max_length`, tokens for each stage"
 
 
-def check_local_data(script_args, training_args, load_tokenizer: Callable[[], Any], sample: int = 2000) -> list[str]:
-    """`--dry_run`'s look at local data: the evaluation rows the adapter keeps, and a real run's length notes from
-    the first `sample` training rows and the offline tokenizer (`load_tokenizer()` raises `SFTKeyError` without)."""
+def check_local_data(script_args, training_args, stages, load_tokenizer: Callable[[], Any]) -> list[str]:
+    """`--dry_run`'s look at local data, as a real run loads it (every training row it would train on): the row
+    checks and their notes, and the evaluation rows the adapter keeps; with no tokenizer offline
+    (`load_tokenizer()` raises `SFTKeyError`), the checks that need none. Returns what it found, in words."""
     names = [script_args.dataset_name or "", script_args.eval_dataset_name or ""]
     if not any(name.startswith(DEMO_PREFIX) or local_path(name) for name in names if name):
         return ["data checks: the data is not local; they run when a real run loads it"]
-    local = dataclasses.replace(script_args, max_train_samples=min(sample, script_args.max_train_samples or sample))
-    train, _, evaluation = load_splits(local, training_args.seed)
+    train, _, evaluation = load_splits(script_args, training_args.seed)
     notes = []
     if evaluation is not None:
         report = InvalidReport()
@@ -31,13 +32,15 @@ def check_local_data(script_args, training_args, load_tokenizer: Callable[[], An
     try:
         tokenizer = load_tokenizer()
     except SFTKeyError:
-        return notes + ["length checks: the tokenizer is not available offline; they run when a real run loads it"]
-    formatter = Formatter(tokenizer, script_args, training_args.eos_token)
-    rendered = [formatter.render(triple) for _, triple in to_triples(train, script_args, InvalidReport())]
-    if not rendered:
-        stop = "a real run stops with the invalid-row report"
-        return notes + [f"length checks: none of the first {len(train)} training rows is usable; {stop}"]
-    columns = tokenize_rendered(tokenizer, rendered)
-    lengths = [len(ids) for ids in columns["input_ids"]]
-    responses = [sum(mask) for mask in columns["completion_mask"]]
-    return notes + length_notes(lengths, responses, training_args.max_length, script_args.max_new_tokens)
+        tokenizer = None
+    formatter = Formatter(tokenizer, script_args, training_args.eos_token) if tokenizer is not None else None
+    checked = check_training_rows(train, script_args, training_args, stages, tokenizer, formatter)
+    notes += checked.notes
+    text_checks = "the adapter's" + (", no response tag in the data" if script_args.response_format == "tags" else "")
+    if formatter is None:
+        found = f"the checks that need no tokenizer ({text_checks}); the tokenizer is not available offline, so the "
+        found += f"others ({TOKEN_CHECKS}) run when a real run loads it"
+    else:
+        found = f"every check a real run applies ({text_checks}, {TOKEN_CHECKS})"
+    skipped = f"; skipped, as `on_invalid: skip` says: {checked.report.describe()}" if checked.report.total else ""
+    return notes + [f"training rows: {checked.kept} of {len(train)} pass {found}{skipped}"]

@@ -15,7 +15,7 @@ from datasets import Dataset, load_dataset, load_from_disk
 from ..errors import SFTKeyError, first_line
 from ..files import DEMO_PREFIX, cache_root, write_folder
 from .adapters import FieldNames, RowRejected, Triple, answer_type_of, check_columns, get_adapter
-from .formatting import Formatter
+from .formatting import Formatter, Tags
 from .masks import tokenize_rendered
 
 logger = logging.getLogger(__name__)
@@ -175,8 +175,7 @@ class PreparedData:
     validation_examples: list[dict]  # for keep_best: the eval_fraction hold-out, else the evaluation examples
 
 
-def _contains_tags(triple: Triple, formatter: Formatter) -> bool:
-    tags = formatter.tags
+def _contains_tags(triple: Triple, tags: Tags) -> bool:
     text = triple.reasoning + triple.answer
     return any(tag in text for tag in (tags.thinking_open, tags.thinking_close, tags.answer_open, tags.answer_close))
 
@@ -215,22 +214,46 @@ def _head(rows: Dataset | None, limit: int | None) -> Dataset | None:
     return rows.select(range(min(limit, len(rows)))) if rows is not None and limit else rows
 
 
-def prepare_data(script_args, training_args, stages, tokenizer, formatter: Formatter, cache_dir: Path | None):
-    """Validate and tokenise the training data once (cached under `cache_dir`) and build the evaluation prompts.
-    Invalid rows are counted by reason: `on_invalid: error` stops before training, `skip` drops them."""
-    train_rows, validation_rows, eval_rows = load_splits(script_args, training_args.seed)
+@dataclass
+class CheckedRows:
+    """The training rows after every row check (`check_training_rows`)."""
+
+    tokenized: (
+        Dataset | None
+    )  # input_ids, completion_mask, key_mask, index of the rows that passed (None: not tokenised)
+    data_hash: str | None
+    report: InvalidReport
+    notes: list[str]  # what a real run warns about: the length notes
+    kept: int  # rows that passed the checks that ran
+
+
+def check_training_rows(
+    train_rows: Dataset, script_args, training_args, stages, tokenizer, formatter: Formatter | None, cache_dir=None
+) -> CheckedRows:
+    """Every check a training row must pass, in this order: the adapter's, no response tag already in the data
+    (`contains_tags`), then with a tokenizer (`formatter`; None: only the first two) no character it cannot encode,
+    `max_length` not cutting the key, and tokens for each stage to train on. Failing rows are counted by reason; with
+    `on_invalid: error`, or nothing left, the run stops with one line. The real run (`prepare_data`) and `--dry_run`
+    (`checks.check_local_data`) both call this, so they refuse the same rows with the same line."""
     report = InvalidReport()
     triples = to_triples(train_rows, script_args, report)
     if script_args.response_format == "tags":
+        tags = Tags(
+            script_args.thinking_open, script_args.thinking_close, script_args.answer_open, script_args.answer_close
+        )
         kept = []
         for index, triple in triples:
-            if _contains_tags(triple, formatter):
+            if _contains_tags(triple, tags):
                 report.add("contains_tags", index)
             else:
                 kept.append((index, triple))
         triples = kept
     if not triples:  # every row was rejected: nothing to tokenise
         raise _invalid_rows_error(report, len(train_rows), script_args.on_invalid, nothing_left=True)
+    if formatter is None:
+        if report.total and script_args.on_invalid == "error":
+            raise _invalid_rows_error(report, len(train_rows), script_args.on_invalid, nothing_left=False)
+        return CheckedRows(None, None, report, [], len(triples))
     rendered = [formatter.render(triple) for _, triple in triples]
     digest = hashlib.sha256()
     digest.update(f"max_length={training_args.max_length}".encode())
@@ -248,24 +271,35 @@ def prepare_data(script_args, training_args, stages, tokenizer, formatter: Forma
     num_tokenized = len(tokenized)
     lengths = [len(ids) for ids in tokenized["input_ids"]]
     responses = [sum(mask) for mask in tokenized["completion_mask"]]
-    for note in length_notes(lengths, responses, training_args.max_length, script_args.max_new_tokens):
-        logger.warning("note: %s", note)
+    notes = length_notes(lengths, responses, training_args.max_length, script_args.max_new_tokens)
     tokenized = _drop_unknown_tokens(tokenized, [item.text for item in rendered], tokenizer, report)
     tokenized = _validate_lengths(tokenized, training_args.max_length, stages, report, len(train_rows))
-    if report.total:
-        if script_args.on_invalid == "error" or len(tokenized) == 0:
-            raise _invalid_rows_error(report, len(train_rows), script_args.on_invalid, len(tokenized) == 0)
-        logger.warning("%s; skipped (on_invalid: skip)", report.summary(len(train_rows)))
+    if report.total and (script_args.on_invalid == "error" or len(tokenized) == 0):
+        raise _invalid_rows_error(report, len(train_rows), script_args.on_invalid, len(tokenized) == 0)
     if cached is not None and not cached.exists():  # only valid data is cached; temp name then rename
         full = tokenized if len(tokenized) == num_tokenized else Dataset.from_dict(columns)
         with write_folder(cached) as tmp:
             full.save_to_disk(str(tmp))
+    return CheckedRows(tokenized, data_hash, report, notes, len(tokenized))
+
+
+def prepare_data(script_args, training_args, stages, tokenizer, formatter: Formatter, cache_dir: Path | None):
+    """Validate and tokenise the training data once (cached under `cache_dir`; `check_training_rows`) and build the
+    evaluation prompts. Invalid rows are counted by reason: `on_invalid: error` stops before training, `skip` drops
+    them."""
+    train_rows, validation_rows, eval_rows = load_splits(script_args, training_args.seed)
+    checked = check_training_rows(train_rows, script_args, training_args, stages, tokenizer, formatter, cache_dir)
+    for note in checked.notes:
+        logger.warning("note: %s", note)
+    report, tokenized = checked.report, checked.tokenized
+    if report.total:
+        logger.warning("%s; skipped (on_invalid: skip)", report.summary(len(train_rows)))
     if len(tokenized) == 0:  # a guard: empty files are refused when loaded, all-invalid data above
         raise SFTKeyError("no training rows are left; check the dataset and its adapter (`dataset_format`)")
     answer_type = answer_type_of(script_args)
     eval_examples = _eval_examples(eval_rows, script_args, formatter) if eval_rows is not None else []
     validation = _eval_examples(validation_rows, script_args, formatter) if validation_rows is not None else None
-    return PreparedData(tokenized, eval_examples, answer_type, data_hash, report, validation or eval_examples)
+    return PreparedData(tokenized, eval_examples, answer_type, checked.data_hash, report, validation or eval_examples)
 
 
 LENGTH_WARN_SHARE = 0.05  # warn when more than this share of rows is cut

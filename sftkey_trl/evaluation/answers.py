@@ -16,7 +16,8 @@ from functools import cache, lru_cache
 from typing import Any
 
 from ..data.formatting import RESPONSE_FORMATS, Tags, one_answer_slot
-from .numbers import MINUS, NOT_UNITS, is_hedged, last_number, numbers_equal, parse_number, prepare
+from .choices import committed_letter
+from .numbers import MINUS, NOT_UNITS, is_hedged, last_number, numbers_equal, parse_number
 
 ANSWER_TYPES = ("numeric", "math", "multiple_choice", "text")
 
@@ -188,33 +189,6 @@ def _math_verify_match(predicted: str, gold: str) -> bool:
     return False
 
 
-_CHOICE_BARE_RE = re.compile(r"[(\[]?\s*([A-E])\s*[)\]]?\s*[.:]?", re.IGNORECASE)
-_CHOICE_LEAD_RE = re.compile(r"[(\[]?([A-E])[)\].:](?:\s|$)")
-# Up to 3 lowercase fillers, no negation; an upper-case letter, so "the answer is a bit unclear" names no option.
-_FILLER_THEN_LETTER = r"(?:\s+(?!(?:not|never|no)\b)[a-z]+,?){0,3}\s*[(\[]?([A-E])(?![A-Za-z0-9'])"
-_CHOICE_COMMIT_RE = re.compile(
-    r"(?i:answer|pick|choose|select)(?:\s+(?i:is|would\s+be|should\s+be|must\s+be))?\s*:?" + _FILLER_THEN_LETTER
-)
-_CHOICE_MENTION_RE = re.compile(r"(?i:option|choice)\s*:?" + _FILLER_THEN_LETTER)
-_CHOICE_PAREN_RE = re.compile(r"\(([A-E])\)")
-
-
-def _choice_letter(text: str) -> str | None:
-    """The option letter A-E that `text` commits to ("B", "(b)", "The answer is B"), else None: the last commitment
-    wins over mentions, which count only when they all name one letter ("Option A or option C" is None)."""
-    s = re.sub(r"[$*]", "", prepare(text)).strip()
-    if m := _CHOICE_BARE_RE.fullmatch(s):
-        return m.group(1).upper()
-    if m := _CHOICE_LEAD_RE.match(s):
-        return m.group(1)
-    if committed := _CHOICE_COMMIT_RE.findall(s):
-        return committed[-1]
-    for pattern in (_CHOICE_MENTION_RE, _CHOICE_PAREN_RE):
-        if found := set(pattern.findall(s)):
-            return found.pop() if len(found) == 1 else None
-    return None
-
-
 def _default_normalizer(text: str) -> str:
     """Lowercase, collapse whitespace, strip trailing punctuation and a leading article (a/an/the)."""
     s = " ".join(text.lower().split()).rstrip(_TRAILING_PUNCT).strip()
@@ -246,7 +220,7 @@ def answers_match(
     if predicted is None or not gold_is_parseable(gold, answer_type):
         return False
     if answer_type == "multiple_choice":
-        return _choice_letter(predicted) == gold.strip().upper()
+        return committed_letter(predicted) == gold.strip().upper()
     if answer_type == "text":
         norm = normalizer or _default_normalizer
         return bool(norm(gold)) and norm(predicted) == norm(gold)

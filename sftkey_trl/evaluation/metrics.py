@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from statistics import mean
+from statistics import fmean
 
 from ..errors import closest
 from .answers import ANSWER_TYPES, answers_match, composite_score, extract_answer, gold_is_parseable
@@ -18,64 +18,58 @@ NUMERIC = ("numeric", "math")  # answer types whose reasoning arrives at a value
 
 @dataclass(frozen=True)
 class Metric:
-    """One number computed from a list of prediction records (None when it does not apply)."""
+    """One number computed from a list of prediction records: the mean of `value` over the records it judges
+    (`value` None: the record does not count), None when it judges none. Each record's value is kept beside the
+    metric (`summarise`'s `per_example`), so the comparison can resample examples."""
 
     name: str
-    label: str  # short column header
+    title: str  # words: the metric's column or row label in every table, the card and the plots
     description: str
-    compute: Callable[[list[dict], str], float | None]
+    value: Callable[[dict], float | None]  # one prediction record's contribution
     reported: bool = False  # a column of the results tables and of the comparison
     higher_is_better: bool | None = True  # None: no direction (it describes generations, it does not score them)
     answer_types: tuple[str, ...] = ANSWER_TYPES  # the answer types it is defined for (None for the others)
-    title: str = ""  # a reported metric's row label in the terminal table and the card
     decimals: int = 3  # digits after the point in the results tables
 
+    def compute(self, rows: list[dict]) -> float | None:
+        """The metric over prediction records `rows`."""
+        values = [value for value in map(self.value, rows) if value is not None]
+        return fmean(values) if values else None
 
-def _rate(key: str, rows: list[dict]) -> float:
-    return sum(bool(row[key]) for row in rows) / len(rows) if rows else 0.0
 
-
-def _judged_rate(key: str) -> Callable[[list[dict], str], float | None]:
-    """The rate of `key` over the rows that judge it (None: no row does)."""
-
-    def rate(rows: list[dict], answer_type: str) -> float | None:
-        judged = [row for row in rows if row.get(key) is not None]
-        return _rate(key, judged) if judged else None
-
-    return rate
+def _flag(key: str) -> Callable[[dict], float | None]:
+    """A record's `key` as 1.0/0.0 (None where the record does not judge it)."""
+    return lambda row: None if row.get(key) is None else float(bool(row[key]))
 
 
 METRICS: list[Metric] = [
-    Metric("accuracy", "acc", "the answer in the answer slot (tags or answer line) matches the gold answer",
-           lambda r, t: _rate("correct", r), reported=True, title="accuracy"),
-    Metric("lenient_accuracy", "lenient", "accuracy counting the last number of a generation without an answer slot",
-           lambda r, t: _rate("lenient_correct", r)),
-    Metric("format_accuracy", "fmt", "generation has the trained response format",
-           lambda r, t: _rate("format_ok", r), reported=True, title="format accuracy"),
-    Metric("composite", "0.7a+0.3f", "the paper's composite: 0.7 accuracy + 0.3 format accuracy",
-           lambda r, t: composite_score(_rate("correct", r), _rate("format_ok", r)), reported=True,
-           title="composite (0.7 acc + 0.3 fmt)"),
-    Metric("accuracy_given_format", "acc|fmt", "accuracy among well-formatted generations",
-           lambda r, t: _rate("correct", [p for p in r if p["format_ok"]])),
-    Metric("strict_accuracy", "strict", "correct and well formatted",
-           lambda r, t: sum(p["correct"] and p["format_ok"] for p in r) / len(r)),
-    Metric("last_number_fallback_rate", "fallback", "answers taken from the last number (no answer slot)",
-           lambda r, t: sum(p["extraction_method"] == "last_number" for p in r) / len(r), higher_is_better=False),
-    Metric("reasoning_final_accuracy", "reas", "the reasoning's final value matches the gold answer",
-           _judged_rate("reasoning_final_correct"), reported=True, answer_types=NUMERIC,
-           title="reasoning reaches gold answer"),
-    Metric("answer_reasoning_consistency", "consist", "the answer equals the reasoning's final value",
-           _judged_rate("consistent"), reported=True, answer_types=NUMERIC, title="answer follows reasoning"),
-    Metric("reasoning_reference_accuracy", "reas=ref",
+    Metric("accuracy", "accuracy", "the answer in the answer slot (tags or answer line) matches the gold answer",
+           _flag("correct"), reported=True),
+    Metric("lenient_accuracy", "lenient accuracy",
+           "accuracy counting the last number of a generation without an answer slot", _flag("lenient_correct")),
+    Metric("format_accuracy", "format accuracy", "generation has the trained response format", _flag("format_ok"),
+           reported=True),
+    Metric("composite", "composite (0.7 acc + 0.3 fmt)", "the paper's composite: 0.7 accuracy + 0.3 format accuracy",
+           lambda p: composite_score(float(bool(p["correct"])), float(bool(p["format_ok"]))), reported=True),
+    Metric("accuracy_given_format", "accuracy when formatted", "accuracy among well-formatted generations",
+           lambda p: float(bool(p["correct"])) if p["format_ok"] else None),
+    Metric("strict_accuracy", "strict accuracy", "correct and well formatted",
+           lambda p: float(bool(p["correct"] and p["format_ok"]))),
+    Metric("last_number_fallback_rate", "last-number fallback", "answers taken from the last number (no answer slot)",
+           lambda p: float(p["extraction_method"] == "last_number"), higher_is_better=False),
+    Metric("reasoning_final_accuracy", "reasoning reaches gold answer",
+           "the reasoning's final value matches the gold answer", _flag("reasoning_final_correct"), reported=True,
+           answer_types=NUMERIC),
+    Metric("answer_reasoning_consistency", "answer follows reasoning", "the answer equals the reasoning's final value",
+           _flag("consistent"), reported=True, answer_types=NUMERIC),
+    Metric("reasoning_reference_accuracy", "reasoning reaches reference",
            "the reasoning's final value matches the reference reasoning's (rows whose reference states one): "
            "whether the reasoning is right even where the answer transforms it",
-           _judged_rate("reasoning_matches_reference"), reported=True, answer_types=NUMERIC,
-           title="reasoning reaches reference"),
-    Metric("mean_generated_tokens", "tokens", "mean generated tokens per example",
-           lambda r, t: mean(p["generated_tokens"] for p in r), reported=True, higher_is_better=False,
-           title="generated tokens (mean)", decimals=1),
-    Metric("mean_reasoning_length", "reas len", "mean reasoning length in characters",
-           lambda r, t: mean(p["reasoning_length"] for p in r), higher_is_better=None),
+           _flag("reasoning_matches_reference"), reported=True, answer_types=NUMERIC),
+    Metric("mean_generated_tokens", "generated tokens (mean)", "mean generated tokens per example",
+           lambda p: float(p["generated_tokens"]), reported=True, higher_is_better=False, decimals=1),
+    Metric("mean_reasoning_length", "reasoning length (characters)", "mean reasoning length in characters",
+           lambda p: float(p["reasoning_length"]), higher_is_better=None),
 ]  # fmt: skip
 METRIC_NAMES = [metric.name for metric in METRICS]
 DEFAULT_METRIC = "accuracy"
@@ -85,6 +79,11 @@ NO_ANSWER_SLOT = ("last_number", "none")  # extraction methods that found no ans
 def reported() -> list[Metric]:
     """The metrics shown in every results table, the card and the comparison, in `METRICS`' order."""
     return [metric for metric in METRICS if metric.reported]
+
+
+def metric_named(name: str) -> Metric | None:
+    """The `METRICS` entry called `name` (None: no such metric)."""
+    return next((metric for metric in METRICS if metric.name == name), None)
 
 
 def selectable(answer_type: str) -> list[str]:
@@ -110,15 +109,22 @@ def selection_problem(name: str, answer_type: str) -> str | None:
 
 
 def summarise(predictions: list[dict], answer_type: str) -> dict:
-    """Aggregate prediction records into the metrics written to results.json."""
+    """Aggregate prediction records into the metrics written to results.json, with `per_example`: each record's
+    index and its value of every reported metric (None where it does not count), so intervals over the test
+    examples can be drawn later from results.json alone."""
     metrics: dict = {"num_examples": len(predictions)}
     if not predictions:
         return metrics
     for metric in METRICS:
-        value = metric.compute(predictions, answer_type) if answer_type in metric.answer_types else None
+        value = metric.compute(predictions) if answer_type in metric.answer_types else None
         if value is not None:
             metrics[metric.name] = value
     metrics["unparseable_gold"] = sum(not p["gold_parseable"] for p in predictions)
+    per_example: dict[str, list] = {"index": [p["index"] for p in predictions]}
+    for metric in reported():
+        if metric.name in metrics:
+            per_example[metric.name] = [metric.value(p) for p in predictions]
+    metrics["per_example"] = per_example
     return metrics
 
 

@@ -3,6 +3,7 @@ settings, and the results, with 95% intervals when `recipes/compare.py` was run 
 
 from __future__ import annotations
 
+import json
 import re
 from functools import cache
 from pathlib import Path
@@ -85,6 +86,43 @@ def is_hub_id(name: str | None) -> bool:
     return bool(name) and ":" not in name and name.count("/") == 1 and not Path(name).exists()
 
 
+def base_model_words(name: str) -> str:
+    """The base model as the card's text names it: a Hub id as it is; anything else with why the card's header
+    names no `base_model` (the Hub reads that field as a Hub id)."""
+    if is_hub_id(name):
+        return f"`{name}`"
+    from ..models import DEMO_MODEL, LOCAL_NAME
+
+    if name == LOCAL_NAME:
+        from ..models.smollm2 import HUB_ID
+
+        origin = f"built on this machine from a Q4_1 GGUF of `{HUB_ID}`"
+    elif name == DEMO_MODEL:
+        origin = "a tiny random-init model built on this machine"
+    else:
+        origin = "a local model"
+    return f"`{name}` ({origin}; not a Hub id, so the card's header names no `base_model`)"
+
+
+def trained_recipe(recipe: Recipe, manifest: dict) -> Recipe:
+    """The recipe the stages were trained with: the training command the manifest recorded, parsed again (a later
+    `--merge` or push runs with its own flags), in this command's `output_dir`; this recipe when none was recorded
+    or the recorded one no longer parses (its file moved)."""
+    recorded = manifest.get("command")
+    if not recorded:
+        return recipe
+    from ..errors import SFTKeyError
+    from ..recipe.parsing import parse_config
+
+    argv = (["--config", recorded["config"]] if recorded.get("config") else []) + list(recorded.get("overrides") or [])
+    try:
+        trained = parse_config(argv)
+    except SFTKeyError:
+        return recipe
+    trained.training.output_dir = recipe.training.output_dir
+    return trained
+
+
 def objective(stage: dict) -> str:
     """What a stage's loss is on, in words, from its resolved `Stage` entry in the manifest (`Stage.summary`)."""
     text = Stage(**{key: value for key, value in stage.items() if key in Stage.__dataclass_fields__}).summary
@@ -130,43 +168,59 @@ def comparison_section(output_dir: Path) -> list[str]:
     return block("### Comparison of the variants (`recipes/compare.py`)", table.removeprefix("## ").strip())
 
 
-def usage(repo_id: str, form: str, prompt_template: str | None, end_of_turn: str | None) -> list[str]:
-    """A generation snippet; `prompt_template` None means the tokenizer's chat template renders the prompt."""
+def usage(location: str, form: str, script_args, chat: bool, end_of_turn: str | None) -> list[str]:
+    """A generation snippet that runs as written, loading `location` (the saved folder, or the pushed repository)
+    and prompting as the evaluation did: through the tokenizer's chat template (`chat`), else the plain layout."""
     loader = "AutoPeftModelForCausalLM" if form == "adapter" else "AutoModelForCausalLM"
-    prompt = (
-        f'inputs = tokenizer({prompt_template!r}.format(question=question), return_tensors="pt")'
-        if prompt_template
-        else 'messages = [{"role": "user", "content": question}]\n'
-        'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", '
-        "return_dict=True)"
-    )
-    stop = f', eos_token_id=tokenizer.convert_tokens_to_ids("{end_of_turn}")' if end_of_turn else ""
+    if chat:
+        system = (
+            f'{{"role": "system", "content": {script_args.system_prompt!r}}}, ' if script_args.system_prompt else ""
+        )
+        encode = [
+            f'messages = [{system}{{"role": "user", "content": question}}]',
+            'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", '
+            "return_dict=True)",
+        ]
+    else:
+        encode = [f'inputs = tokenizer({plain_prompt(script_args)}, return_tensors="pt", add_special_tokens=False)']
+    stop = f", eos_token_id=tokenizer.convert_tokens_to_ids({json.dumps(end_of_turn)})" if end_of_turn else ""
     return [
         "```python",
         *([f"from peft import {loader}"] if form == "adapter" else []),
         f"from transformers import {'AutoTokenizer' if form == 'adapter' else 'AutoModelForCausalLM, AutoTokenizer'}",
         "",
-        f'model = {loader}.from_pretrained("{repo_id}")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
-        prompt,
-        f"output = model.generate(**inputs, max_new_tokens=512, do_sample=False{stop})",
+        f"model = {loader}.from_pretrained({json.dumps(location)})",
+        f"tokenizer = AutoTokenizer.from_pretrained({json.dumps(location)})",
+        'question = "What is 7 + 5?"  # your question',
+        *encode,
+        f"output = model.generate(**inputs, max_new_tokens={script_args.max_new_tokens}, do_sample=False{stop})",
         'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
         "```",
     ]
 
 
-def model_card(folder: Path, stage: str, form: str, repo_id: str, recipe: Recipe) -> ModelCard:
-    """The card of `folder` (the stage or its merged copy) from the run's files in its `output_dir`; saved as
-    `<folder>/README.md`, it replaces peft's placeholder card."""
+def plain_prompt(script_args) -> str:
+    """The plain layout's prompt as a Python expression of `question`, as `Formatter.prompt` builds it."""
+    system = f"{script_args.system_prompt}\n\n" if script_args.system_prompt else ""
+    return f'(tokenizer.bos_token or "") + {system + script_args.prompt_template!r}.format(question=question)'
+
+
+def model_card(
+    folder: Path, stage: str, form: str, repo_id: str, recipe: Recipe, location: str | None = None
+) -> ModelCard:
+    """The card of `folder` (the stage or its merged copy) from the run's files in its `output_dir`, saved as
+    `<folder>/README.md`; its usage snippet loads `location` (default `repo_id`: where it is pushed)."""
+    output_dir = Path(recipe.training.output_dir)
+    manifest = read_json(output_dir / "manifest.json", {}) or {}
+    recipe = trained_recipe(recipe, manifest)
     script_args, training_args, model_args, stages = recipe.script, recipe.training, recipe.model, recipe.stages
-    output_dir = Path(training_args.output_dir)
     results = read_json(output_dir / "results.json", {}) or {}
     base = model_args.model_name_or_path
     quantized = model_args.load_in_4bit or model_args.load_in_8bit
     tags = ["sftkey", "trl", "sft", "chain-of-thought"]
     tags += ["qlora"] if quantized else (["lora"] if model_args.use_peft else [])
     data = ModelCardData(
-        base_model=base if is_hub_id(base) else None,
+        base_model=base if is_hub_id(base) else None,  # the text says why when it is left out
         datasets=[script_args.dataset_name] if is_hub_id(script_args.dataset_name) else None,
         library_name="peft" if form == "adapter" else "transformers",
         pipeline_tag="text-generation",
@@ -185,20 +239,21 @@ def model_card(folder: Path, stage: str, form: str, repo_id: str, recipe: Recipe
         else f"the reasoning, then `{script_args.answer_template}`"
     )
     dataset = script_args.dataset_name + (f" ({script_args.dataset_config})" if script_args.dataset_config else "")
+    notes = diagnose(results)
     shown_recipe = f"`{recipe.path or 'built-in defaults'}`"
     if recipe.overrides:
         shown_recipe += f" with `{HF_TOKEN_RE.sub(REDACTED, ' '.join(recipe.overrides))}`"
-    manifest, notes = read_json(output_dir / "manifest.json", {}) or {}, diagnose(results)
     body = [
         f"# {repo_id.split('/')[-1]}",
         "",
-        f"`{base}` fine-tuned with [SFTKey](https://arxiv.org/abs/2512.21017), two-stage chain-of-thought SFT on "
-        "TRL (sftkey-trl): stage 1 trains on the whole response, the key stage on the final answer only.",
+        f"{base_model_words(base)} fine-tuned with [SFTKey](https://arxiv.org/abs/2512.21017), two-stage "
+        "chain-of-thought SFT on TRL (sftkey-trl): stage 1 trains on the whole response, the key stage on the final "
+        "answer only.",
         "",
         f"This repository holds stage `{stage}` (of {', '.join(f'`{s.name}`' for s in stages)}) as {FORMS[form]}. "
         f"Responses are formatted as {response}.",
         *block("## Use"),
-        *usage(repo_id, form, None if chat else script_args.prompt_template, training_args.eos_token),
+        *usage(location or repo_id, form, script_args, chat, training_args.eos_token),
         *block("## Training"),
         f"- Base model: `{base}`; {method}",
         f"- Data: `{dataset}`, format `{script_args.dataset_format}`",

@@ -27,7 +27,7 @@ def run_options(argv: list[str], default_recipe: str | None = None) -> tuple[arg
 
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--inspect", type=int, default=None, help="Show what each stage trains on; train nothing.")
-    parser.add_argument("--json", action="store_true", help="With --inspect: one JSON object per line.")
+    parser.add_argument("--json", action="store_true", help=INSPECT_JSON)
     parser.add_argument("--eval_only", action="store_true", help="Evaluate a checkpoint (or the base model).")
     parser.add_argument("--checkpoint", default=None, help="With --eval_only: a saved stage folder.")
     parser.add_argument("--dry_run", action="store_true", help="Check the recipe offline and print it resolved.")
@@ -55,8 +55,42 @@ def user_errors(debug: bool):
         sys.exit(2)
 
 
+INSPECT_JSON = (
+    "With --inspect: one JSON object per example and stage, one per line: `index` (the training row), `stage`, `text` "
+    "(the rendered example), `supervised_text` (the tokens the stage puts loss on, decoded together) and `weights` "
+    "(the distinct loss weights above 0 those tokens get, e.g. [1.0, 5.0] with `key_weight: 5`, [0.1, 1.0] with "
+    "`reasoning_weight: 0.1`)."
+)
+MARKS = ("[[", "]]")  # around supervised text when the output is not a terminal (no colours to show it)
+
+
+def marked_text(tokenizer, input_ids: list[int], weights: list[float]) -> str:
+    """The example with each run of supervised tokens between `[[` and `]]`, its loss weight in front when it is not
+    1 (`[[x5: ...]]`); the text outside the marks is context the stage puts no loss on."""
+    parts, run, current = [], [], 0.0
+
+    def close() -> None:
+        text = tokenizer.decode(run, skip_special_tokens=False)
+        if current > 0:
+            text = f"{MARKS[0]}{'' if current == 1 else f'x{current:g}: '}{text}{MARKS[1]}"
+        parts.append(text)
+
+    for token, weight in zip(input_ids, weights):
+        weight = round(float(weight), 4)
+        if run and weight != current:
+            close()
+            run = []
+        run.append(token)
+        current = weight
+    if run:
+        close()
+    return "".join(parts)
+
+
 def inspect(recipe: Recipe, count: int, as_json: bool) -> None:
-    """Print, for the first `count` training examples, the rendered text and what each stage supervises."""
+    """Print, for the first `count` training examples, the rendered text and what each stage supervises:
+    highlighted in a terminal, between `[[` and `]]` elsewhere (a pipe, a CI log), one JSON line each with
+    `as_json` (the fields: `INSPECT_JSON`)."""
     import torch
     from rich.console import Console
     from rich.text import Text
@@ -74,6 +108,10 @@ def inspect(recipe: Recipe, count: int, as_json: bool) -> None:
     script_args.eval_fraction = 0.0
     data = prepare_data(script_args, training_args, stages, tokenizer, formatter, cache_dir=None)
     console = Console(highlight=False)
+    marked = not console.is_terminal
+    if marked and not as_json:
+        console.print(f"Supervised text is between {MARKS[0]} and {MARKS[1]}, with its loss weight in front when it "
+                      "is not 1; the rest is context the stage puts no loss on.", markup=False)  # fmt: skip
     for row in data.train.select(range(min(count, len(data.train)))):
         text = tokenizer.decode(row["input_ids"], skip_special_tokens=False)
         for stage in stages:
@@ -88,11 +126,15 @@ def inspect(recipe: Recipe, count: int, as_json: bool) -> None:
                 }
                 print(json.dumps(record, ensure_ascii=False))
                 continue
+            console.rule(f"example {row['index']} - stage `{stage.name}`")
+            if marked:
+                console.print(f"trains on ({MARKS[0]}marked{MARKS[1]}): {stage.description}", markup=False)
+                console.print(marked_text(tokenizer, row["input_ids"], weights.tolist()), markup=False, soft_wrap=True)
+                continue
             rendered = Text()
             for token, weight in zip(row["input_ids"], weights.tolist()):
                 style = "bold black on green" if weight >= 1 else "black on yellow" if weight > 0 else "dim"
                 rendered.append(tokenizer.decode([token]), style=style)
-            console.rule(f"example {row['index']} - stage `{stage.name}`")
             console.print(f"trains on (highlighted): {stage.description}", markup=False)  # wraps, unlike a rule
             console.print(rendered)
 
@@ -129,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             from ..train.modeling import load_tokenizer
 
             tokenizer = partial(load_tokenizer, recipe.model, recipe.training, offline=True)
-            print(dry_run(recipe, notes + check_local_data(recipe.script, recipe.training, tokenizer)))
+            data_notes = check_local_data(recipe.script, recipe.training, recipe.stages, tokenizer)
+            print(dry_run(recipe, notes + data_notes))
             return 0
         if options.inspect is not None:
             inspect(recipe, options.inspect, options.json)
@@ -162,5 +205,5 @@ def export(stage: str, merge_dir: str | None, recipe: Recipe) -> None:
     folder = stage_folder(recipe.training.output_dir, stage, [s.name for s in recipe.stages])
     merged = merge_stage(folder, recipe.model, recipe.training, merge_dir)
     name = recipe.training.hub_model_id or f"{Path(recipe.training.output_dir).name}-{stage}"
-    model_card(merged, stage, "merged", name, recipe).save(merged / "README.md")
+    model_card(merged, stage, "merged", name, recipe, location=str(merged)).save(merged / "README.md")
     print(f"standalone model (stage `{stage}` merged into {recipe.model.model_name_or_path}): {merged}")

@@ -13,8 +13,9 @@ from ..errors import SFTKeyError, closest
 
 
 def run_comparison(argv: list[str] | None = None, description: str | None = None) -> int:
-    """Check the recipe and the flags, run every arm seed by seed, and print `comparison.md`; `description` is the
-    script's usage text (`--help`). Called as the program (no `argv`), it first sets up the process."""
+    """Check the recipe and the flags, run every arm seed by seed, and print the comparison's table and the files it
+    wrote; `description` is the script's usage text (`--help`). Called as the program (no `argv`), it first sets up
+    the process."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default=None, help="Comma-separated variant names (default: the 6 main arms).")
     parser.add_argument("--seeds", type=int, default=3, help="Number of seeds (0, 1, ..., N-1).")
@@ -33,7 +34,7 @@ def run_comparison(argv: list[str] | None = None, description: str | None = None
     from ..recipe.schema import COMPARE_DEMO_RECIPE
     from . import variants as arms
     from .cli import load_checked_recipe, run_options, user_errors
-    from .compare import arm_configuration, carried_arms, write_comparison
+    from .compare import arm_configuration, carried_arms, print_comparison, write_comparison
 
     run, rest = run_options(rest, COMPARE_DEMO_RECIPE)
     with user_errors(run.debug):
@@ -64,6 +65,5 @@ def run_comparison(argv: list[str] | None = None, description: str | None = None
                 target = (recorded or None) if name == arms.MATCHED else None
                 per_seed[name][seed] = arms.run_variant(variants[name], seed, recipe, root, steps_to_match=target)
                 write_comparison(root, per_seed, variants, seeds, options.metric, configurations)  # survives a kill
-        write_comparison(root, per_seed, variants, seeds, options.metric, configurations)
-        print((root / "comparison.md").read_text())
+        print_comparison(*write_comparison(root, per_seed, variants, seeds, options.metric, configurations))
     return 0

@@ -29,9 +29,9 @@ def push_run(recipe: Recipe) -> str:
     if form == "adapter" and training_args.hub_merge:
         folder, form = merge_stage(folder, recipe.model, training_args), "merged"
     repo = training_args.hub_model_id or Path(training_args.output_dir).name  # under the token's account, as Trainer
-    model_card(folder, stage, form, repo, recipe).save(folder / "README.md")
     api = HfApi(token=training_args.hub_token)
     url = api.create_repo(repo, private=training_args.hub_private_repo, exist_ok=True)
+    model_card(folder, stage, form, url.repo_id, recipe).save(folder / "README.md")  # loads `user/name` as created
     api.upload_folder(
         repo_id=url.repo_id,
         folder_path=str(folder),

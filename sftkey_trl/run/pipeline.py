@@ -34,6 +34,14 @@ from .report import plot_results, results_markdown
 from .tracking import stage_run_name, track_stage
 
 logger = logging.getLogger(__name__)
+PLACEHOLDER_CARD = "# Model Card for Model ID"  # the title of the template card peft writes beside each adapter
+
+
+def drop_placeholder_card(folder: Path) -> None:
+    """Delete the placeholder README.md (about 200 lines of "[More Information Needed]") peft saves with an adapter."""
+    readme = folder / "README.md"
+    if readme.is_file() and PLACEHOLDER_CARD in readme.read_text(errors="replace"):
+        readme.unlink()
 
 
 class Pipeline:
@@ -76,6 +84,8 @@ class Pipeline:
                 (self.output_dir / name).unlink(missing_ok=True)
         self.state.wait_for_everyone()
         manifest = Manifest(self.output_dir, write=main)
+        # what the model card names as the training command, also when a later `--merge` runs with other flags
+        manifest.data["command"] = {"config": self.recipe.path, "overrides": list(self.recipe.overrides)}
         plan = plan_stages(self.recipe, self.stage_args, self.data.data_hash, manifest, self.state.num_processes)
         self.state.wait_for_everyone()  # no rank writes before every rank has read the manifest and checked
         results = read_json(self.output_dir / "results.json", None) or {"stages": {}}
@@ -171,6 +181,7 @@ class Pipeline:
         if self.state.is_main_process:
             self.tokenizer.save_pretrained(str(stage_dir))
             write_json(stage_dir / "log_history.json", trainer.state.log_history)
+            drop_placeholder_card(stage_dir)  # the stage's card is card.py's, written when it is exported or pushed
         summary = {
             "train_loss": output.training_loss,
             "train_seconds": seconds,

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from ..evaluation.metrics import METRICS, Metric, reported
+from ..evaluation.metrics import Metric, metric_named, reported
 from .diagnosis import diagnose
 
-DECIMALS = {metric.name: metric.decimals for metric in METRICS}
+logger = logging.getLogger(__name__)
 
 
 def result_rows(results: dict) -> list[tuple[str, dict]]:
@@ -23,7 +25,8 @@ def cell(value, key: str = "") -> str:
     """A table cell: `-` for a missing value; a float to metric `key`'s decimals (the default for anything else)."""
     if value is None:
         return "-"
-    return f"{value:.{DECIMALS.get(key, Metric.decimals)}f}" if isinstance(value, float) else str(value)
+    decimals = found.decimals if (found := metric_named(key)) else Metric.decimals
+    return f"{value:.{decimals}f}" if isinstance(value, float) else str(value)
 
 
 def markdown_table(header: list[str], rows: list[list]) -> list[str]:
@@ -61,7 +64,7 @@ def print_results(results: dict, output_dir: Path, console: Console | None = Non
 
 def results_markdown(results: dict) -> str:
     """`results.md`: the metrics table plus each stage's training summary."""
-    columns = [(metric.name, metric.label) for metric in reported()] + [("num_examples", "n")]
+    columns = list(metric_rows().items())
     lines = ["# SFTKey results", ""]
     if results.get("selected_on_test"):
         lines += ["**keep_best selected checkpoints on the evaluation set (`select_on_test: true`): optimistic.**", ""]
@@ -80,46 +83,86 @@ def results_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_results(results: dict, output_dir: Path) -> None:
-    """`stages.png`: the reported scores per stage; `training_curves.png`: the reasoning and key losses over the
-    stages' steps."""
-    import json
-
+def plot_results(results: dict, output_dir: Path) -> list[Path]:
+    """`stages.png`: the reported scores per evaluated model; `training_curves.png`: the reasoning and key losses over
+    the stages' steps. A plot with nothing to draw is not written (and an earlier one removed), and the log says so.
+    Returns the plots written."""
     import matplotlib
 
     matplotlib.use("Agg")
+    written = []
+    for name, draw in (("stages.png", _plot_stages), ("training_curves.png", _plot_curves)):
+        path = output_dir / name
+        if draw(results, output_dir, path):
+            written.append(path)
+        else:
+            path.unlink(missing_ok=True)
+    return written
+
+
+def _plot_stages(results: dict, output_dir: Path, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     rows = result_rows(results)
-    metrics = [metric for metric in reported() if metric.higher_is_better]  # the scores, all rates in [0, 1]
-    fig, ax = plt.subplots(figsize=(2 + 1.5 * max(1, len(rows)), 3.6))
+    # the scores, all shares of the test examples in [0, 1]; a score no model has (not defined here) takes no slot
+    metrics = [m for m in reported() if m.higher_is_better and any(m.name in metrics for _, metrics in rows)]
+    if not metrics:
+        logger.info("no %s: no stage was evaluated (eval_after_stages: false, or no evaluation data)", path.name)
+        return False
+    fig, ax = plt.subplots(figsize=(4.5 + 1.2 * len(rows), 4), layout="constrained")
     width = 0.8 / len(metrics)
     for k, metric in enumerate(metrics):
-        values = [m.get(metric.name) or 0.0 for _, m in rows]
-        ax.bar([i + (k - (len(metrics) - 1) / 2) * width for i in range(len(rows))], values, width, label=metric.title)
+        values = [m.get(metric.name, float("nan")) for _, m in rows]
+        positions = [i + (k - (len(metrics) - 1) / 2) * width for i in range(len(rows))]
+        bars = ax.bar(positions, values, width, label=metric.title)
+        ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)  # a score of 0 is read, not mistaken for no bar
     ax.set_xticks(range(len(rows)), [name for name, _ in rows])
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(output_dir / "stages.png", dpi=120)
+    ax.set_xlabel("evaluated model (base, then each stage)")
+    ax.set_ylabel("score (share of test examples)")
+    examples = {m.get("num_examples") for _, m in rows} - {None}
+    on = f" on {examples.pop()} test examples" if len(examples) == 1 else ""
+    ax.set_title(f"Scores after each stage{on}", loc="left", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, never over them
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    offset = 0
-    for name, _ in rows:
+
+def _plot_curves(results: dict, output_dir: Path, path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    curves, offset, boundaries = [], 0, []
+    for name in results.get("stages", {}):
         history = output_dir / name / "log_history.json"
-        if name == "base" or not history.exists():
+        if not history.exists():
             continue
         logs = [entry for entry in json.loads(history.read_text()) if "reasoning_loss" in entry or "key_loss" in entry]
         for part, style in (("reasoning_loss", "-"), ("key_loss", "--")):
             points = [(offset + e["step"], e[part]) for e in logs if part in e and "train_loss" not in e]
             if points:
-                ax.plot(*zip(*points), style, label=f"{name}: {part}")
+                curves.append((points, style, f"{name}: {part.replace('_', ' ')}"))
         offset += max((e["step"] for e in logs), default=0)
-    ax.set_xlabel("optimizer step (stages one after another)")
+        boundaries.append(offset)
+    if not curves:
+        why = "fewer steps than `logging_steps`, or `log_part_losses: false`"
+        logger.info("no %s: no stage logged its reasoning and key losses (%s)", path.name, why)
+        return False
+    fig, ax = plt.subplots(figsize=(8, 3.8), layout="constrained")
+    for points, style, label in curves:
+        ax.plot(*zip(*points), style, label=label)
+    for boundary in boundaries[:-1]:
+        ax.axvline(boundary, color="gray", linewidth=0.6, linestyle=":")
+    several = len(boundaries) > 1
+    ax.set_xlabel(
+        "optimizer step" + (" (the stages one after another; dotted: where a stage ends)" if several else "")
+    )
     ax.set_ylabel("mean loss per token")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(output_dir / "training_curves.png", dpi=120)
+    losses = [y for points, _, _ in curves for _, y in points]
+    if min(losses) > 0 and max(losses) / min(losses) > 20:  # a log axis only where the losses span decades
+        ax.set_yscale("log")
+    ax.set_title("Training loss on the reasoning and on the answer (key) tokens", loc="left", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True

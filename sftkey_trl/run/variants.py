@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +130,18 @@ def planned_steps(stages: tuple[Stage, ...], training_args, num_rows: int, proce
     )
 
 
+def kept_per_example(stage_dir: Path, answer_type: str) -> dict:
+    """`{"per_example": ...}` rebuilt from a stage's `predictions.jsonl` (a run finished before results.json kept
+    per-example values); empty when the stage kept no predictions."""
+    from ..evaluation.metrics import summarise
+
+    path = stage_dir / "predictions.jsonl"
+    if not path.exists():
+        return {}
+    predictions = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {"per_example": summarise(predictions, answer_type)["per_example"]} if predictions else {}
+
+
 def run_variant(variant: Variant, seed: int, recipe: Recipe, root: Path, steps_to_match: int | None = None) -> dict:
     """Train and evaluate one arm with one seed; return its last stage's metrics plus `optimizer_steps` and
     `train_tokens` over its stages. A matched arm takes `steps_to_match` steps (else the target's planned ones)."""
@@ -147,8 +160,11 @@ def run_variant(variant: Variant, seed: int, recipe: Recipe, root: Path, steps_t
         recipe.stages[0].overrides["max_steps"] = steps_to_match
     results = pipeline.run()
     trained = [results["stages"][stage.name].get("training", {}) for stage in recipe.stages]
-    record = dict(results["stages"][recipe.stages[-1].name])
+    last = recipe.stages[-1].name
+    record = dict(results["stages"][last])
     record.pop("training", None)
+    if "num_examples" in record and "per_example" not in record:  # evaluated before per-example values were kept
+        record.update(kept_per_example(Path(recipe.training.output_dir) / last, results.get("answer_type", "math")))
     record["optimizer_steps"] = sum(t.get("optimizer_steps", 0) for t in trained)
     record["train_tokens"] = sum(t.get("train_tokens", 0) for t in trained)
     return record

@@ -165,7 +165,7 @@ def test_generated_rows_give_the_report_or_one_line(file, on_invalid):
         except SFTKeyError as refusal:
             message = str(refusal)
             assert "\n" not in message, message
-            assert error is None or error == f"error: {message}", (error, message)
+            assert error == f"error: {message}", (error, message)  # the dry run runs the same row checks
             kinds = {"training rows are invalid": "the invalid-row report", "could not read": "file unreadable",
                      "needs column": "a column missing"}  # fmt: skip
             kind = next((what for part, what in kinds.items() if part in message), message)
@@ -216,11 +216,11 @@ def test_a_file_that_is_not_utf8_is_one_line(tmp_path):
 
 
 def test_dry_run_with_no_usable_training_row(tmp_path):
-    """Found by the fuzzing: the dry run's length checks tokenised an empty list (IndexError); now they say why they
-    did not run, and the real run gives the invalid-row report."""
+    """Found by the fuzzing: the dry run's length checks tokenised an empty list (IndexError); now the dry run runs
+    the real run's row checks and gives its invalid-row report, line for line."""
     path = tmp_path / "train.jsonl"
     path.write_text(json.dumps({"question": "0", "reasoning": None, "answer": "0"}) + "\n")
     argv = recipe_argv(str(path), "skip")
-    assert dry_run(argv) is None
-    with pytest.raises(SFTKeyError, match=r"1 of 1 training rows are invalid: empty_reasoning x1 \(rows 0\)"):
+    with pytest.raises(SFTKeyError, match=r"1 of 1 training rows are invalid: empty_reasoning x1 \(rows 0\)") as real:
         prepare(argv)
+    assert dry_run(argv) == f"error: {real.value}"

@@ -1,7 +1,7 @@
-"""`--dry_run` refuses every recipe a real run refuses before loading the model, with the same one line: each
-refusal is run both ways on the tiny demo recipe, the dry run in this process and the real run as
-`recipes/run.py` in a separate `sys.executable` process (one process for all cases, each case run as the program
-`recipes/run.py` is, so the import of the ML stack is paid once)."""
+"""`--dry_run` refuses every recipe a real run refuses before loading the model, and every training row a real run
+refuses before training, with the same one line: each refusal is run both ways on the tiny demo recipe, the dry run
+in this process and the real run as `recipes/run.py` in a separate `sys.executable` process (one process for all
+cases, each case run as the program `recipes/run.py` is, so the import of the ML stack is paid once)."""
 
 from __future__ import annotations
 
@@ -131,3 +131,73 @@ def test_checking_never_changes_the_recipe_resolving_does(tmp_path, monkeypatch)
     model = report["settings"]["model"]
     assert model["dtype"] == "bfloat16" == model["bnb_4bit_quant_storage"]
     assert set(fixes) <= set(report["notes"])
+
+
+GOOD = {"question": "Compute 1 + 1.", "reasoning": "1 + 1 = 2", "answer": "2"}
+OWN_DATA = ["--eval_fraction", "0", "--select_on_test", "true"]  # every row trains; the demo's test split evaluates
+# (name, training rows, command-line keys, the error line's pattern): each a row check of `check_training_rows`
+DATA_CASES = [
+    ("contains_tags", [GOOD, {**GOOD, "answer": "<Answer>2</Answer>"}, GOOD], [],
+     r"1 of 3 training rows are invalid: contains_tags x1 \(rows 1\); fix the data or set `on_invalid: skip`"),
+    ("tags_everywhere", [{**GOOD, "reasoning": "<Thinking>1 + 1 = 2</Thinking>"}] * 2, ["--on_invalid", "skip"],
+     r"2 of 2 training rows are invalid: contains_tags x2 \(rows 0, 1\), so no row is left to train on"),
+    ("empty_answer", [GOOD, {**GOOD, "answer": ""}], [], r"1 of 2 training rows are invalid: empty_answer x1"),
+    ("unknown_characters", [GOOD, {**GOOD, "question": "Compute ½ + ½."}], [],
+     r"1 of 2 training rows are invalid: unknown_characters x1 \(rows 1\)"),
+    ("key_truncated", [GOOD, {**GOOD, "reasoning": "1 + 1 = 2. " * 12}, GOOD], ["--max_length", "120"],
+     r"1 of 3 training rows are invalid: key_truncated x1 \(rows 1\)"),
+]  # fmt: skip
+
+
+@pytest.fixture()
+def no_progress_bars():
+    """The error line is the dry run's whole stderr: `datasets` draws no progress bars there."""
+    import datasets
+
+    was_enabled = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    yield
+    if was_enabled:
+        datasets.enable_progress_bars()
+
+
+def test_dry_run_and_real_run_refuse_the_same_training_rows_alike(
+    tmp_path, real_run_env, tiny_model_dir, no_progress_bars, capsys
+):
+    """A row a real run refuses before training (as the one a user met: `<Answer>` tags in the data, which passed
+    `--dry_run`) is refused by `--dry_run` with the same line."""
+    cases, dry = [], {}
+    for name, rows, extra, pattern in DATA_CASES:
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        argv = arguments(tmp_path, name, ["--dataset_name", str(data), *OWN_DATA, *extra])
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([*argv, "--dry_run"])
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and re.search(pattern, err) and "\n" not in err, (name, exit_.value.code, err)
+        dry[name] = err
+        cases.append((name, argv, {}, str(tmp_path / name)))
+    command = [sys.executable, "-c", DRIVER, json.dumps(cases)]
+    run = subprocess.run(command, cwd=ROOT, env=real_run_env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.split("RESULTS ", 1)[1])
+    for name, *_ in DATA_CASES:
+        code, errors, _ = results[name]
+        assert (code, errors) == (2, [dry[name]]), (name, code, errors, dry[name])
+        assert not (tmp_path / name).exists(), f"{name}: the real run wrote before refusing the data"
+
+
+def test_dry_run_says_what_the_row_checks_found(tmp_path, tiny_model_dir, no_progress_bars, capsys):
+    import yaml
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in [GOOD, {**GOOD, "answer": "<Answer>2</Answer>"}, GOOD]))
+    argv = [
+        *arguments(tmp_path, "skip", ["--dataset_name", str(data), *OWN_DATA, "--on_invalid", "skip"]),
+        "--dry_run",
+    ]
+    assert cli.main(argv) == 0
+    notes = yaml.safe_load(capsys.readouterr().out)["notes"]
+    found = next(note for note in notes if note.startswith("training rows:"))
+    assert found.startswith("training rows: 2 of 3 pass every check a real run applies (the adapter's, no response")
+    assert found.endswith("; skipped, as `on_invalid: skip` says: contains_tags x1 (rows 1)")

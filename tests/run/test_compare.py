@@ -10,8 +10,9 @@ import pytest
 from conftest import ROOT
 from trl import ModelConfig
 
+from sftkey_trl.evaluation.intervals import mean_ci
 from sftkey_trl.recipe.schema import Recipe, SFTKeyConfig, SFTKeyScriptArguments
-from sftkey_trl.run.compare import markdown, mean_ci, summarise_variants
+from sftkey_trl.run.compare import markdown, summarise_variants
 from sftkey_trl.run.variants import MATCHED, PAPER, build_variants, planned_steps
 from sftkey_trl.train.objectives import Stage
 
@@ -19,7 +20,7 @@ from sftkey_trl.train.objectives import Stage
 def test_mean_ci_on_known_values():
     mean, half = mean_ci([0.5, 0.6, 0.7])  # sd 0.1, n 3, t(2) = 4.303
     assert mean == pytest.approx(0.6) and half == pytest.approx(4.303 * 0.1 / 3**0.5, rel=1e-4)
-    assert mean_ci([0.4]) == (0.4, 0.0)
+    assert mean_ci([0.4]) == (0.4, None)  # one seed: no interval, not a zero-width one
     assert mean_ci([0.3, 0.3, 0.3])[1] == 0.0
 
 
@@ -34,7 +35,7 @@ def test_paired_differences_use_the_same_seed():
     assert difference["mean"] == pytest.approx(0.1) and difference["ci95"] == pytest.approx(0.0, abs=1e-12)
     assert summary["variants"]["sft_tag"]["accuracy"]["ci95"] > 0.2
     table = markdown(summary, {}, [0, 1, 2])
-    assert "| sft_tag | +0.100 ± 0.000 *" in table
+    assert "| sft_tag | +0.100 (no example interval) ± 0.000* |" in table  # no per-example values kept
 
 
 def training_args(**values) -> SFTKeyConfig:
@@ -242,3 +243,106 @@ def test_compare_refuses_push_to_hub_before_training(tmp_path, monkeypatch, caps
     error = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and not (tmp_path / "o").exists()
     assert error == "error: compare.py trains many variants and pushes none; remove `push_to_hub` (run.py pushes)"
+
+
+def arm_run(correct: list[int], steps: int = 8) -> dict:
+    """One arm's results for one seed as `run_variant` records them: metrics, compute and per-example values."""
+    n = len(correct)
+    values = {"accuracy": [float(c) for c in correct], "format_accuracy": [1.0] * n}
+    values["composite"] = [0.7 * a + 0.3 for a in values["accuracy"]]
+    metrics = {name: sum(found) / n for name, found in values.items()}
+    return {**metrics, "num_examples": n, "optimizer_steps": steps, "train_tokens": 1000,
+            "per_example": {"index": list(range(n)), **values}}  # fmt: skip
+
+
+# A user's one-seed comparison on 8 test examples: the paper's arm 2 examples behind the continuation baseline
+ONE_SEED = {
+    PAPER: {0: arm_run([1, 1, 0, 0, 0, 1, 0, 0], 12)},
+    "sft_continue": {0: arm_run([1, 1, 1, 1, 0, 1, 0, 0], 12)},
+    "sft_tag": {0: arm_run([1, 0, 0, 0, 0, 1, 0, 0])},
+}
+TWO_STAGES = [Stage(name="sft", loss_on="completion"), Stage(name="key", loss_on="key")]
+
+
+def render(summary: dict, written: list, width: int = 100) -> str:
+    import io
+
+    from rich.console import Console
+
+    from sftkey_trl.run.compare import print_comparison
+
+    console = Console(width=width, file=io.StringIO(), record=True)
+    print_comparison(summary, written, console)
+    return console.export_text()
+
+
+def test_a_one_seed_comparison_gives_intervals_over_the_examples_and_none_over_seeds(tmp_path):
+    import warnings
+
+    from sftkey_trl.run.compare import write_comparison
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # our own plotting raises no warning
+        summary, written = write_comparison(tmp_path, ONE_SEED, build_variants(recipe(TWO_STAGES)), [0])
+    assert written == [tmp_path / "comparison.md", tmp_path / "comparison.json", tmp_path / "comparison.png"]
+    text = (tmp_path / "comparison.md").read_text()
+    assert "± 0.000" not in text and "1 seeds" not in text and "1 seed (0)" in text
+    assert "There is no interval over seeds: it needs 2 or more seeds" in text
+    versus = text.split("minus sft_continue, the continuation baseline")[1]
+    row = next(line for line in versus.splitlines() if line.startswith(f"| {PAPER} |"))
+    assert row.startswith(f"| {PAPER} | -0.250 [-0.") and "p = 0.50 |" in row  # 2 of 8 apart: McNemar p = 0.5
+    stored = summary["versus"]["sft_continue"][PAPER]["accuracy"]
+    assert (
+        "ci95" not in stored
+        and stored["examples"]["n"] == 8
+        and stored["examples"]["low"] < 0 < stored["examples"]["high"]
+    )
+    assert all("ci95" not in entry for row in summary["variants"].values() for entry in row.values())
+    shown = render(summary, written)
+    assert max(map(len, shown.splitlines())) <= 100 and "1 seed (0)" in shown
+    assert "One seed: no interval over seeds; it needs 2 or more seeds" in shown and "0.50" in shown
+    assert shown.rstrip().endswith(str(tmp_path / "comparison.png"))
+    assert all(f"  {path}" in shown for path in written)
+
+
+def test_the_terminal_table_fits_100_columns_with_every_arm_and_several_seeds(tmp_path):
+    from sftkey_trl.run.compare import write_comparison
+
+    variants = build_variants(recipe(TWO_STAGES), key_weights=[2.5, 10])
+    per_seed = {name: {seed: arm_run([(seed + k + i) % 3 == 0 for i in range(40)]) for seed in range(3)}
+                for k, name in enumerate(variants)}  # fmt: skip
+    summary, written = write_comparison(tmp_path, per_seed, variants, [0, 1, 2])
+    shown = render(summary, written)
+    assert max(map(len, shown.splitlines())) <= 100, shown
+    assert "3 seeds (0, 1, 2)" in shown and "over seeds" in shown and "sft_continue_keyweight" in shown
+    assert "Per seed: accuracy minus sft_continue" in (tmp_path / "comparison.md").read_text()
+
+
+def test_nothing_to_plot_writes_no_plot_and_says_so(tmp_path, caplog):
+    import logging
+
+    from sftkey_trl.run.compare import write_comparison
+
+    (tmp_path / "comparison.png").write_bytes(b"an earlier plot")
+    unevaluated = {PAPER: {0: {"optimizer_steps": 4, "train_tokens": 10}}}
+    with caplog.at_level(logging.INFO, logger="sftkey_trl.run.compare"):
+        _, written = write_comparison(tmp_path, unevaluated, build_variants(recipe(TWO_STAGES)), [0])
+    assert tmp_path / "comparison.png" not in written and not (tmp_path / "comparison.png").exists()
+    assert "no plot (comparison.png): no variant was evaluated" in caplog.text
+
+
+def test_a_finished_run_without_per_example_values_gets_them_from_its_predictions(tmp_path):
+    from conftest import script_args
+
+    from sftkey_trl.data.formatting import Tags
+    from sftkey_trl.evaluation.metrics import score
+    from sftkey_trl.files import write_jsonl
+    from sftkey_trl.run.variants import kept_per_example
+
+    examples = [{"index": i, "prompt": "p", "gold": "4", "reasoning": "2 + 2 = 4"} for i in range(3)]
+    texts = [(f"<Thinking>2 + 2 = 4</Thinking>\n<Answer>{a}</Answer>", 9) for a in ("4", "5", "4")]
+    metrics, predictions = score(examples, texts, "numeric", script_args(), Tags())
+    write_jsonl(tmp_path / "key" / "predictions.jsonl", predictions)
+    assert kept_per_example(tmp_path / "key", "numeric") == {"per_example": metrics["per_example"]}
+    assert metrics["per_example"]["accuracy"] == [1.0, 0.0, 1.0] and metrics["per_example"]["index"] == [0, 1, 2]
+    assert kept_per_example(tmp_path / "sft", "numeric") == {}

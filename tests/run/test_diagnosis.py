@@ -51,9 +51,13 @@ def test_keep_best_says_what_it_kept() -> None:
     kept = {"best_step": 0, "best_validation_accuracy": 0.55, "kept": "the incoming weights (step 0: never beaten)"}
     summary = results()
     summary["stages"]["key"]["training"] = {"keep_best": kept}
-    text = "\n".join(diagnose(summary))
-    assert "`key` never beat `sft` on the validation split, so keep-best kept its incoming weights" in text
-    assert "keep-best kept the incoming weights (step 0: never beaten) of `key` (validation accuracy 0.550)." in text
+    lines = diagnose(summary)
+    text = "\n".join(lines)
+    assert (
+        "`key` never beat `sft` on the validation split (validation accuracy 0.550), so keep-best kept its incoming "
+        "weights: the `key` column is `sft`'s model." in lines
+    )
+    assert text.count("kept") == 1 and text.count("0.550") == 1  # said once, not twice in other words
     assert "key_weight: 5" in text and "changed nothing" not in text
 
 
@@ -68,3 +72,66 @@ def test_one_stage_or_no_metrics_says_nothing_false() -> None:
     assert diagnose({"stages": {"sft": dict(BASE)}}) == []
     assert diagnose({"stages": {}}) == []
     assert diagnose({"stages": {"sft": {"training": {}}, "key": {"training": {}}}}) == []
+
+
+def stage_one(**changes) -> dict:
+    """A two-stage run whose stage 1 ended with `changes`, and whose key stage kept its incoming weights."""
+    summary = results(**changes)
+    summary["stages"]["sft"].update(changes)
+    summary["stages"]["key"]["training"] = {"keep_best": {"best_step": 0, "kept": "the incoming weights"}}
+    return summary
+
+
+def advice_order(lines: list[str]) -> tuple[int, int]:
+    """(the first line about stage 1, the first key-stage advice)."""
+    first = next(i for i, line in enumerate(lines) if line.startswith("Stage 1 (`sft`)"))
+    later = [i for i, line in enumerate(lines) if "`key`" in line or "key_weight: 5" in line]
+    return first, min(later)
+
+
+def test_a_stage_1_that_learned_no_format_is_named_first_and_key_stage_advice_waits() -> None:
+    lines = diagnose(stage_one(format_accuracy=0.0, accuracy=0.0, composite=0.0))
+    first, later = advice_order(lines)
+    assert first == 0 < later
+    assert lines[0].startswith("Stage 1 (`sft`) did not learn the response format: format accuracy 0.000 (n = 200).")
+    assert "--inspect 3" in lines[0] and "max_new_tokens" in lines[0]
+    text = "\n".join(lines)
+    assert "key_weight: 5" not in text and "context: detached" not in text and "Next:" not in text.split("\n", 1)[1]
+
+
+def test_a_stage_1_at_the_untrained_models_accuracy_is_named_first() -> None:
+    summary = stage_one(accuracy=0.12)
+    summary["base"] = {**BASE, "accuracy": 0.11, "format_accuracy": 0.0}
+    lines = diagnose(summary)
+    assert lines[0].startswith("Stage 1 (`sft`) left accuracy at the untrained model's level: 0.110 -> 0.120")
+    assert "key_weight: 5" not in "\n".join(lines)
+    summary["base"]["accuracy"] = 0.05  # 0.05 -> 0.12 on 200 examples: above the untrained level
+    assert not diagnose(summary)[0].startswith("Stage 1")
+
+
+def test_a_stage_1_with_no_right_answer_and_no_base_evaluation_is_at_the_untrained_level() -> None:
+    lines = diagnose(stage_one(accuracy=0.0))
+    assert lines[0].startswith("Stage 1 (`sft`) answers none of the 200 test examples correctly")
+    summary = stage_one(accuracy=0.0)
+    summary["answer_type"] = "multiple_choice"  # chance is not zero there: no claim without the base model's score
+    assert not diagnose(summary)[0].startswith("Stage 1")
+
+
+def test_a_stage_1_still_rising_at_its_last_evaluation_is_told_to_train_longer_before_the_key_stage_advice() -> None:
+    summary = stage_one()
+    history = [[0, 0.1], [10, 0.3], [20, 0.5]]
+    summary["stages"]["sft"]["training"] = {"keep_best": {"best_step": 20, "kept": "the final weights (step 20)",
+                                                          "metric": "accuracy", "history": history}}  # fmt: skip
+    lines = diagnose(summary)
+    first, later = advice_order(lines)
+    assert (
+        first == 0 < later
+        and "still improving at its last evaluation (validation accuracy 0.300 -> 0.500)" in lines[0]
+    )
+    assert "key_weight: 5" in "\n".join(lines)  # stage 1 works: the key stage's advice follows
+    summary["stages"]["sft"]["training"]["keep_best"]["history"] = [[0, 0.1], [10, 0.5], [20, 0.5]]
+    assert not diagnose(summary)[0].startswith("Stage 1")  # level at the end: converged
+
+
+def test_a_healthy_stage_1_gets_no_stage_1_line() -> None:
+    assert not any(line.startswith("Stage 1") for line in diagnose(stage_one()))

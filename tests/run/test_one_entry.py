@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from statistics import mean
 
 import pytest
 import yaml
@@ -35,9 +34,8 @@ REASONING = objectives.Objective(
     weights=lambda completion, key, stage: (completion & ~key).float(),
 )
 ANSWER_LENGTH = metrics.Metric(
-    "mean_answer_length", "ans len", "mean extracted answer length in characters",
-    lambda rows, answer_type: float(mean(len(row["extracted_answer"] or "") for row in rows)),
-    reported=True, higher_is_better=None, title="answer length (characters)",
+    "mean_answer_length", "answer length (characters)", "mean extracted answer length in characters",
+    lambda row: float(len(row["extracted_answer"] or "")), reported=True, higher_is_better=None,
 )  # fmt: skip
 
 
@@ -63,7 +61,7 @@ def test_inspect_and_dry_run_show_the_new_objective(capsys):
     assert "<Answer>" in reason["text"] and "2" in reason["supervised_text"]  # the reasoning's arithmetic
     assert "<Answer>" not in reason["supervised_text"] and reason["weights"] == [1.0]
     assert cli.main(["--config", DEMO, "--stages", STAGES, "--inspect", "1"]) == 0
-    assert f"trains on (highlighted): {REASONING.description}" in capsys.readouterr().out
+    assert f"trains on ([[marked]]): {REASONING.description}" in capsys.readouterr().out  # not a terminal
     assert cli.main(["--config", DEMO, "--stages", STAGES, "--dry_run"]) == 0
     stages = yaml.safe_load(capsys.readouterr().out)["stages"]
     assert stages[2]["loss_on"] == "reasoning" and stages[2]["trains_on"] == REASONING.description
@@ -80,15 +78,18 @@ def test_results_comparison_and_card_show_the_new_metric_and_objective(tmp_path)
     print_results(results, out, console)
     assert "answer length (characters)" in console.export_text()
     rows = results_markdown(results).splitlines()
-    assert rows[2].endswith("| tokens | ans len | n |") and rows[4].endswith("| 1.750 | 4 |")  # sft: (1+1+1+4)/4
+    assert rows[2].endswith("| generated tokens (mean) | answer length (characters) | examples |")
+    assert rows[4].endswith("| 1.750 | 4 |")  # sft: (1 + 1 + 1 + 4) / 4
 
     variants = build_variants(recipe)
     per_seed = {"recipe": {0: results["stages"]["reason"]}, "sftkey_tag": {0: results["stages"]["key"]}}
     write_comparison(out / "compare", per_seed, variants, [0], "accuracy")
     comparison = (out / "compare" / "comparison.md").read_text()
-    assert "| mean_generated_tokens | mean_answer_length | steps |" in comparison
+    assert "| generated tokens (mean) | answer length (characters) | steps |" in comparison
     recipe_row = next(line for line in comparison.splitlines() if line.startswith("| recipe |"))
-    assert "| 2.000 ± 0.000 |" in recipe_row and "then the reasoning tokens only [" in recipe_row
+    assert "| 2.000 |" in recipe_row and "then the reasoning tokens only [" in recipe_row  # one seed: no interval
+    difference = comparison.split("sftkey_tag minus each variant")[1].splitlines()[4]
+    assert difference.startswith("| recipe |") and difference.endswith("| -1.000 [-4.182, +2.182] |")  # per example
 
     manifest = Manifest(out)
     for stage in recipe.stages:
@@ -97,4 +98,4 @@ def test_results_comparison_and_card_show_the_new_metric_and_objective(tmp_path)
     card = model_card(Path(out / "reason"), "reason", "full", "me/sftkey-reason", recipe).text
     assert "| reason | the reasoning tokens only |" in card and "| key | the final-answer (key) tokens only |" in card
     assert "| answer length (characters) | 1.750 | 1.000 | 2.000 |" in card
-    assert "mean_answer_length" in card.split("### Comparison of the variants")[1]  # the comparison in the card
+    assert "answer length (characters)" in card.split("### Comparison of the variants")[1]  # the card's comparison
