@@ -6,7 +6,6 @@ has no `flock`, the holder's record decides: a lock whose process is dead on thi
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -18,6 +17,11 @@ from pathlib import Path
 
 from ..errors import SFTKeyError, first_line
 from ..files import discard
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: the holder's record decides, as on a filesystem without flock
+    fcntl = None
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +50,13 @@ def _alive(pid: int, started: str | None) -> bool:
 
 
 def _read(path: Path) -> dict:
+    """The holder's record, or {} when the file holds none (an empty file: a release, or a start cut short)."""
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    return record if isinstance(record, dict) else {}
+    valid = isinstance(record, dict) and isinstance(record.get("pid"), int) and not isinstance(record["pid"], bool)
+    return record if valid else {}
 
 
 def _holder(record: dict) -> str:
@@ -73,6 +79,8 @@ class FolderLock:
         while True:  # until the file we lock is the one at the path (a release may remove it meanwhile)
             handle = open(self.path, "a+")
             try:
+                if fcntl is None:
+                    raise OSError("no flock here")
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 locked_by_kernel = True
             except BlockingIOError:
@@ -91,7 +99,7 @@ class FolderLock:
         record = _read(self.path)
         if record.get("pid") and record.get("pid") != os.getpid():
             here = record.get("host") == socket.gethostname()
-            if not locked_by_kernel and not (here and not _alive(int(record["pid"]), record.get("proc_start"))):
+            if not locked_by_kernel and not (here and not _alive(record["pid"], record.get("proc_start"))):
                 handle.close()
                 other = "" if here else f"; if that run has ended, delete {self.path}"
                 raise SFTKeyError(f"{self.folder} is in use by {_holder(record)}: {fix}{other}")
