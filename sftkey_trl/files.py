@@ -88,6 +88,29 @@ def write_folder(directory: str | Path, kind: str | None = None) -> Iterator[Pat
         discard(tmp, kinds=["tmp", kind or "tmp"])
 
 
+@contextlib.contextmanager
+def created_for(folder: str | Path) -> Iterator[Path]:
+    """`folder`, created for the block where missing; the folders this call created and the block left empty are
+    removed after it (`os.rmdir` removes only an empty folder), so a start that fails leaves nothing behind."""
+    folder = Path(folder)
+    missing = [path for path in [folder, *folder.parents] if not path.exists()]
+    created = []
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+            created.append(path)  # made by this call, not by another process at the same moment
+        except FileExistsError:
+            pass
+    try:
+        yield folder
+    finally:
+        for path in reversed(created):
+            try:
+                os.rmdir(path)
+            except OSError:  # not empty (the run wrote into it), or gone
+                break
+
+
 def folder_marker(folder: str | Path) -> dict | None:
     """The marker this project wrote into `folder` (None: none, or not readable as one)."""
     try:

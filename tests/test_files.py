@@ -11,7 +11,7 @@ import pytest
 
 import sftkey_trl
 from sftkey_trl.errors import SFTKeyError
-from sftkey_trl.files import discard, folder_marker, mark_folder, set_aside, write_folder
+from sftkey_trl.files import created_for, discard, folder_marker, mark_folder, set_aside, write_folder
 
 
 def test_a_folder_appears_only_complete(tmp_path):
@@ -51,9 +51,15 @@ def test_a_folder_written_with_a_kind_carries_its_marker(tmp_path):
 DELETING = {("shutil", "rmtree"), ("shutil", "move"), ("os", "remove"), ("os", "unlink"), ("os", "rmdir"),
             ("os", "removedirs"), ("os", "replace"), ("os", "rename"), ("os", "renames")}  # fmt: skip
 PATH_METHODS = {"unlink", "rmdir", "rename", "rmtree"}  # `.replace(target)`, one argument, is Path.replace too
-# Inside files.py: deleting only in `discard`; renaming a file or folder the project wrote onto its name (or away)
-FILES_PY = {"discard": {"rmtree", "unlink"}, "write_text": {"replace"}, "write_folder": {"replace"},
-            "set_aside": {"rename"}}  # fmt: skip
+# Inside files.py: deleting only in `discard` (and `created_for`'s removal of the empty folders it made); renaming a
+# file or folder the project wrote onto its name (or away)
+FILES_PY = {
+    "discard": {"rmtree", "unlink"},
+    "write_text": {"replace"},
+    "write_folder": {"replace"},
+    "set_aside": {"rename"},
+    "created_for": {"rmdir"},
+}  # fmt: skip (rmdir: empty folders it made only)
 
 
 def destructive_calls(source: str) -> list[tuple[int, str, str]]:
@@ -143,3 +149,16 @@ def test_set_aside_renames_and_never_overwrites(tmp_path, monkeypatch):
     with pytest.raises(SFTKeyError, match="cannot be read and .*corrupt-20260101-000000 exists already"):
         set_aside(path, "cannot be read")
     assert path.read_text() == "{again" and moved.read_text() == "{trunc"
+
+
+def test_a_folder_made_for_a_block_goes_only_if_the_block_left_it_empty(tmp_path):
+    with created_for(tmp_path / "a" / "b") as folder:
+        assert folder.is_dir()
+    assert list(tmp_path.iterdir()) == []  # both levels it made, left empty
+    with created_for(tmp_path / "a" / "b") as folder:
+        (folder / "results.json").write_text("{}")
+    assert (tmp_path / "a" / "b" / "results.json").exists()
+    (tmp_path / "mine").mkdir()
+    with created_for(tmp_path / "mine"):
+        pass
+    assert (tmp_path / "mine").is_dir()  # not made by the block: stays, empty or not

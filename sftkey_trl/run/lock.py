@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import SFTKeyError, first_line
-from ..files import discard
+from ..files import created_for, discard
 
 try:
     import fcntl
@@ -143,22 +143,20 @@ def holding(
     from ..train.distributed import is_main_process
 
     main = state.is_main_process if state is not None else is_main_process()
-    lock, problem = None, None
-    if main:
-        try:
-            lock = FolderLock(folder).acquire(fix)
-        except SFTKeyError as error:
-            problem = str(error)
-        except OSError as error:
-            problem = f"could not lock {folder} ({first_line(error)}); check that the folder is writable"
-    if state is not None and state.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
+    problem = None
+    with contextlib.ExitStack() as held:
+        if main:
+            try:
+                held.enter_context(created_for(folder))  # a refused or failed start leaves no empty folder
+                held.callback(FolderLock(folder).acquire(fix).release)
+            except SFTKeyError as error:
+                problem = str(error)
+            except OSError as error:
+                problem = f"could not lock {folder} ({first_line(error)}); check that the folder is writable"
+        if state is not None and state.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
 
-        problem = broadcast_object_list([problem])[0]
-    if problem:
-        raise SFTKeyError(problem)
-    try:
+            problem = broadcast_object_list([problem])[0]
+        if problem:
+            raise SFTKeyError(problem)
         yield
-    finally:
-        if lock is not None:
-            lock.release()
