@@ -54,6 +54,7 @@ def dead_pid() -> int:
     return process.pid
 
 
+@pytest.mark.e2e
 def test_two_runs_started_together_one_runs_and_the_other_is_refused_in_one_line(tmp_path):
     """Before the fix both exited 0, the second resuming from the first's checkpoint while it still trained."""
     out = tmp_path / "run"
@@ -109,6 +110,7 @@ def test_a_busy_folder_refuses_a_run_an_evaluation_and_a_merge_before_they_write
     assert sorted(str(p) for p in out.rglob("*")) == before and not (tmp_path / "m").exists()
 
 
+@pytest.mark.e2e
 def test_the_lock_of_a_run_that_died_is_taken_over_with_a_line(tmp_path, caplog):
     out, pid = tmp_path / "run", dead_pid()
     hold(out, pid=pid, kernel_lock=False).close()  # a run killed with its lock file in place

@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 from sftkey_trl.run.cli import main
 
+pytestmark = pytest.mark.e2e
+
 STAGES = "[{name: sft, loss_on: completion, num_train_epochs: 1}, {name: key, loss_on: key, num_train_epochs: 1}]"
 TINY = [
     "--max_train_samples", "8", "--max_eval_samples", "4", "--max_new_tokens", "8", "--eval_fraction", "0",
@@ -119,23 +121,6 @@ def test_a_stage_whose_weights_are_gone_is_trained_again_with_the_stages_after_i
     manifest = json.loads((copy / "manifest.json").read_text())
     assert [manifest["stages"][stage]["status"] for stage in ("sft", "key")] == ["done", "done"]
     assert not any("skipped" in r.getMessage() and retrained in r.getMessage() for r in caplog.records)
-
-
-@pytest.mark.parametrize("name", ["manifest.json", "results.json"])
-@pytest.mark.parametrize("damage", ["truncated", "not_json", "not_utf8", "wrong_shape", "a_folder"])
-def test_an_unreadable_state_file_is_set_aside_never_deleted(name, damage, tmp_path, caplog):
-    from sftkey_trl.run.plan import read_run_file
-
-    path = tmp_path / name
-    text = {"truncated": '{"stages": {"sft": {"sta', "not_json": "garbage", "not_utf8": '{"\udcff"}',
-            "wrong_shape": '{"stages": [1, 2]}', "a_folder": None}[damage]  # fmt: skip
-    path.mkdir() if text is None else path.write_bytes(text.encode("utf-8", "surrogateescape"))
-    assert read_run_file(path, set_aside_if_unreadable=False) is None and path.exists()  # another rank only reads
-    assert read_run_file(path) is None and not path.exists()
-    (aside,) = tmp_path.glob(f"{name}.corrupt-*")
-    assert aside.is_dir() if text is None else aside.read_bytes() == text.encode("utf-8", "surrogateescape")
-    (said,) = [r.getMessage() for r in caplog.records]
-    assert said.startswith(f"{path} cannot be read (") and f"set aside as {aside.name}" in said
 
 
 @pytest.mark.parametrize("name", ["manifest.json", "results.json"])
