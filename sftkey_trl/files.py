@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import time
 from collections.abc import Collection, Iterator
 from pathlib import Path
@@ -136,8 +135,8 @@ def mark_folder(folder: str | Path, kind: str, replace: str | None = None, **ide
     if found is not None and found["kind"] != replace:
         raise SFTKeyError(f"{folder} is {KINDS[found['kind']]}, not {KINDS[kind]}; use another folder")
     folder.mkdir(parents=True, exist_ok=True)
-    record = {"kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname()}
-    write_json(folder / MARKER, {**record, "pid": os.getpid(), **identity})
+    # No host or user: a marker travels with the folder (a merged model uploaded by hand, say)
+    write_json(folder / MARKER, {"kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **identity})
 
 
 def discard(*paths: str | Path, kinds: Collection[str], fix: str = "") -> None:
