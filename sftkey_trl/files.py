@@ -151,10 +151,14 @@ def discard(*paths: str | Path, kinds: Collection[str], fix: str = "") -> None:
             fix = fix or "move it away yourself if it should go, or choose another folder"
             raise SFTKeyError(f"refusing to delete {path}: it is {what}; nothing was deleted; {fix}")
     for path in paths:
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+        if not path.is_dir():
+            path.unlink(missing_ok=True)
+            continue
+        for child in path.iterdir():  # the marker last: a kill midway leaves a folder this gate still knows
+            if child.name != MARKER:
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        (path / MARKER).unlink(missing_ok=True)
+        path.rmdir()
 
 
 def _made_here(path: Path, kinds: Collection[str]) -> bool:

@@ -54,7 +54,7 @@ PATH_METHODS = {"unlink", "rmdir", "rename", "rmtree"}  # `.replace(target)`, on
 # Inside files.py: deleting only in `discard` (and `created_for`'s removal of the empty folders it made); renaming a
 # file or folder the project wrote onto its name (or away)
 FILES_PY = {
-    "discard": {"rmtree", "unlink"},
+    "discard": {"rmtree", "unlink", "rmdir"},
     "write_text": {"replace"},
     "write_folder": {"replace"},
     "set_aside": {"rename"},
@@ -162,3 +162,28 @@ def test_a_folder_made_for_a_block_goes_only_if_the_block_left_it_empty(tmp_path
     with created_for(tmp_path / "mine"):
         pass
     assert (tmp_path / "mine").is_dir()  # not made by the block: stays, empty or not
+
+
+def test_a_delete_killed_midway_leaves_a_folder_the_gate_still_knows(tmp_path, monkeypatch):
+    import shutil
+
+    folder = tmp_path / "stage"
+    mark_folder(folder, "stage")
+    for name in ("a", "b", "c"):
+        (folder / name).mkdir()
+        (folder / name / "weights").write_text("w")
+    real, calls = shutil.rmtree, []
+
+    def killed(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies while deleting
+        real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        discard(folder, kinds=["stage"])
+    assert folder_marker(folder)["kind"] == "stage"  # still this project's: the rerun may finish the job
+    monkeypatch.setattr(shutil, "rmtree", real)
+    discard(folder, kinds=["stage"])
+    assert not folder.exists()
