@@ -133,3 +133,26 @@ def test_a_folder_holds_one_run_and_more_stages_may_follow_it(tmp_path):
     check_stage_names(earlier, ["sft", "key"])
     with pytest.raises(SFTKeyError, match=r"stages \['sft'\], this recipe's are \['first', 'key'\]"):
         check_stage_names(earlier, ["first", "key"])
+
+
+def test_a_run_folder_an_earlier_version_wrote_is_adopted_through_its_manifest(tmp_path):
+    """Folders from before the markers: the stages its manifest (sftkey-trl's) lists are this project's, so
+    `overwrite_output_dir` may replace them; a folder the manifest does not list stays."""
+    from sftkey_trl.files import folder_marker
+    from sftkey_trl.run.plan import clear_run
+
+    manifest = Manifest(tmp_path)
+    manifest.update("sft", status="done")  # records library_versions, as every manifest does
+    saved(tmp_path / "sft", "config.json", "model.safetensors")
+    (tmp_path / "sft" / "best" / "step-2").mkdir(parents=True)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "results.json").write_text("{}")
+    clear_run(tmp_path, ["sft"])
+    assert folder_marker(tmp_path)["kind"] == "run" and (tmp_path / "mine").is_dir()
+    assert not (tmp_path / "sft").exists() and not (tmp_path / "manifest.json").exists()
+    assert not (tmp_path / "results.json").exists()
+    (tmp_path / "key").mkdir()  # not the manifest's: refused, and nothing deleted
+    Manifest(tmp_path).update("sft", status="done")
+    with pytest.raises(SFTKeyError, match=r"refusing to delete .*key: .*did not create.*nothing was deleted"):
+        clear_run(tmp_path, ["sft", "key"])
+    assert (tmp_path / "manifest.json").exists() and (tmp_path / "key").is_dir()
