@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset, load_dataset, load_from_disk
 
-from ..errors import SFTKeyError, first_line
+from ..errors import SFTKeyError, first_line, show_value
 from ..files import DEMO_PREFIX, cache_root, write_folder
 from .adapters import FieldNames, RowRejected, Triple, answer_type_of, check_columns, get_adapter
 from .formatting import Formatter, Tags
@@ -254,6 +254,7 @@ def check_training_rows(
         if report.total and script_args.on_invalid == "error":
             raise _invalid_rows_error(report, len(train_rows), script_args.on_invalid, nothing_left=False)
         return CheckedRows(None, None, report, [], len(triples))
+    _check_format_characters(script_args, formatter, tokenizer)
     rendered = [formatter.render(triple) for _, triple in triples]
     digest = hashlib.sha256()
     digest.update(f"max_length={training_args.max_length}".encode())
@@ -333,6 +334,25 @@ def check_usable_rows(rows: int, usable: int, report, dataset_format: str) -> No
             f"({report.describe()}); set `dataset_format` for that file, or point the evaluation keys at data in "
             "this layout"
         )
+
+
+def _check_format_characters(script_args, formatter: Formatter, tokenizer) -> None:
+    """The text the recipe adds to every row (tags or answer line, system prompt, prompt layout) must be text the
+    tokenizer can encode: otherwise every row fails as `unknown_characters`, and the line must name the key."""
+    unk_id = tokenizer.unk_token_id
+    if unk_id is None:
+        return
+    keys = ["thinking_open", "thinking_close", "answer_open", "answer_close"]
+    keys = keys if script_args.response_format == "tags" else ["answer_template"]
+    keys += ["system_prompt"] + ([] if formatter.use_chat_template else ["prompt_template"])
+    for key in keys:
+        text = getattr(script_args, key) or ""
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ids.count(unk_id) > text.count(tokenizer.unk_token or "\0"):
+            raise SFTKeyError(
+                f"`{key}: {show_value(text)}` has characters the tokenizer cannot encode, so every row would train "
+                f"`{tokenizer.unk_token}` in their place; use characters the model's tokenizer knows"
+            )
 
 
 def _drop_unknown_tokens(tokenized: Dataset, texts: list[str], tokenizer, report: InvalidReport) -> Dataset:

@@ -20,7 +20,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import SFTKeyError, first_line
-from ..files import cache_root, write_folder
+from ..files import cache_root, discard, mark_folder, write_folder
 from . import LOCAL_NAME, LOCAL_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ def build_smollm2(output: str | Path | None = None, source: str | Path | None = 
         )
     logger.info("building %s under %s (once per machine)", HUB_ID, directory)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    mark_folder(tmp, "tmp")  # the download and the extracted file: removed below, through `discard`
     try:
         gguf_file = _gguf_file(source or _download(tmp), tmp)
         with write_folder(directory) as model:  # another process may build it first: its copy is identical
@@ -76,7 +77,7 @@ def build_smollm2(output: str | Path | None = None, source: str | Path | None = 
             ) from error
         raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp, kinds=["tmp"])
     return directory
 
 

@@ -19,6 +19,7 @@ from ..models import MODEL_TYPES, check_model_name
 from ..train.distributed import check_sharding_compatibility, detect_launch, resolve_sharding_defaults
 from ..train.objectives import DEFAULTS, OPTIONS, Stage, _check_option
 from ..train.steps import stage_training_args
+from .folders import check_output_folders
 from .options import check_trainer_options
 from .schema import CHOICES, Recipe, SFTKeyScriptArguments
 from .values import check_key_values, check_named_values
@@ -39,6 +40,7 @@ def check_recipe(recipe: Recipe, processes: list[int]) -> list[str]:
     script_args, training_args, model_args, stages = recipe.script, recipe.training, recipe.model, recipe.stages
     notes: list[str] = []
     check_key_values(recipe)
+    check_output_folders(training_args)
     check_stage_options(stages)
     check_choices(script_args)
     notes += check_response_format(script_args)

@@ -201,9 +201,12 @@ def export(stage: str, merge_dir: str | None, recipe: Recipe) -> None:
     """`--merge STAGE`: write the stage merged into its base as a standalone model, with its model card."""
     from .card import model_card
     from .export import merge_stage, stage_folder
+    from .lock import holding
 
     folder = stage_folder(recipe.training.output_dir, stage, [s.name for s in recipe.stages])
-    merged = merge_stage(folder, recipe.model, recipe.training, merge_dir)
-    name = recipe.training.hub_model_id or f"{Path(recipe.training.output_dir).name}-{stage}"
-    model_card(merged, stage, "merged", name, recipe, location=str(merged)).save(merged / "README.md")
+    # The output folder's lock: a run there may be replacing the stage folder the merge reads
+    with holding(recipe.training.output_dir, fix="wait for the run to end, then merge"):
+        merged = merge_stage(folder, recipe.model, recipe.training, merge_dir)
+        name = recipe.training.hub_model_id or f"{Path(recipe.training.output_dir).name}-{stage}"
+        model_card(merged, stage, "merged", name, recipe, location=str(merged)).save(merged / "README.md")
     print(f"standalone model (stage `{stage}` merged into {recipe.model.model_name_or_path}): {merged}")

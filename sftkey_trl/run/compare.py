@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..evaluation.intervals import example_difference, mean_ci
 from ..evaluation.metrics import DEFAULT_METRIC, Metric, metric_named, reported
-from ..files import write_json, write_text
+from ..files import discard, write_json, write_text
 from ..recipe.schema import Recipe
 from .report import markdown_table
 from .variants import MATCHED, PAPER
@@ -421,5 +421,5 @@ def write_comparison(
     if plot(summary, root / "comparison.png", metric):
         written.append(root / "comparison.png")
     else:
-        (root / "comparison.png").unlink(missing_ok=True)  # an earlier plot would no longer match the tables
+        discard(root / "comparison.png", kinds=["comparison"])  # an earlier plot would no longer match the tables
     return summary, written

@@ -30,7 +30,8 @@ def run_comparison(argv: list[str] | None = None, description: str | None = None
 
     start_entry_point(rest, as_program=argv is None)  # before the recipe parser imports the ML libraries
     from ..evaluation.metrics import METRIC_NAMES
-    from ..files import read_json
+    from ..files import mark_folder, read_json
+    from ..recipe.folders import check_comparison_folder
     from ..recipe.schema import COMPARE_DEMO_RECIPE
     from . import variants as arms
     from .cli import load_checked_recipe, run_options, user_errors
@@ -53,6 +54,8 @@ def run_comparison(argv: list[str] | None = None, description: str | None = None
                 raise SFTKeyError(f"unknown variant `{name}`{closest(name, variants)}; choose from {list(variants)}")
         names.sort(key=lambda name: name == arms.MATCHED)  # the matched arm takes the paper arm's recorded steps
         root = Path(options.comparison_dir or Path(recipe.training.output_dir) / "compare")
+        check_comparison_folder(root)
+        mark_folder(root, "comparison")  # each arm's run folder inside it carries its own marker and lock
         seeds = list(range(options.seeds))
         # Variants measured earlier in the same folder, with this configuration and these seeds, stay in the table
         configurations = {name: arm_configuration(variant, recipe) for name, variant in variants.items()}

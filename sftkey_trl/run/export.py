@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import copy
 import logging
-import shutil
 from pathlib import Path
 
 import torch
 
 from ..errors import SFTKeyError
-from ..files import write_folder
+from ..files import discard, write_folder
+from ..recipe.folders import check_merge_folder
+from .plan import missing_weights
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +37,16 @@ def stage_folder(output_dir: str | Path, stage: str, stage_names: list[str]) -> 
     folder = Path(output_dir) / stage
     if not (folder / "adapter_config.json").exists() and not (folder / "config.json").exists():
         raise SFTKeyError(f"stage `{stage}` has not been trained in {output_dir}; run the recipe first")
+    if gone := missing_weights(folder):
+        raise SFTKeyError(f"stage `{stage}` cannot be merged: {gone}; rerun the recipe to train it again")
     return folder
 
 
 def merge_stage(stage_dir: Path, model_args, training_args, merge_dir: str | Path | None = None) -> Path:
     """Merge the adapter saved in `stage_dir` into its base and save a standalone model (default:
-    `<stage_dir>/merged`, which goes away with the stage when it is retrained). Returns the folder."""
+    `<stage_dir>/merged`, which goes away with the stage when it is retrained). Returns the folder. `merge_dir` must
+    not exist yet or hold an earlier merge, which is replaced (`recipe.folders.check_merge_folder`, checked before
+    the model is loaded)."""
     from ..evaluation.generation import stop_token_ids
     from ..train.modeling import load_model
 
@@ -50,6 +55,7 @@ def merge_stage(stage_dir: Path, model_args, training_args, merge_dir: str | Pat
             f"{stage_dir} holds full weights, not an adapter: it is already a standalone model; use it as it is"
         )
     merge_dir = Path(merge_dir) if merge_dir else stage_dir / "merged"
+    check_merge_folder(merge_dir)
     unquantized = copy.copy(model_args)
     unquantized.load_in_4bit = unquantized.load_in_8bit = False
     unquantized.dtype = merge_dtype(model_args)
@@ -61,10 +67,10 @@ def merge_stage(stage_dir: Path, model_args, training_args, merge_dir: str | Pat
     # `generate` then stops at the end-of-turn token the stage learned to emit, as the evaluation did
     model.generation_config.eos_token_id = stop_token_ids(tokenizer, training_args.eos_token or tokenizer.eos_token)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    with write_folder(merge_dir) as tmp:
+    with write_folder(merge_dir, kind="merge") as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        shutil.rmtree(merge_dir, ignore_errors=True)  # an earlier merge is replaced, not merged into
+        discard(merge_dir, kinds=["merge"])  # an earlier merge is replaced, not merged into
     logger.info(
         "merged %s into %s (%s): %s", stage_dir.name, model_args.model_name_or_path, unquantized.dtype, merge_dir
     )

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-import shutil
 import time
 from functools import cached_property
 from pathlib import Path
@@ -20,7 +19,7 @@ from ..data.loading import PreparedData, prepare_data
 from ..errors import SFTKeyError
 from ..evaluation.generation import evaluate_model
 from ..evaluation.metrics import DEFAULT_METRIC
-from ..files import cache_root, read_json, write_json, write_jsonl, write_text
+from ..files import cache_root, discard, mark_folder, write_json, write_jsonl, write_text
 from ..recipe.schema import Recipe
 from ..train.distributed import detect_launch
 from ..train.keep_best import BEST_DIR, KeepBestCallback, holds_keep_best_state
@@ -29,7 +28,17 @@ from ..train.objectives import Stage
 from ..train.steps import global_batch, keep_best_interval, stage_training_args
 from ..train.trainer import SFTKeyTrainer
 from .diagnosis import diagnose
-from .plan import Manifest, PlannedStage, evaluated, last_complete_checkpoint, plan_stages
+from .lock import holding
+from .plan import (
+    Manifest,
+    PlannedStage,
+    clear_run,
+    evaluated,
+    last_complete_checkpoint,
+    own_run_folder,
+    plan_stages,
+    read_run_file,
+)
 from .report import plot_results, results_markdown
 from .tracking import stage_run_name, track_stage
 
@@ -41,14 +50,16 @@ def drop_placeholder_card(folder: Path) -> None:
     """Delete the placeholder README.md (about 200 lines of "[More Information Needed]") peft saves with an adapter."""
     readme = folder / "README.md"
     if readme.is_file() and PLACEHOLDER_CARD in readme.read_text(errors="replace"):
-        readme.unlink()
+        discard(readme, kinds=["stage"])
 
 
 class Pipeline:
     """Runs a recipe: prepare the data once, then train and evaluate each stage in order."""
 
-    def __init__(self, recipe: Recipe):
+    def __init__(self, recipe: Recipe, one_run: bool = True):
+        """`one_run: False`: the folder may hold other runs' stages beside this one's (compare.py's arms)."""
         self.recipe, training_args = recipe, recipe.training
+        self.one_run = one_run
         self.output_dir = Path(training_args.output_dir)
         _ = training_args.device  # set up the distributed state from the training arguments (use_cpu: gloo) first
         self.state = PartialState()
@@ -75,20 +86,29 @@ class Pipeline:
         return args
 
     def run(self) -> dict:
-        """Train and evaluate every stage that is not already done; return the contents of `results.json`."""
-        main = self.state.is_main_process
+        """Train and evaluate every stage that is not already done, holding the output folder's lock (one run per
+        folder); return the contents of `results.json`."""
+        with holding(self.output_dir, self.state):
+            return self._run()
+
+    def _run(self) -> dict:
+        main, names = self.state.is_main_process, [stage.name for stage in self.recipe.stages]
         if self.recipe.training.overwrite_output_dir and main and self.output_dir.exists():
-            for stage in self.recipe.stages:
-                shutil.rmtree(self.output_dir / stage.name, ignore_errors=True)
-            for name in ("manifest.json", "results.json"):
-                (self.output_dir / name).unlink(missing_ok=True)
+            clear_run(self.output_dir, names)
         self.state.wait_for_everyone()
         manifest = Manifest(self.output_dir, write=main)
         # what the model card names as the training command, also when a later `--merge` runs with other flags
         manifest.data["command"] = {"config": self.recipe.path, "overrides": list(self.recipe.overrides)}
-        plan = plan_stages(self.recipe, self.stage_args, self.data.data_hash, manifest, self.state.num_processes)
+        results = read_run_file(self.output_dir / "results.json", main) or {"stages": {}}
+        plan = plan_stages(
+            self.recipe, self.stage_args, self.data.data_hash, manifest, self.state.num_processes, self.one_run,
+            recorded=results["stages"],
+        )  # fmt: skip
+        if main:
+            own_run_folder(self.output_dir, manifest)
+            if self.one_run:
+                manifest.record_stage_names(names)
         self.state.wait_for_everyone()  # no rank writes before every rank has read the manifest and checked
-        results = read_json(self.output_dir / "results.json", None) or {"stages": {}}
         results.update(answer_type=self.data.answer_type, invalid_rows=self.data.report.counts)
         if self.recipe.script.select_on_test and any(stage.keep_best for stage in self.recipe.stages):
             results["selected_on_test"] = True  # keep_best chose checkpoints on the evaluation set: say so
@@ -118,7 +138,7 @@ class Pipeline:
         stage_dir = self.output_dir / stage.name
         if planned.restarting:
             if main:
-                shutil.rmtree(stage_dir, ignore_errors=True)
+                discard(stage_dir, kinds=["stage"], fix=f"move it out of {self.output_dir}, or use another output_dir")
             manifest.forget(stage.name)
             results["stages"].pop(stage.name, None)
             self.state.wait_for_everyone()
@@ -133,6 +153,8 @@ class Pipeline:
             manifest.update(
                 stage.name, status="running", hash=planned.digest, config=planned.config, checkpoint=str(stage_dir)
             )
+            if main:
+                mark_folder(stage_dir, "stage", stage=stage.name)
             model, training = self.train_stage(stage, args, start_from)
             if self.sharded:  # ZeRO-3/FSDP: evaluate the saved stage, loaded whole on each rank
                 model = None
@@ -141,7 +163,7 @@ class Pipeline:
             self._save_results(results)
             manifest.update(stage.name, status="trained", seconds=training["train_seconds"])
         if main:  # keep_best's snapshots: the stage's output holds the kept weights now
-            shutil.rmtree(stage_dir / BEST_DIR, ignore_errors=True)
+            discard(stage_dir / BEST_DIR, kinds=["snapshots"])
         if evaluate:
             if model is None:  # killed during evaluation, or keep_best kept a snapshot: load the saved stage
                 model = load_model(self.recipe.model, args, stage_dir, trainable=False)
@@ -251,7 +273,13 @@ class Pipeline:
         return metrics
 
     def evaluate_only(self, checkpoint: str | None) -> dict:
-        """Evaluate a saved stage folder (adapter or full weights), or the base model, without training."""
+        """Evaluate a saved stage folder (adapter or full weights), or the base model, without training; it writes
+        into the output folder, so it holds the folder's lock as a run does."""
+        fix = "wait for it to end, or pass another --output_dir (the --checkpoint folder can stay where it is)"
+        with holding(self.output_dir, self.state, fix=fix):
+            return self._evaluate_only(checkpoint)
+
+    def _evaluate_only(self, checkpoint: str | None) -> dict:
         name = Path(checkpoint).name if checkpoint else "base"
         if checkpoint and not Path(checkpoint).is_dir():
             raise SFTKeyError(f"`--checkpoint {checkpoint}` is not a folder; point it at a saved stage folder")

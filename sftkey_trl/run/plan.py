@@ -1,6 +1,7 @@
 """The stage plan and `<output_dir>/manifest.json`: per-stage resolved configuration, hashes, status and timings,
 so that a rerun skips finished stages, resumes a killed one from its last complete checkpoint and refuses a
-silently changed configuration."""
+silently changed configuration. The disk wins over the manifest: a finished stage whose weights are gone is trained
+again; a manifest that cannot be read is set aside; a folder holds one run's stages, never a mix."""
 
 from __future__ import annotations
 
@@ -8,16 +9,21 @@ import contextlib
 import hashlib
 import importlib.metadata
 import json
+import logging
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import SFTKeyError
-from ..files import plain, read_json, write_json
+from ..errors import SFTKeyError, first_line
+from ..files import discard, folder_marker, mark_folder, plain, set_aside, write_json
 from ..recipe.schema import Recipe
+from ..train.keep_best import BEST_DIR
 from ..train.objectives import Stage
+
+logger = logging.getLogger(__name__)
 
 # Keys that change where or how often things are written or shown, never what is trained or measured
 NON_RESULT_KEYS = {
@@ -72,13 +78,37 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def read_run_file(path: Path, set_aside_if_unreadable: bool = True) -> dict | None:
+    """`manifest.json` or `results.json` (a dict with a `stages` dict of dicts), or None when it does not exist or
+    cannot be read; an unreadable one (truncated, not JSON, another shape) is set aside (`files.set_aside`, never
+    deleted) with one line, by the process that writes (`set_aside_if_unreadable`; the others just read None)."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        stages = data.get("stages") if isinstance(data, dict) else None
+        problem = None if isinstance(stages, dict) and all(isinstance(v, dict) for v in stages.values()) else ""
+        problem = "not a record of stages" if problem == "" else problem
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        problem = first_line(error)
+    if problem is None:
+        return data
+    if set_aside_if_unreadable:
+        moved = set_aside(path, "cannot be read")
+        logger.warning("%s cannot be read (%s): set aside as %s; going on without it", path, problem, moved.name)
+    return None
+
+
 class Manifest:
     """Read/modify/write wrapper around `manifest.json` (written atomically after every change)."""
 
     def __init__(self, output_dir: Path, write: bool = True):
         self.path = Path(output_dir) / "manifest.json"
         self.write = write
-        self.data = read_json(self.path, None) or {"stages": {}}
+        existed = self.path.exists()
+        read = read_run_file(self.path, write)
+        self.unreadable = existed and read is None  # set aside: the stages it named cannot be checked
+        self.data = read or {"stages": {}}
 
     def stage(self, name: str) -> dict | None:
         """The manifest entry of stage `name`, or None if it never started."""
@@ -96,6 +126,105 @@ class Manifest:
         if self.data["stages"].pop(name, None) is not None and self.write:
             write_json(self.path, self.data)
 
+    def stage_names(self) -> list[str]:
+        """The stages of the run this folder holds (an earlier version's manifest: those that started)."""
+        names = self.data.get("stage_names")
+        return list(names) if isinstance(names, list) else list(self.data["stages"])
+
+    def record_stage_names(self, names: list[str]) -> None:
+        """Record the stages of the run this folder holds (`check_stage_names` compares a rerun's with them)."""
+        if self.data.get("stage_names") != names:
+            self.data["stage_names"] = names
+            if self.write:
+                write_json(self.path, self.data)
+
+
+def check_stage_names(manifest: Manifest, names: list[str]) -> None:
+    """A folder holds one run: refuse stages other than its run's (more stages after them may follow)."""
+    before = manifest.stage_names()
+    if before and names[: len(before)] != before:
+        raise SFTKeyError(
+            f"{manifest.path.parent} holds a run of the stages {before}, this recipe's are {names}: a folder holds "
+            "one run, never a mix; use another output_dir, or pass --overwrite_output_dir true to replace that run"
+        )
+
+
+def own_run_folder(output_dir: Path, manifest: Manifest) -> None:
+    """Mark `output_dir` as this project's run folder. A run folder an earlier version wrote (no marker, a manifest
+    of sftkey-trl's) has the stage folders its manifest lists marked too, their keep_best snapshots and merges
+    included: the manifest says this project made them, so a restart may replace them."""
+    earlier = folder_marker(output_dir) is None and "sftkey-trl" in (manifest.data.get("library_versions") or {})
+    mark_folder(output_dir, "run")
+    if not earlier:
+        return
+    for name in manifest.data["stages"]:
+        stage_dir = output_dir / name
+        if stage_dir.is_dir() and not stage_dir.is_symlink() and folder_marker(stage_dir) is None:
+            mark_folder(stage_dir, "stage", stage=name)
+            if (stage_dir / BEST_DIR).is_dir():
+                mark_folder(stage_dir / BEST_DIR, "snapshots")
+                for snapshot in (stage_dir / BEST_DIR).glob("step-*"):
+                    mark_folder(snapshot, "snapshot")
+            if (stage_dir / "merged" / "config.json").is_file():
+                mark_folder(stage_dir / "merged", "merge")
+
+
+def clear_run(output_dir: Path, stage_names: list[str]) -> None:
+    """`overwrite_output_dir`: delete the run in `output_dir` (the stages its manifest and `stage_names` name, the
+    manifest and results.json), only where this project made it; anything else is refused before any deletion."""
+    manifest = Manifest(output_dir)
+    own_run_folder(output_dir, manifest)
+    stages = [output_dir / name for name in dict.fromkeys([*manifest.data["stages"], *stage_names])]
+    discard(*stages, kinds=["stage"], fix=f"move it out of {output_dir}, or use another output_dir")
+    discard(output_dir / "manifest.json", output_dir / "results.json", kinds=["run"])
+
+
+def _safetensors_complete(path: Path) -> bool:
+    """Whether a .safetensors file holds all the bytes its header promises (a truncated copy does not)."""
+    try:
+        with open(path, "rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(size))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+        return path.stat().st_size >= 8 + size + max(ends, default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error):
+        return False
+
+
+def missing_parts(stage_dir: Path, recorded: dict | None) -> str | None:
+    """What a finished stage has lost (None: nothing): its weights, or its training record in results.json."""
+    if gone := missing_weights(stage_dir):
+        return gone
+    if recorded is not None and "training" not in (recorded.get(stage_dir.name) or {}):
+        return "results.json has no record of its training"
+    return None
+
+
+def missing_weights(folder: Path) -> str | None:
+    """What a saved stage folder lacks to be loaded (None: nothing): its config and its weights, an adapter or full
+    weights (one file or every shard its index names), each complete."""
+    if not folder.is_dir():
+        return f"{folder} is missing"
+    if (folder / "adapter_config.json").is_file():
+        files = ["adapter_model.safetensors"]
+    elif not (folder / "config.json").is_file():
+        return f"{folder} has no config.json or adapter_config.json"
+    elif (folder / "model.safetensors.index.json").is_file():
+        try:
+            files = sorted(
+                set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return f"{folder / 'model.safetensors.index.json'} cannot be read"
+    else:
+        files = ["model.safetensors"]
+    for name in files:
+        if not (folder / name).is_file():
+            return f"{folder} has no {name}"
+        if not _safetensors_complete(folder / name):
+            return f"{folder / name} is incomplete"
+    return None
+
 
 @dataclass
 class PlannedStage:
@@ -108,18 +237,54 @@ class PlannedStage:
     restarting: bool
 
 
-def plan_stages(recipe: Recipe, stage_args, data_hash: str, manifest: Manifest, processes: int) -> list[PlannedStage]:
+def plan_stages(
+    recipe: Recipe,
+    stage_args,
+    data_hash: str,
+    manifest: Manifest,
+    processes: int,
+    one_run: bool = True,
+    recorded: dict | None = None,
+) -> list[PlannedStage]:
     """Resolve each stage's arguments (`stage_args(stage)`) and configuration hash (which chains the previous
-    stage's) for a launch of `processes` processes; refuse a changed finished stage unless `restart_from` says."""
+    stage's) for a launch of `processes` processes; refuse a changed finished stage unless `restart_from` says. The
+    disk wins: a finished stage whose weights are gone, or whose training record is not in `recorded` (results.json's
+    stages; None: not checked), is trained again, and the stages after it. `one_run`: refuse another run's stages
+    (`check_stage_names`; compare.py's arms share their stage 1 folders on purpose)."""
     plan, previous, restarting = [], data_hash, False
     output_dir, restart_from = manifest.path.parent, recipe.training.restart_from
-    for stage in recipe.stages:
+    if one_run:
+        check_stage_names(manifest, [stage.name for stage in recipe.stages])
+    for index, stage in enumerate(recipe.stages):
         args = stage_args(stage)
         config = resolved_config(recipe, args, stage, data_hash, previous, processes)
         digest = config_hash(config)
         restarting = restarting or stage.name == restart_from
         entry = manifest.stage(stage.name)
+        status = (entry or {}).get("status")
+        if (
+            status in ("trained", "done")
+            and not restarting
+            and (gone := missing_parts(output_dir / stage.name, recorded))
+        ):
+            if manifest.write:
+                later = " (and the stages after it: their input changes)" if index + 1 < len(recipe.stages) else ""
+                logger.warning(
+                    "stage %s is %s in the manifest but %s: training it again%s", stage.name, status, gone, later
+                )
+            restarting = True
         if not entry and not restarting and (output_dir / stage.name).exists():
+            if folder_marker(output_dir / stage.name) is None:
+                raise SFTKeyError(
+                    f"{output_dir / stage.name} exists and is not sftkey-trl's (it has no .sftkey marker); move it "
+                    "out of the output_dir, or use another output_dir"
+                )
+            if manifest.unreadable:
+                raise SFTKeyError(
+                    f"{output_dir / stage.name} exists but {manifest.path} could not be read (set aside), so its "
+                    "configuration cannot be checked; pass --overwrite_output_dir true to train it again, or use "
+                    "another output_dir"
+                )
             raise SFTKeyError(
                 f"{output_dir / stage.name} exists but the manifest does not know it (another run's output?); "
                 "pass --overwrite_output_dir true or use another output_dir"

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..evaluation.metrics import Metric, metric_named, reported
+from ..files import discard
 from .diagnosis import diagnose
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def plot_results(results: dict, output_dir: Path) -> list[Path]:
         if draw(results, output_dir, path):
             written.append(path)
         else:
-            path.unlink(missing_ok=True)
+            discard(path, kinds=["run"])  # an earlier plot would no longer match the results
     return written
 
 

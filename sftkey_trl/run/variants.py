@@ -152,7 +152,7 @@ def run_variant(variant: Variant, seed: int, recipe: Recipe, root: Path, steps_t
     recipe.training.seed = seed
     recipe.training.output_dir = str(root / f"seed{seed}" / variant.folder)
     recipe.training.restart_from = None
-    pipeline = Pipeline(recipe)
+    pipeline = Pipeline(recipe, one_run=False)  # arms share a folder's stage 1: its other stages are other arms'
     if variant.match_steps_of is not None:
         if steps_to_match is None:
             rows, processes = len(pipeline.data.train), pipeline.state.num_processes

@@ -19,7 +19,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from ..errors import SFTKeyError
-from ..files import read_json
+from ..files import discard, mark_folder, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -119,9 +119,12 @@ class KeepBestCallback(TrainerCallback):
             return
         named = (self.best_step if self.history else None, self.checkpointed_best)
         keep = {self.snapshot(step).name for step in named if step is not None and self.snapshotted(step)}
-        for folder in self.best_dir.glob("step-*"):
-            if folder.name not in keep:
-                shutil.rmtree(folder, ignore_errors=True)
+        stale = [folder for folder in self.best_dir.glob("step-*") if folder.name not in keep]
+        discard(
+            *stale,
+            kinds=["snapshot"],
+            fix=f"move it out of {self.best_dir}, or pass --restart_from {self.best_dir.parent.name}",
+        )
 
     def _measure(self, model, step: int) -> None:
         score = float(self.evaluate(model).get(self.metric, 0.0))
@@ -130,6 +133,9 @@ class KeepBestCallback(TrainerCallback):
         if score > self.best_score:
             self.best_step, self.best_score, self.without_improvement = step, score, 0
             if self.snapshotted(step):
+                if self.is_main_process:  # marked first: a kill mid-save leaves a folder the next prune may remove
+                    mark_folder(self.best_dir, "snapshots")
+                    mark_folder(self.snapshot(step), "snapshot", step=step)
                 self.trainer.save_model(str(self.snapshot(step)))
                 self._prune()
         else:

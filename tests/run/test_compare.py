@@ -321,8 +321,10 @@ def test_the_terminal_table_fits_100_columns_with_every_arm_and_several_seeds(tm
 def test_nothing_to_plot_writes_no_plot_and_says_so(tmp_path, caplog):
     import logging
 
+    from sftkey_trl.files import mark_folder
     from sftkey_trl.run.compare import write_comparison
 
+    mark_folder(tmp_path, "comparison")  # compare.py's folder, whose plot it may replace
     (tmp_path / "comparison.png").write_bytes(b"an earlier plot")
     unevaluated = {PAPER: {0: {"optimizer_steps": 4, "train_tokens": 10}}}
     with caplog.at_level(logging.INFO, logger="sftkey_trl.run.compare"):

@@ -156,12 +156,18 @@ def test_push_settings_that_would_push_per_stage_are_refused(extra, needle, monk
 
 
 def test_merge_refuses_full_weights_and_untrained_stages(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
     from sftkey_trl.run.export import merge_stage, stage_folder
 
     (tmp_path / "sft").mkdir()
     with pytest.raises(SFTKeyError, match="has not been trained"):
         stage_folder(tmp_path, "sft", ["sft", "key"])
     (tmp_path / "sft" / "config.json").write_text("{}")
+    with pytest.raises(SFTKeyError, match="cannot be merged: .*sft has no model.safetensors; rerun the recipe"):
+        stage_folder(tmp_path, "sft", ["sft"])  # the manifest may say trained: the disk decides
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "sft" / "model.safetensors"))
     with pytest.raises(SFTKeyError, match="already a standalone model"):
         merge_stage(stage_folder(tmp_path, "sft", ["sft"]), None, None, None)
 

@@ -76,8 +76,10 @@ def test_a_plot_with_nothing_to_draw_is_skipped_and_the_log_says_so(tmp_path, ca
     import logging
     import warnings
 
+    from sftkey_trl.files import mark_folder
     from sftkey_trl.run.report import plot_results
 
+    mark_folder(tmp_path, "run")  # a run's output folder, whose plots the report may replace
     for name in ("stages.png", "training_curves.png"):
         (tmp_path / name).write_bytes(b"an earlier run's plot")
     (tmp_path / "sft").mkdir()

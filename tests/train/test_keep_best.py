@@ -12,6 +12,7 @@ import pytest
 from transformers import TrainerControl, TrainerState
 
 from sftkey_trl.errors import SFTKeyError
+from sftkey_trl.files import folder_marker, mark_folder
 from sftkey_trl.run.plan import last_complete_checkpoint
 from sftkey_trl.train.keep_best import STATE_KEY, KeepBestCallback, holds_keep_best_state
 
@@ -161,7 +162,7 @@ def test_a_best_snapshot_taken_after_the_last_checkpoint_does_not_replace_the_ch
     """Killed after step 3's new best was snapshotted but before a checkpoint recorded it; the resumed run scores
     step 3 lower (GPU non-determinism, say): the best stays step 2's, with step 2's weights."""
     train(tmp_path, {0: 0.1, 1: 0.1, 2: 0.5, 3: 0.8}, max_steps=4, save_steps=2, every=1, kill_at=3)
-    assert {p.name for p in (tmp_path / "stage" / "best").iterdir()} == {"step-2", "step-3"}
+    assert {p.name for p in (tmp_path / "stage" / "best").glob("step-*")} == {"step-2", "step-3"}
     resume = last_complete_checkpoint(tmp_path / "stage" / "checkpoints", holds_keep_best_state)
     assert resume.endswith("checkpoint-2")
     _, _, report, kept = train(tmp_path, {3: 0.4, 4: 0.3}, max_steps=4, every=1, resume=resume)
@@ -180,8 +181,7 @@ def test_a_checkpoint_without_keep_best_state_is_not_resumed_from(tmp_path):
 def test_resuming_without_the_best_snapshot_is_a_one_line_error(tmp_path):
     train(tmp_path, {0: 0.1, 2: 0.5, 4: 0.6}, max_steps=4, kill_at=2)
     resume = last_complete_checkpoint(tmp_path / "stage" / "checkpoints", holds_keep_best_state)
-    (tmp_path / "stage" / "best" / "step-2" / "model.safetensors").unlink()
-    (tmp_path / "stage" / "best" / "step-2").rmdir()
+    shutil.rmtree(tmp_path / "stage" / "best" / "step-2")
     with pytest.raises(SFTKeyError, match=r"step 2\) are missing .*--restart_from stage") as error:
         train(tmp_path, {2: 0.5, 4: 0.6}, max_steps=4, resume=resume)
     assert "\n" not in str(error.value)
@@ -189,6 +189,18 @@ def test_resuming_without_the_best_snapshot_is_a_one_line_error(tmp_path):
 
 def test_a_fresh_start_drops_snapshots_of_a_run_killed_before_its_first_checkpoint(tmp_path):
     stale = tmp_path / "stage" / "best" / "step-1"
-    stale.mkdir(parents=True)
+    mark_folder(stale.parent, "snapshots")
+    mark_folder(stale, "snapshot")  # as the callback marks a snapshot before saving into it
     *_, report, _ = train(tmp_path, {0: 0.1, 2: 0.5}, max_steps=2)
     assert not stale.exists() and report["best_step"] == 2
+
+
+def test_snapshots_are_marked_and_a_folder_keep_best_did_not_make_is_never_deleted(tmp_path):
+    train(tmp_path, {0: 0.1, 2: 0.5, 4: 0.6}, max_steps=4, kill_at=2)
+    best = tmp_path / "stage" / "best"
+    assert folder_marker(best)["kind"] == "snapshots" and folder_marker(best / "step-2")["kind"] == "snapshot"
+    foreign = best / "step-9"
+    (foreign / "notes").mkdir(parents=True)  # not one of keep_best's: the fresh start's pruning must refuse it
+    with pytest.raises(SFTKeyError, match=r"refusing to delete .*step-9: .*did not create.*--restart_from stage"):
+        train(tmp_path, {0: 0.1, 2: 0.5}, max_steps=2)
+    assert (foreign / "notes").is_dir() and (best / "step-2").is_dir()
