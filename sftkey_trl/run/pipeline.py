@@ -8,7 +8,6 @@ import dataclasses
 import gc
 import logging
 import shutil
-import time
 from functools import cached_property
 from pathlib import Path
 
@@ -154,7 +153,7 @@ class Pipeline:
             processing_class=self.tokenizer,
             peft_config=lora_config(self.recipe.model) if start_from is None else None,
             stage=stage,
-            log_part_losses=self.recipe.training.log_part_losses,
+            log_part_losses=args.log_part_losses,
         )
         track_stage(trainer, self.output_dir)
         batch = global_batch(args, args.world_size)
@@ -164,22 +163,22 @@ class Pipeline:
             logger.info("stage %s: loss on %s, global batch %d%s", stage.name, stage.summary, batch, resuming)
         stage_dir = self.output_dir / stage.name
         keep_best = self.keep_best_callback(stage, args, trainer, start_from, resume) if stage.keep_best else None
-        started = time.perf_counter()
-        output = trainer.train(resume_from_checkpoint=resume)
-        seconds = time.perf_counter() - started
+        trainer.train(resume_from_checkpoint=resume)
+        trained = trainer.stage_summary()  # the whole stage, the part before a resume included
         trainer.save_model(str(stage_dir))
         if self.state.is_main_process:
             self.tokenizer.save_pretrained(str(stage_dir))
             write_json(stage_dir / "log_history.json", trainer.state.log_history)
+        seconds, tokens = trained.pop("train_seconds"), trained.pop("train_tokens")
         summary = {
-            "train_loss": output.training_loss,
+            "train_loss": trained.pop("train_loss"),
             "train_seconds": seconds,
             "global_batch_size": batch,
             "world_size": args.world_size,
-            "train_tokens": trainer._total_train_tokens,
-            "tokens_per_second": trainer._total_train_tokens / seconds if seconds else 0.0,
+            "train_tokens": tokens,
+            "tokens_per_second": tokens / seconds if seconds else 0.0,
             "resumed_from": resume,
-            "optimizer_steps": trainer.state.global_step,
+            **trained,
         }
         model = trainer.model
         if keep_best is not None:
