@@ -240,9 +240,7 @@ class Pipeline:
 
     def evaluate_only(self, checkpoint: str | None) -> dict:
         """Evaluate a saved stage folder (adapter or full weights), or the base model, without training."""
-        name = Path(checkpoint).name if checkpoint else "base"
-        if checkpoint and not Path(checkpoint).is_dir():
-            raise SFTKeyError(f"`--checkpoint {checkpoint}` is not a folder; point it at a saved stage folder")
+        name = Path(checkpoint).name if checkpoint else "base"  # a folder: `cli.check_flags` checked
         if not self.data.eval_examples:
             raise SFTKeyError("no evaluation data: set `eval_dataset_name`, `eval_split` or `eval_fraction`")
         vllm = self.recipe.script.eval_backend == "vllm"
