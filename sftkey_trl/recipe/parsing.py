@@ -86,15 +86,14 @@ def read_recipe(config_path: str) -> dict[str, Any]:
     return config
 
 
+SINGLE_FLAGS = ("--config", "--stages")  # read apart from argparse (whose usual rule, the last one wins, is theirs)
+
+
 def repeated_flag(argv: list[str]) -> str | None:
-    """The first `--key` given twice on the command line (argparse would keep the last silently)."""
-    seen = set()
-    for item in argv:
-        if item.startswith("--"):
-            key = item[2:].split("=", 1)[0].replace("-", "_")
-            if key in seen:
-                return key
-            seen.add(key)
+    """`--config` or `--stages` when given twice on the command line."""
+    for flag in SINGLE_FLAGS:
+        if sum(item == flag or item.startswith(flag + "=") for item in argv) > 1:
+            return flag
     return None
 
 
@@ -104,7 +103,7 @@ def parse_config(argv: list[str] | None = None) -> Recipe:
     argv = list(sys.argv[1:] if argv is None else argv)
     repeated = repeated_flag(argv)
     if repeated is not None:
-        raise SFTKeyError(f"`--{repeated}` is given twice on the command line; keep one")
+        raise SFTKeyError(f"`{repeated}` is given twice on the command line; keep one")
     config_path = flag_value(argv, "--config", remove=True)
     overrides = list(argv)  # the command-line keys a model card records, never the secret `--hub_token`
     while flag_value(overrides, "--hub_token", remove=True) is not None:
