@@ -74,9 +74,9 @@ def read_recipe(config_path: str) -> dict[str, Any]:
     except IsADirectoryError:
         raise SFTKeyError(f"recipe `{config_path}` is a folder; give --config a recipe's .yaml file") from None
     except UnicodeDecodeError as error:
+        byte, line = error.object[error.start], error.object[: error.start].count(b"\n") + 1
         raise SFTKeyError(
-            f"recipe `{config_path}` is not UTF-8 text (byte {error.object[error.start]:#04x} at position "
-            f"{error.start}); save it as UTF-8"
+            f"recipe `{config_path}` is not UTF-8 text (byte {byte:#04x} on line {line}); save it as UTF-8"
         ) from None
     except OSError as error:
         raise SFTKeyError(f"recipe `{config_path}` cannot be read ({error.strerror}); check the file") from None

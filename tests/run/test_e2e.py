@@ -181,6 +181,18 @@ def test_detached_key_stage_with_qlora_and_gradient_checkpointing(tmp_path):
     assert losses and all(entry["key_loss"] > 0 and "reasoning_loss" not in entry for entry in losses)
 
 
+def test_a_stages_own_log_part_losses_is_honoured(tmp_path):
+    """It was recorded in the manifest and not applied: the recipe-wide value (true) decided."""
+    output = tmp_path / "parts"
+    stages = "[{name: key, loss_on: key, num_train_epochs: 1, log_part_losses: false}]"
+    args = ["--config", DEMO, "--output_dir", str(output), "--max_train_samples", "32", "--eval_after_stages", "false",
+            "--save_strategy", "no", "--logging_steps", "1", "--stages", stages]  # fmt: skip
+    assert main(args) == 0
+    logs = json.loads((output / "key" / "log_history.json").read_text())
+    losses = [entry for entry in logs if "key_loss" in entry]
+    assert losses and all("reasoning_loss" not in entry for entry in losses)
+
+
 def test_qlora_model_is_really_4bit(tmp_path, tiny_model_dir):
     import bitsandbytes as bnb
     from trl import ModelConfig
