@@ -131,12 +131,18 @@ def parse_config(argv: list[str] | None = None) -> Recipe:
         os.environ[name] = value
     parser.set_defaults_with_config(**config)
     try:
-        script_args, training_args, model_args = parser.parse_args_into_dataclasses(args=argv)
+        script_args, training_args, model_args, stray = parser.parse_args_into_dataclasses(
+            args=argv, return_remaining_strings=True
+        )
     except SFTKeyError:  # the parser's own one-line error (`RecipeParser`)
         raise
     except Exception as error:  # TRL's __post_init__ raises many types for values it refuses
         own = [(cls, {k: v for k, v in config.items() if k in _field_names(cls)}, None) for cls in classes]
         raise invalid_arguments(error, own) from error
+    if stray:
+        raise SFTKeyError(
+            f"`{stray[0]}` on the command line belongs to no `--key`: give each key one value (`--key value`)"
+        )
     training_keys = {f.name for f in dataclasses.fields(training_args)} - {"stages"}
     stages = parse_stages(training_args.stages, training_keys, lambda *args: _coerce(parser, *args))
     return Recipe(script_args, training_args, model_args, stages, config_path, overrides)

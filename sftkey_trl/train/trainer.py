@@ -80,7 +80,7 @@ class SFTKeyTrainer(SFTTrainer):
 
     def stage_summary(self) -> dict:
         """The whole stage's training: mean loss per optimizer step, steps, tokens and seconds (resumed or not)."""
-        return self.watch.summary()
+        return self.watch.whole_stage()
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:

@@ -131,7 +131,7 @@ class StageWatch(TrainerCallback):
         # Trainer writes `stateful_callbacks` into the checkpoint it saves after this step, if any
         state.stateful_callbacks[TOTALS_KEY] = dataclasses.asdict(self.totals)
 
-    def summary(self) -> dict:
+    def whole_stage(self) -> dict:
         """The whole stage, resumed or not: mean loss per optimizer step, steps, tokens and seconds."""
         steps = self.totals.steps - self.unrecorded_steps
         summary = {

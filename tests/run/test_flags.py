@@ -73,6 +73,8 @@ RUN_CASES = [
     (["--insp", "2"], r"unknown command-line option `--insp`"),  # never read as an abbreviation of --inspect
     (["--learning_rate", "abc"], r"`--learning_rate abc` has the wrong type; give a number$"),
     (["--num_train_epochs"], r"`--num_train_epochs`: expected one argument"),
+    (["--learning_rate", "1", "2"], r"`2` on the command line belongs to no `--key`"),
+    (["stray"], r"`stray` on the command line belongs to no `--key`"),
     (["--bf16", "maybe"], r"`--bf16`: Truthy value expected: got maybe"),
     (["--lr_scheduler_type", "sometimes"], r"`--lr_scheduler_type`: invalid choice: 'sometimes'"),
     (["--stages", "[{name: a"], r"`--stages` is not valid YAML at line 1"),
@@ -153,6 +155,7 @@ RUN_FLAGS = [
     flag("--inspect", NUMBERS), flag("--json"), flag("--eval_only"), flag("--checkpoint", FOLDERS),
     flag("--dry_run"), flag("--merge", st.sampled_from(["sft", "key", "", "nope"])), flag("--merge_dir", FOLDERS),
     flag("--learning_rate", NUMBERS), flag("--num_train_epochs", NUMBERS), flag("--max_length", NUMBERS),
+    st.sampled_from([["stray"], ["-x"], ["--"], ["--dry_run=1"]]),
     flag("--bf16", st.sampled_from(["true", "false", "maybe", "1"])), flag("--stages", st.sampled_from(
         ["[{name: a}]", "[{name: a", "[]", "[{name: a, max_length: 8}]", "{name: a}", "[{name: a, name: a}]"])),
 ]  # fmt: skip

@@ -246,6 +246,11 @@ def test_a_diverging_stage_exits_non_zero_with_one_line_and_nothing_calls_it_tra
     checkpoints = sorted(int(p.name.split("-")[1]) for p in (out / "sft" / "checkpoints").glob("checkpoint-*"))
     assert checkpoints and max(checkpoints) < step  # none holds the diverged step's weights
 
+    # The same command again resumes from the last checkpoint (finite weights) and stops at the same step
+    process = start_run(out, [*DIVERGING, "--learning_rate", "100"])
+    _, again = process.communicate(timeout=600)
+    assert process.returncode == 2 and "resuming from" in again and again.strip().splitlines()[-1] == error
+
     run_to_end(out, [*DIVERGING, "--learning_rate", "1e-3", "--restart_from", "sft"])
     training = json.loads((out / "results.json").read_text())["stages"]["sft"]["training"]
     assert training["optimizer_steps"] == 8 and 0 < training["train_loss"] < 10
