@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import script_args
+from datasets import Dataset
 
 from sftkey_trl.data import loading
 from sftkey_trl.data.formatting import Formatter
@@ -150,3 +151,12 @@ def test_damaged_demo_data_is_written_again(sftkey_cache, caplog):
     assert len(rows) == 200 and test_file.read_text() == whole and "written again" in caplog.text
     (sftkey_cache / "demo-arithmetic-v2" / "train.jsonl").unlink()  # half built: one split only
     assert len(loading.load_source("demo:arithmetic", None, "train")) == 2000
+
+
+def test_a_damaged_parquet_file_is_one_line(char_tokenizer, tmp_path):
+    """Already one line (a guard): pyarrow names the missing footer."""
+    path = tmp_path / "rows.parquet"
+    Dataset.from_list([GOOD] * 4).to_parquet(str(path))
+    path.write_bytes(path.read_bytes()[:-20])  # cut: its footer is gone
+    with pytest.raises(SFTKeyError, match=r"`dataset_name`: could not read `.*rows.parquet` \(.*\); check that it is"):
+        prepare(char_tokenizer, path, "error")
