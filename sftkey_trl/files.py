@@ -29,6 +29,7 @@ KINDS = {
     "merge": "a merged model written by --merge",
     "comparison": "a compare.py folder",
     "tmp": "a temporary folder of sftkey-trl",
+    "cache": "a cache folder of sftkey-trl (tokenized data)",
     "lock": "an sftkey-trl lock file",
 }
 

@@ -82,6 +82,7 @@ def destructive_calls(source: str) -> list[tuple[int, str, str]]:
                     or func.attr in PATH_METHODS
                     or func.attr == "replace"
                     and one_argument
+                    and owner != "dataclasses"  # dataclasses.replace(obj) copies a dataclass
                 ):
                     name = func.attr
             elif isinstance(func, ast.Name) and imported.get(func.id) in DELETING:

@@ -1,15 +1,18 @@
 """Dataset adapters: turn one raw dataset row (a dict) into a (question, reasoning, answer) triple.
 
 Each adapter knows one layout (its columns, hub defaults and answer kind). It strips every field, reads None or a
-missing key as empty, and raises `RowRejected` with a snake_case `reason` (counted per reason by the caller) for a
-row it cannot use, such as an empty question or answer. Tags inside the reasoning are left to the validation.
+missing key as empty and a number as its text (`scalar_text`), and raises `RowRejected` with a snake_case `reason`
+(counted per reason by the caller) for a row it cannot use, such as an empty question or answer, or a field that is
+not text (a list, a mapping, true/false). Tags inside the reasoning are left to the validation.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from ..errors import SFTKeyError, closest
@@ -57,10 +60,34 @@ class Adapter:
     test_split: str | None = "test"
 
 
-def _text(row: dict, key: str) -> str:
-    """The stripped string value of `row[key]`; '' for a missing key or None."""
-    value: Any = row.get(key)
-    return "" if value is None else str(value).strip()
+def scalar_text(value: Any) -> str | None:
+    """A field's value as text: a string as it is, a number as its text (a whole float as a whole number: a column
+    mixing 8 and 2.5 reaches us as 8.0), None or NaN (a missing cell) as ''; None for what is not text (a list, a
+    mapping, true/false, an infinite number), which would otherwise be trained as Python's repr."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, (float, Decimal)):
+        if value != value:
+            return ""
+        if not math.isfinite(value):
+            return None
+        return str(int(value)) if value == int(value) and abs(value) < 2**53 else str(value)
+    return None
+
+
+def _field(row: dict, key: str, kind: str) -> str:
+    """The stripped text of `row[key]`, one of the triple's `kind` (question, reasoning, answer): `RowRejected` as
+    `non_text_<kind>` when it is not text, `empty_<kind>` when it is missing or empty."""
+    value = row.get(key)
+    text = scalar_text(value)
+    if text is None:
+        shown = type(value).__name__ if not isinstance(value, (bool, float)) else str(value).lower()
+        raise RowRejected(f"non_text_{kind}", f"`{key}` is {shown}, not text")
+    return _require(text.strip(), f"empty_{kind}", f"`{key}`")
 
 
 def _require(value: str, reason: str, what: str) -> str:
@@ -81,9 +108,9 @@ def _generic_columns(fields: FieldNames) -> list[str]:
 
 
 def _generic(row: dict, fields: FieldNames) -> Triple:
-    question = _require(_text(row, fields.question), "empty_question", f"`{fields.question}`")
-    answer = _require(_text(row, fields.answer), "empty_answer", f"`{fields.answer}`")
-    reasoning = _require(_text(row, fields.reasoning), "empty_reasoning", f"`{fields.reasoning}`")
+    question = _field(row, fields.question, "question")
+    answer = _field(row, fields.answer, "answer")
+    reasoning = _field(row, fields.reasoning, "reasoning")
     return Triple(question, reasoning, answer)
 
 
@@ -92,8 +119,8 @@ _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 
 
 def _gsm8k(row: dict, fields: FieldNames) -> Triple:
-    question = _require(_text(row, "question"), "empty_question", "`question`")
-    solution = _require(_text(row, "answer"), "empty_answer", "`answer`")
+    question = _field(row, "question", "question")
+    solution = _field(row, "answer", "answer")
     if "####" not in solution:
         raise RowRejected("no_final_answer", "`answer` has no `#### <number>` line")
     body, _, final = solution.rpartition("####")
@@ -106,17 +133,17 @@ _UNUSABLE_ANSWERS = frozenset({"proof", "notfound", "none"})
 
 
 def _openr1_math(row: dict, fields: FieldNames) -> Triple:
-    question = _require(_text(row, "problem"), "empty_question", "`problem`")
-    answer = _require(_text(row, "answer"), "empty_answer", "`answer`")
+    question = _field(row, "problem", "question")
+    answer = _field(row, "answer", "answer")
     if answer.lower() in _UNUSABLE_ANSWERS:
         raise RowRejected("unusable_answer", f"`answer` is {answer!r}")
-    reasoning = _require(_text(row, "solution"), "empty_reasoning", "`solution`")
+    reasoning = _field(row, "solution", "reasoning")
     return Triple(question, reasoning, answer)
 
 
 def _openbookqa(row: dict, fields: FieldNames) -> Triple:
-    stem = _require(_text(row, "question_stem"), "empty_question", "`question_stem`")
-    key = _require(_text(row, "answerKey"), "empty_answer", "`answerKey`")
+    stem = _field(row, "question_stem", "question")
+    key = _field(row, "answerKey", "answer")
     choices = row.get("choices")
     if not isinstance(choices, dict):
         raise RowRejected("bad_choices", "`choices` is not a {text, label} mapping")
@@ -125,19 +152,21 @@ def _openbookqa(row: dict, fields: FieldNames) -> Triple:
         raise RowRejected("bad_choices", "`choices.text`/`choices.label` are not non-empty lists")
     if len(texts) != len(labels):
         raise RowRejected("bad_choices", f"{len(labels)} labels but {len(texts)} texts")
-    labels = ["" if label is None else str(label).strip() for label in labels]
-    texts = ["" if text is None else str(text).strip() for text in texts]
+    labels, texts = [scalar_text(label) for label in labels], [scalar_text(text) for text in texts]
+    if None in labels or None in texts:
+        raise RowRejected("bad_choices", "a choice's `text` or `label` is not text")
+    labels, texts = [label.strip() for label in labels], [text.strip() for text in texts]
     if key not in labels:
         raise RowRejected("bad_answer_key", f"answerKey {key!r} not in labels {labels}")
-    reasoning = _require(_text(row, "fact1"), "empty_reasoning", "`fact1`")
+    reasoning = _field(row, "fact1", "reasoning")
     lines = [stem] + [f"{label}. {text}" for label, text in zip(labels, texts)]
     return Triple("\n".join(lines), reasoning, key)
 
 
 def _cot_collection(row: dict, fields: FieldNames) -> Triple:
-    question = _require(_text(row, "source"), "empty_question", "`source`")
-    answer = _require(_text(row, "target"), "empty_answer", "`target`")
-    reasoning = _require(_text(row, "rationale"), "empty_reasoning", "`rationale`")
+    question = _field(row, "source", "question")
+    answer = _field(row, "target", "answer")
+    reasoning = _field(row, "rationale", "reasoning")
     return Triple(question, reasoning, answer)
 
 
@@ -168,8 +197,8 @@ def last_boxed(text: str) -> str:
 
 
 def _math(row: dict, fields: FieldNames) -> Triple:
-    question = _require(_text(row, "problem"), "empty_question", "`problem`")
-    reasoning = _require(_text(row, "solution"), "empty_reasoning", "`solution`")
+    question = _field(row, "problem", "question")
+    reasoning = _field(row, "solution", "reasoning")
     answer = _require(last_boxed(reasoning), "empty_answer", "the last `\\boxed{}`")
     return Triple(question, reasoning, answer)
 

@@ -3,6 +3,7 @@ tokenise it once into the columns every stage trains from."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -10,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from datasets import Dataset, load_dataset, load_from_disk
+from datasets import Dataset, Features, Value, load_dataset, load_from_disk
 
 from ..errors import SFTKeyError, first_line, show_value
-from ..files import DEMO_PREFIX, cache_root, write_folder
+from ..files import DEMO_PREFIX, cache_root, discard, folder_marker, set_aside, write_folder
 from .adapters import FieldNames, RowRejected, Triple, answer_type_of, check_columns, get_adapter
 from .formatting import Formatter, Tags
 from .masks import tokenize_rendered
@@ -21,6 +22,7 @@ from .masks import tokenize_rendered
 logger = logging.getLogger(__name__)
 
 FILE_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+TEXT_SUFFIXES = (".jsonl", ".json", ".csv")
 MAX_CUT_FRACTION = 0.5
 DEMO_SPLITS = ("train", "test")
 ROW_INDEX = "__row_index__"
@@ -111,11 +113,47 @@ def _load_demo(name: str, split: str, what: str) -> Dataset:
         raise SFTKeyError(f"`{what}: {name}` is not a known demo dataset; use one of {', '.join(writers)}")
     folder, write = writers[name]
     directory = cache_root() / folder
-    if not (directory / "test.jsonl").exists():
-        write(directory)
     if split not in DEMO_SPLITS:
         raise SFTKeyError(f"the demo dataset has splits {' and '.join(DEMO_SPLITS)}, not `{split}`")
-    return load_dataset("json", data_files=str(directory / f"{split}.jsonl"), split="train")
+    for attempt in ("first", "again"):
+        if attempt == "again" or not all((directory / f"{part}.jsonl").is_file() for part in DEMO_SPLITS):
+            write(directory)  # atomically, file by file
+        try:
+            return load_dataset("json", data_files=str(directory / f"{split}.jsonl"), split="train")
+        except Exception as error:  # a damaged file in the cache: written again, once
+            if attempt == "again":
+                raise SFTKeyError(
+                    f"`{what}: {name}`: its files under {directory} cannot be read ({first_line(error)}); check that "
+                    "folder (SFTKEY_CACHE)"
+                ) from error
+            logger.warning("the demo data under %s cannot be read (%s): written again", directory, first_line(error))
+    raise AssertionError("unreachable")
+
+
+def _read_local(path: Path, config: str | None, split: str) -> Dataset:
+    """A local dataset folder, or a file with its loader; a CSV's cells as their text (pandas would read `007` as 7,
+    `2.50` as 2.5, a column of `True`/`False` as booleans and `NA` as a missing value)."""
+    if path.is_dir():
+        return load_dataset(str(path), config, split=split)
+    options = {}
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # as pandas, a byte-order mark is no name
+            header = next(csv.reader(handle), [])
+        options["features"] = Features({column: Value("string") for column in header})
+        options["keep_default_na"] = False  # `NA`, `None` and `nan` are text in a CSV; an empty cell is empty
+    return load_dataset(FILE_LOADERS[path.suffix], data_files=str(path), split="train", **options)
+
+
+def _first_invalid_utf8(path: Path) -> tuple[int, int] | None:
+    """(line number, byte) of the first bytes of a text file that are not UTF-8, or None (a character never spans
+    lines: a newline byte is never part of one)."""
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return number, line[error.start]
+    return None
 
 
 def load_source(name: str, config: str | None, split: str, what: str = "dataset_name") -> Dataset:
@@ -125,11 +163,15 @@ def load_source(name: str, config: str | None, split: str, what: str = "dataset_
     path = local_path(name, what)
     if path is not None:
         try:
-            if path.is_dir():
-                dataset = load_dataset(str(path), config, split=split)
-            else:
-                dataset = load_dataset(FILE_LOADERS[path.suffix], data_files=str(path), split="train")
+            dataset = _read_local(path, config, split)
+            dataset.data.table.validate(full=True)  # pyarrow reads JSON strings without checking their UTF-8
         except Exception as error:  # datasets raises many types for malformed files
+            invalid = _first_invalid_utf8(path) if path.suffix in TEXT_SUFFIXES else None
+            if invalid is not None:
+                line, byte = invalid
+                raise SFTKeyError(
+                    f"`{what}`: `{name}` is not UTF-8 text (byte {byte:#04x} on line {line}); save it as UTF-8"
+                ) from error
             raise SFTKeyError(
                 f"`{what}`: could not read `{name}` ({first_line(error)}); check that it is a valid "
                 f"{path.suffix or 'dataset folder'} with at least one row"
@@ -263,9 +305,8 @@ def check_training_rows(
         digest.update(json.dumps([item.text, item.prompt_end, item.key_start, item.completion_end]).encode())
     data_hash = digest.hexdigest()[:16]
     cached = cache_dir / f"tokenized-{data_hash}" if cache_dir else None
-    if cached is not None and cached.exists():
-        tokenized = load_from_disk(str(cached))
-    else:
+    tokenized = _load_cached(cached, len(rendered)) if cached is not None and cached.exists() else None
+    if tokenized is None:
         columns = tokenize_rendered(tokenizer, rendered)
         columns["index"] = [index for index, _ in triples]
         tokenized = Dataset.from_dict(columns)
@@ -279,7 +320,7 @@ def check_training_rows(
         raise _invalid_rows_error(report, len(train_rows), script_args.on_invalid, len(tokenized) == 0)
     if cached is not None and not cached.exists():  # only valid data is cached; temp name then rename
         full = tokenized if len(tokenized) == num_tokenized else Dataset.from_dict(columns)
-        with write_folder(cached) as tmp:
+        with write_folder(cached, kind="cache") as tmp:
             full.save_to_disk(str(tmp))
     return CheckedRows(tokenized, data_hash, report, notes, len(tokenized))
 
@@ -301,6 +342,24 @@ def prepare_data(script_args, training_args, stages, tokenizer, formatter: Forma
     eval_examples = _eval_examples(eval_rows, script_args, formatter) if eval_rows is not None else []
     validation = _eval_examples(validation_rows, script_args, formatter) if validation_rows is not None else None
     return PreparedData(tokenized, eval_examples, answer_type, checked.data_hash, report, validation or eval_examples)
+
+
+def _load_cached(cached: Path, rows: int) -> Dataset | None:
+    """The tokenised data cached under `cached`, or None when that folder cannot be read or does not hold `rows`
+    rows of the mask columns (a damaged cache, or another `datasets` version's): it is removed, to be rebuilt."""
+    try:
+        tokenized = load_from_disk(str(cached))
+        if len(tokenized) == rows and {"input_ids", "completion_mask", "key_mask", "index"} <= set(tokenized.features):
+            return tokenized
+        problem = f"it holds {len(tokenized)} rows of {sorted(tokenized.features)}"
+    except Exception as error:  # `datasets` raises many types for a damaged folder
+        problem = first_line(error)
+    logger.warning("the tokenized-data cache %s cannot be used (%s): rebuilding it", cached, problem)
+    if folder_marker(cached) is not None:
+        discard(cached, kinds=["cache"])
+    else:  # written before caches carried a marker: renamed, never deleted
+        set_aside(cached, "cannot be read as a tokenized-data cache")
+    return None
 
 
 LENGTH_WARN_SHARE = 0.05  # warn when more than this share of rows is cut

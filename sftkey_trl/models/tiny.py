@@ -6,6 +6,7 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
+from ..errors import SFTKeyError
 from ..files import write_folder
 
 CHAT_TEMPLATE = (
@@ -16,6 +17,7 @@ CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TAG_TOKENS = ["<Thinking>", "</Thinking>", "<Answer>", "</Answer>"]
+TINY_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json")  # what it builds
 ALPHABET = string.digits + string.ascii_letters + " \n.,:;?!+-*/=()%$#<>'\"_|[]{}"
 
 
@@ -49,8 +51,14 @@ def build_tiny_model(directory: str | Path, hidden_size: int = 192, num_layers: 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     directory = Path(directory)
-    if all((directory / name).exists() for name in ("config.json", "tokenizer.json")):
+    missing = [name for name in TINY_MODEL_FILES if not (directory / name).is_file()]
+    if not missing:
         return directory
+    if directory.exists() and any(directory.iterdir()):  # built whole (write_folder): damaged since
+        raise SFTKeyError(
+            f"`{directory}` is not a complete demo model ({', '.join(missing)} missing); delete that folder and it "
+            "is built again"
+        )
     tokenizer = build_tiny_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),

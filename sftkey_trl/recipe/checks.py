@@ -206,9 +206,23 @@ def check_stage_options(stages: list[Stage]) -> None:
                 raise SFTKeyError(f"stages[{index}] ({stage.name}): `{key}: {value}` is not valid: {error}") from None
 
 
+_LAUNCH = "the device, engine and process group are set up once for the whole run"
+# Training keys a run reads once, from the recipe's top level: in a stage they would be recorded and not applied
+RUN_WIDE_KEYS = {
+    "max_length": "the data is tokenised and its lengths checked once, for every stage",
+    "eos_token": "the data is rendered once, with one end-of-turn token, for every stage",
+    "trust_remote_code": "the tokenizer is loaded once for every stage",
+    "output_dir": "each stage writes to `<output_dir>/<stage>`",
+    "overwrite_output_dir": "it applies to the whole run",
+    "restart_from": "it applies to the whole run",
+    **dict.fromkeys(("use_cpu", "deepspeed", "fsdp", "fsdp_config", "parallelism_config", "ddp_backend"), _LAUNCH),
+}
+
+
 def check_stages(recipe: Recipe, processes: list[int]) -> None:
-    """Each stage's training arguments resolve for every process count; keep-best has validation data and
-    patience has keep-best; `restart_from` names a stage; vLLM evaluation runs in one process."""
+    """Each stage's training arguments resolve for every process count, and none sets a key the run reads once;
+    keep-best has validation data and patience has keep-best; `restart_from` names a stage; vLLM evaluation runs in
+    one process."""
     script_args, training_args, stages = recipe.script, recipe.training, recipe.stages
     output_dir = Path(training_args.output_dir)
     for stage in stages:
@@ -216,6 +230,11 @@ def check_stages(recipe: Recipe, processes: list[int]) -> None:
             raise SFTKeyError(
                 f"stage `{stage.name}`: `hub_token` cannot be set in a stage (recipes end up in model cards and "
                 "manifests); set the HF_TOKEN environment variable or run `hf auth login`"
+            )
+        for key in [key for key in RUN_WIDE_KEYS if key in stage.overrides]:
+            raise SFTKeyError(
+                f"stage `{stage.name}`: `{key}` cannot be set in a stage ({RUN_WIDE_KEYS[key]}); set it at the top "
+                "level of the recipe"
             )
         for count in processes:
             stage_training_args(training_args, stage, str(output_dir / stage.name), count)
@@ -314,7 +333,7 @@ def check_detached_context(training_args, stages: list[Stage]) -> list[str]:
         if launch.shards_parameters:
             fix = "launch with DDP or DeepSpeed ZeRO-2, or use context: full"
             raise SFTKeyError(f"{where}, which is not supported under {launch.name} (sharded weights); {fix}")
-        if training_args.log_part_losses:
+        if stage.overrides.get("log_part_losses", training_args.log_part_losses):
             notes.append(f"{where}: it logs key_loss only (the reasoning is not scored, so no reasoning_loss)")
     return notes
 

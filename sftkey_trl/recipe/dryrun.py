@@ -41,7 +41,7 @@ DERIVED_TRAINING_KEYS = {"stages", "gradient_checkpointing", "gradient_checkpoin
 
 def header_value(recipe_path: str | Path, prefix: str) -> str | None:
     """The text after `prefix` on the recipe's leading comment lines (`# Hardware:`, `# Launch:`), or None."""
-    with open(recipe_path) as handle:
+    with open(recipe_path, encoding="utf-8") as handle:
         for line in handle:
             if not line.startswith("#"):
                 break

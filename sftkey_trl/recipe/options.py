@@ -37,6 +37,9 @@ UNSUPPORTED_OPTIONS = (
      "SFTKey never truncates (a longer example is reported as `key_truncated`); remove it and raise `max_length`"),
     ("model_init_kwargs", bool,
      "SFTKey loads the model itself; use the model keys (`dtype`, `attn_implementation`, `model_revision`, ...)"),
+    ("resume_from_checkpoint", lambda v: v is not None,
+     "SFTKey resumes a killed stage from its last complete checkpoint by itself (`<output_dir>/<stage>/checkpoints`); "
+     "rerun the same command instead"),
     ("eval_strategy", lambda v: plain(v) != "no", _BY_GENERATION),
     ("eval_on_start", bool, _BY_GENERATION),
     ("liger_kernel_config", lambda v: bool((v or {}).get("fused_linear_cross_entropy")),

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import SFTKeyError
-from ..recipe.flags import flag_value
+from ..recipe.flags import FlagParser, flag_value
 
 if TYPE_CHECKING:
     from ..recipe.schema import Recipe
@@ -25,7 +25,7 @@ def run_options(argv: list[str], default_recipe: str | None = None) -> tuple[arg
     use `default_recipe` (a path from the repository root; the demo recipe by default)."""
     from ..recipe.schema import DEMO_RECIPE
 
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = FlagParser(add_help=False)
     parser.add_argument("--inspect", type=int, default=None, help="Show what each stage trains on; train nothing.")
     parser.add_argument("--json", action="store_true", help=INSPECT_JSON)
     parser.add_argument("--eval_only", action="store_true", help="Evaluate a checkpoint (or the base model).")
@@ -38,6 +38,28 @@ def run_options(argv: list[str], default_recipe: str | None = None) -> tuple[arg
     if flag_value(rest, "--config") is None:
         rest = ["--config", str(Path(__file__).resolve().parents[2] / (default_recipe or DEMO_RECIPE))] + rest
     return options, rest
+
+
+MODES = ("inspect", "eval_only", "merge", "dry_run")  # what run.py does instead of training: one at a time
+NEEDS = {"json": "inspect", "checkpoint": "eval_only", "merge_dir": "merge"}  # flags that only apply with another
+
+
+def check_flags(options: argparse.Namespace) -> None:
+    """run.py's own flags, before the recipe or anything else is read: one mode at a time, each flag with the one it
+    applies to, and their values (a `--checkpoint` folder must exist)."""
+    given = {flag for flag, value in vars(options).items() if value not in (None, False)}
+    modes = [f"--{mode}" for mode in MODES if mode in given]
+    if len(modes) > 1:
+        raise SFTKeyError(f"{' and '.join(modes)} are separate modes of run.py; give one of them")
+    for flag, needed in NEEDS.items():
+        if flag in given and needed not in given:
+            raise SFTKeyError(f"`--{flag}` only applies with `--{needed}`; add `--{needed}` or remove `--{flag}`")
+    if options.inspect is not None and options.inspect < 1:
+        raise SFTKeyError(f"`--inspect {options.inspect}`: give the number of examples to show, at least 1")
+    if options.merge is not None and not options.merge.strip():
+        raise SFTKeyError("`--merge` needs the name of the stage to merge")
+    if options.checkpoint is not None and not Path(options.checkpoint).is_dir():
+        raise SFTKeyError(f"`--checkpoint {options.checkpoint}` is not a folder; point it at a saved stage folder")
 
 
 @contextlib.contextmanager
@@ -161,9 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     `argv`) it first sets up the process (`process.prepare_process`); from Python it leaves the process as it is."""
     from .process import start_entry_point
 
-    start_entry_point(sys.argv[1:], as_program=argv is None)
-    options, rest = run_options(list(sys.argv[1:] if argv is None else argv))
-    with user_errors(options.debug):
+    as_program, argv = argv is None, list(sys.argv[1:] if argv is None else argv)
+    start_entry_point(argv, as_program=as_program)
+    with user_errors("--debug" in argv):
+        options, rest = run_options(argv)
+        check_flags(options)
         recipe, notes = load_checked_recipe(rest, options.dry_run)
         if options.dry_run:
             from ..data.checks import check_local_data

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-import time
 from functools import cached_property
 from pathlib import Path
 
@@ -109,6 +108,12 @@ class Pipeline:
             if self.one_run:
                 manifest.record_stage_names(names)
         self.state.wait_for_everyone()  # no rank writes before every rank has read the manifest and checked
+        if retrained := [planned.stage.name for planned in plan if planned.restarting]:
+            # on disk at once: a retrained stage that then fails must not leave its earlier result (or a summary that
+            # read it) reported as this run's
+            results["stages"] = {k: v for k, v in results["stages"].items() if k not in retrained}
+            results.pop("summary", None)
+            self._save_results(results)
         results.update(answer_type=self.data.answer_type, invalid_rows=self.data.report.counts)
         if self.recipe.script.select_on_test and any(stage.keep_best for stage in self.recipe.stages):
             results["selected_on_test"] = True  # keep_best chose checkpoints on the evaluation set: say so
@@ -186,7 +191,7 @@ class Pipeline:
             processing_class=self.tokenizer,
             peft_config=lora_config(self.recipe.model) if start_from is None else None,
             stage=stage,
-            log_part_losses=self.recipe.training.log_part_losses,
+            log_part_losses=args.log_part_losses,
         )
         track_stage(trainer, self.output_dir)
         batch = global_batch(args, args.world_size)
@@ -196,23 +201,23 @@ class Pipeline:
             logger.info("stage %s: loss on %s, global batch %d%s", stage.name, stage.summary, batch, resuming)
         stage_dir = self.output_dir / stage.name
         keep_best = self.keep_best_callback(stage, args, trainer, start_from, resume) if stage.keep_best else None
-        started = time.perf_counter()
-        output = trainer.train(resume_from_checkpoint=resume)
-        seconds = time.perf_counter() - started
+        trainer.train(resume_from_checkpoint=resume)
+        trained = trainer.stage_summary()  # the whole stage, the part before a resume included
         trainer.save_model(str(stage_dir))
         if self.state.is_main_process:
             self.tokenizer.save_pretrained(str(stage_dir))
             write_json(stage_dir / "log_history.json", trainer.state.log_history)
             drop_placeholder_card(stage_dir)  # the stage's card is card.py's, written when it is exported or pushed
+        seconds, tokens = trained.pop("train_seconds"), trained.pop("train_tokens")
         summary = {
-            "train_loss": output.training_loss,
+            "train_loss": trained.pop("train_loss"),
             "train_seconds": seconds,
             "global_batch_size": batch,
             "world_size": args.world_size,
-            "train_tokens": trainer._total_train_tokens,
-            "tokens_per_second": trainer._total_train_tokens / seconds if seconds else 0.0,
+            "train_tokens": tokens,
+            "tokens_per_second": tokens / seconds if seconds else 0.0,
             "resumed_from": resume,
-            "optimizer_steps": trainer.state.global_step,
+            **trained,
         }
         model = trainer.model
         if keep_best is not None:
@@ -280,9 +285,7 @@ class Pipeline:
             return self._evaluate_only(checkpoint)
 
     def _evaluate_only(self, checkpoint: str | None) -> dict:
-        name = Path(checkpoint).name if checkpoint else "base"
-        if checkpoint and not Path(checkpoint).is_dir():
-            raise SFTKeyError(f"`--checkpoint {checkpoint}` is not a folder; point it at a saved stage folder")
+        name = Path(checkpoint).name if checkpoint else "base"  # a folder: `cli.check_flags` checked
         if not self.data.eval_examples:
             raise SFTKeyError("no evaluation data: set `eval_dataset_name`, `eval_split` or `eval_fraction`")
         vllm = self.recipe.script.eval_backend == "vllm"

@@ -37,7 +37,7 @@ def quantizes(argv: list[str], recipe: str | Path | None) -> bool:
     if recipe is not None:
         try:
             config = yaml.safe_load(Path(recipe).read_text()) or {}
-        except (OSError, yaml.YAMLError):
+        except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8 (the parser says so in one line)
             return True
         if not isinstance(config, dict):
             return True

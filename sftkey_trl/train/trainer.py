@@ -4,6 +4,8 @@ The loss is `sum(weight * token_loss) / normaliser` over TRL's fused LM head (`f
 `(batch, seq, vocab)` logits), with the stage objective's token loss, weights and normaliser. The normaliser is
 summed over micro-batches and ranks as `transformers.Trainer` counts `num_items_in_batch`; a Mixture-of-Experts
 router loss is added as TRL adds it. TRL options this loss does not honour are refused in `recipe/options.py`.
+Each optimizer step is watched (`watch.py`): a diverging stage stops with one line, and a resumed stage reports its
+whole training.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer
 
 from .collator import SFTKeyCollator
@@ -18,6 +21,7 @@ from .detached import detached_forward, split_at_key
 from .distributed import release_engine_state
 from .modeling import require_router
 from .objectives import Stage, token_losses
+from .watch import StageWatch
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +57,30 @@ class SFTKeyTrainer(SFTTrainer):
         release_engine_state(training_args)  # under DeepSpeed the previous stage's engine state blocks a new one
         super().__init__(*args, **kwargs)
         training_args.padding_free = padding_free
+        self.watch = StageWatch(self, stage.name)
+        self.add_callback(self.watch)  # before any the caller adds (keep_best): a diverged step stops first
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """`Trainer.train`, carrying on from the stage totals a resumed checkpoint holds (`watch.py`)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        self.watch.begin(resume_from_checkpoint or None)
+        self._total_train_tokens = self.watch.totals.train_tokens  # TRL's count, logged as `num_tokens`
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.watch.add_loss(loss)  # the loss Trainer adds up for its logs, before its NaN filter
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Trainer's one call per optimizer step that sees the gradient norm (of the reduced gradients: every rank's)
+        self.watch.grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        return self.watch.grad_norm
+
+    def stage_summary(self) -> dict:
+        """The whole stage's training: mean loss per optimizer step, steps, tokens and seconds (resumed or not)."""
+        return self.watch.whole_stage()
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:

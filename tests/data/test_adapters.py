@@ -135,6 +135,38 @@ def test_generic_rejections() -> None:
     assert rejected("generic", {"question": "q?", "answer": "1"}) == "empty_reasoning"
 
 
+@pytest.mark.parametrize(
+    "value, text",
+    [(8, "8"), (8.0, "8"), (2.5, "2.5"), (-3, "-3"), (1e-07, "1e-07"), (10**20, "100000000000000000000")],
+)
+def test_a_number_is_its_text(value, text) -> None:
+    """A JSON number is a common, legitimate answer; a whole float (pyarrow reads a column mixing 8 and 2.5 as
+    floats) is written as the whole number."""
+    row = {"question": "q?", "reasoning": "because", "answer": value}
+    assert convert("generic", row).answer == text
+
+
+@pytest.mark.parametrize("field", ["question", "reasoning", "answer"])
+@pytest.mark.parametrize("value", [[8], {"value": 8}, True, False, float("inf")])
+def test_a_field_that_is_not_text_rejects_its_row(field, value) -> None:
+    """It was trained as Python's repr: `<Answer>[8]</Answer>`."""
+    row = {"question": "q?", "reasoning": "because", "answer": "1", field: value}
+    assert rejected("generic", row) == f"non_text_{field}"
+
+
+def test_non_text_is_rejected_by_every_adapter() -> None:
+    assert rejected("gsm8k", {"question": ["q"], "answer": "#### 1"}) == "non_text_question"
+    assert rejected("cot_collection", {"source": "q", "rationale": "r", "target": {"a": 1}}) == "non_text_answer"
+    assert rejected("openr1_math", {"problem": "p", "solution": "s", "answer": [1]}) == "non_text_answer"
+    choices = {"text": [["a"], "b"], "label": ["A", "B"]}
+    row = {"question_stem": "q", "choices": choices, "answerKey": "A", "fact1": "f"}
+    assert rejected("openbookqa", row) == "bad_choices"
+
+
+def test_nan_is_a_missing_value() -> None:
+    assert rejected("generic", {"question": "q?", "reasoning": "because", "answer": float("nan")}) == "empty_answer"
+
+
 def test_tags_in_reasoning_are_not_rejected_here() -> None:
     row = {"question": "q?", "reasoning": "<Thinking>x</Thinking> <Answer>1</Answer>", "answer": "1"}
     assert convert("generic", row).reasoning == "<Thinking>x</Thinking> <Answer>1</Answer>"

@@ -112,11 +112,19 @@ def data_files(draw) -> tuple[str, bytes, list[dict]]:
     return suffix, data, rows if damage == "none" else []
 
 
-def usable(row: dict) -> bool:
-    """A row the generic adapter can use: three non-empty fields (non-strings are read with `str()`)."""
+def usable(row: dict, suffix: str) -> bool:
+    """A row the generic adapter can use: three non-empty fields of text. A CSV cell is text as written (`str()` of
+    the value here); in JSON a number counts as its text, while a list, a mapping, true/false or an infinite number
+    is not text and NaN is a missing value (README)."""
     for name in FIELDS:
         value = row[name]
-        if value is MISSING or value is None or not str(value).strip():
+        if value is MISSING or value is None:
+            return False
+        if suffix == ".jsonl" and isinstance(value, (bool, list, dict)):
+            return False
+        if suffix == ".jsonl" and isinstance(value, float) and (value != value or abs(value) == float("inf")):
+            return False
+        if not str(value).strip():
             return False
     return True
 
@@ -167,12 +175,12 @@ def test_generated_rows_give_the_report_or_one_line(file, on_invalid):
             assert "\n" not in message, message
             assert error == f"error: {message}", (error, message)  # the dry run runs the same row checks
             kinds = {"training rows are invalid": "the invalid-row report", "could not read": "file unreadable",
-                     "needs column": "a column missing"}  # fmt: skip
+                     "not UTF-8": "not UTF-8", "needs column": "a column missing"}  # fmt: skip
             kind = next((what for part, what in kinds.items() if part in message), message)
             event(f"refused ({'--dry_run too' if error else 'real run only'}): {kind}")
-            if rows and not any(usable(row) for row in rows):
+            if rows and not any(usable(row, suffix) for row in rows):
                 assert any(part in message for part in ("no row is left", "could not read", "needs column")), message
-            if on_invalid == "skip" and rows and suffix == ".jsonl" and any(usable(row) for row in rows):
+            if on_invalid == "skip" and rows and suffix == ".jsonl" and any(usable(row, suffix) for row in rows):
                 # only the tokenizer (unknown characters) or the reader (mixed column types) can refuse these
                 assert "unknown_characters" in message or "could not read" in message, message
             return
@@ -180,7 +188,7 @@ def test_generated_rows_give_the_report_or_one_line(file, on_invalid):
         kept = set(prepared.train["index"])
         event(f"prepared ({'all rows' if not prepared.report.total else 'invalid rows skipped'})")
         if rows:
-            assert kept <= {index for index, row in enumerate(rows) if usable(row)}, "an unusable row was kept"
+            assert kept <= {index for index, row in enumerate(rows) if usable(row, suffix)}, "an unusable row was kept"
             if on_invalid == "error":
                 assert len(kept) == len(rows) and prepared.report.total == 0
             else:
@@ -210,8 +218,8 @@ def test_a_file_that_is_not_utf8_is_one_line(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_bytes(b'\xff\xfe\x80{"question": null, "answer": null}\n')
     argv = recipe_argv(str(path), "error")
-    assert "`dataset_name`: could not read" in dry_run(argv)
-    with pytest.raises(SFTKeyError, match="`dataset_name`: could not read"):
+    assert "is not UTF-8 text (byte 0xff on line 1); save it as UTF-8" in dry_run(argv)
+    with pytest.raises(SFTKeyError, match=r"`dataset_name`: .* is not UTF-8 text \(byte 0xff on line 1\)"):
         prepare(argv)
 
 

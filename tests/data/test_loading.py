@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import script_args
+from datasets import Dataset
 
 from sftkey_trl.data import loading
 from sftkey_trl.data.formatting import Formatter
@@ -73,3 +74,89 @@ def test_the_tokenized_cache_is_written_whole_and_read_back(char_tokenizer, data
     second = prepare_data(args, training_args, STAGES, char_tokenizer, Formatter(char_tokenizer, args), cache)
     assert second.train["index"] == first.train["index"] == [0, 2, 4]
     assert second.train["input_ids"] == first.train["input_ids"]
+
+
+def prepared_rows(tokenizer, path, on_invalid="error"):
+    data = prepare(tokenizer, path, on_invalid)
+    return [tokenizer.decode(ids) for ids in data.train["input_ids"]], data
+
+
+def test_a_non_text_answer_is_refused_with_its_row_not_trained_as_its_repr(char_tokenizer, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    rows = [GOOD, {**GOOD, "answer": [2]}, {**GOOD, "answer": 2}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(SFTKeyError, match=r"1 of 3 training rows are invalid: non_text_answer x1 \(rows 1\)"):
+        prepare(char_tokenizer, path, "error")
+    texts, data = prepared_rows(char_tokenizer, path, "skip")
+    assert data.train["index"] == [0, 2] and all("<Answer>2</Answer>" in text for text in texts)
+
+
+def test_a_csv_is_read_as_the_text_it_holds(char_tokenizer, tmp_path):
+    """pandas' type inference read `007` as 7, `2.50` as 2.5, `NA` as a missing value and a True/False column as
+    booleans."""
+    path = tmp_path / "rows.csv"
+    path.write_text(
+        "\ufeffquestion,reasoning,answer,flag\n"
+        "Compute 3 + 4.,3 + 4 = 007,007,True\nCompute 1 + 1.5.,1 + 1.5 = 2.50,2.50,False\nName it.,It is NA.,NA,True\n"
+    )
+    texts, _ = prepared_rows(char_tokenizer, path)
+    assert all(
+        ["<Answer>007</Answer>" in texts[0], "<Answer>2.50</Answer>" in texts[1], "<Answer>NA</Answer>" in texts[2]]
+    )
+
+
+ROW = b'{"question": "q", "reasoning": "r", "answer": "1"}'
+BAD_ROW = b'{"question": "q", "reasoning": "r \xff", "answer": "1"}'
+
+
+@pytest.mark.parametrize(
+    "suffix, content",
+    [
+        (".jsonl", ROW + b"\n" + BAD_ROW + b"\n"),
+        (".json", b"[" + ROW + b",\n" + BAD_ROW + b"]"),
+        (".csv", b"question,reasoning,answer\nq,r \xff,1\nq,r,1\n"),
+    ],
+)
+def test_a_data_file_that_is_not_utf8_names_the_byte_and_the_line(char_tokenizer, tmp_path, suffix, content):
+    """JSON Lines were read by pyarrow without checking, then failed with a traceback when a row was read."""
+    path = tmp_path / f"rows{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(SFTKeyError, match=r"is not UTF-8 text \(byte 0x(ff|fe) on line 2\); save it as UTF-8"):
+        prepare(char_tokenizer, path, "error")
+
+
+def test_a_damaged_tokenized_cache_is_rebuilt(char_tokenizer, data_file, tmp_path, caplog):
+    args = script_args(dataset_name=str(data_file), on_invalid="skip")
+    training_args = SimpleNamespace(seed=0, max_length=None)
+    cache = tmp_path / "cache"
+    first = prepare_data(args, training_args, STAGES, char_tokenizer, Formatter(char_tokenizer, args), cache)
+    folder = cache / f"tokenized-{first.data_hash}"
+    for path in folder.glob("*.arrow"):
+        path.write_bytes(path.read_bytes()[:100])  # a damaged cache: a truncated data file
+    with caplog.at_level(logging.WARNING, logger="sftkey_trl.data.loading"):
+        second = prepare_data(args, training_args, STAGES, char_tokenizer, Formatter(char_tokenizer, args), cache)
+    assert "cannot be used" in caplog.text and "rebuilding it" in caplog.text
+    assert second.train["input_ids"] == first.train["input_ids"]
+    third = prepare_data(args, training_args, STAGES, char_tokenizer, Formatter(char_tokenizer, args), cache)
+    assert third.train["input_ids"] == first.train["input_ids"]  # the rebuilt cache reads back
+
+
+def test_damaged_demo_data_is_written_again(sftkey_cache, caplog):
+    loading.load_source("demo:arithmetic", None, "test")
+    test_file = sftkey_cache / "demo-arithmetic-v2" / "test.jsonl"
+    whole = test_file.read_text()
+    test_file.write_text(whole[: len(whole) // 2])  # cut mid-row
+    with caplog.at_level(logging.WARNING, logger="sftkey_trl.data.loading"):
+        rows = loading.load_source("demo:arithmetic", None, "test")
+    assert len(rows) == 200 and test_file.read_text() == whole and "written again" in caplog.text
+    (sftkey_cache / "demo-arithmetic-v2" / "train.jsonl").unlink()  # half built: one split only
+    assert len(loading.load_source("demo:arithmetic", None, "train")) == 2000
+
+
+def test_a_damaged_parquet_file_is_one_line(char_tokenizer, tmp_path):
+    """Already one line (a guard): pyarrow names the missing footer."""
+    path = tmp_path / "rows.parquet"
+    Dataset.from_list([GOOD] * 4).to_parquet(str(path))
+    path.write_bytes(path.read_bytes()[:-20])  # cut: its footer is gone
+    with pytest.raises(SFTKeyError, match=r"`dataset_name`: could not read `.*rows.parquet` \(.*\); check that it is"):
+        prepare(char_tokenizer, path, "error")

@@ -282,7 +282,15 @@ def test_a_stage_killed_and_resumed_trains_like_an_uninterrupted_one(tmp_path, m
     run_to_end(uninterrupted, flags)
     kill_when(killed, first_checkpoint, flags)
     assert not (killed / "sft" / weights).exists()
+    checkpoint = next((killed / "sft" / "checkpoints").glob("checkpoint-*/trainer_state.json"))
+    before_kill = json.loads(checkpoint.read_text()).get("stateful_callbacks", {}).get("SFTKeyStageTotals", {})
     run_to_end(killed, flags)
+    # The whole stage is reported, not the part after the resume
+    whole, resumed = (json.loads((out / "results.json").read_text())["stages"]["sft"]["training"]
+                      for out in (uninterrupted, killed))  # fmt: skip
+    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-6)
+    assert (resumed["train_tokens"], resumed["optimizer_steps"]) == (whole["train_tokens"], whole["optimizer_steps"])
+    assert resumed["train_seconds"] > before_kill["train_seconds"] > 0
 
     def trajectory(out: Path) -> list[tuple[int, float, float]]:
         history = json.loads((out / "sft" / "log_history.json").read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
@@ -22,3 +23,14 @@ def test_tiny_model_built_on_a_non_zero_rank_is_complete(tmp_path, monkeypatch):
     loaded, expected = model.state_dict(), fresh.state_dict()
     assert loaded.keys() == expected.keys()
     assert all(torch.equal(loaded[name], expected[name]) for name in expected)
+
+
+def test_an_incomplete_demo_model_folder_is_named_in_one_line(tmp_path):
+    """The build writes the folder whole; a damaged one was kept as it was, and loading it blamed the Hub."""
+    from sftkey_trl.errors import SFTKeyError
+    from sftkey_trl.models.tiny import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "tiny", hidden_size=32, num_layers=1)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(SFTKeyError, match=r"is not a complete demo model \(model.safetensors missing\); delete"):
+        build_tiny_model(folder, hidden_size=32, num_layers=1)

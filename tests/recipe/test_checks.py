@@ -37,7 +37,9 @@ def write_recipe(tmp_path: Path, body: str = "", header: str | None = None, name
             f"--config recipes/{name}\n"
         )
     path = tmp_path / "recipes" / name
-    path.write_text(header + BODY.format(tmp=tmp_path) + body)
+    given = {line.split(":")[0] for line in body.splitlines()}  # a recipe gives each key once: `body`'s replace BODY's
+    base = "".join(line for line in BODY.format(tmp=tmp_path).splitlines(True) if line.split(":")[0] not in given)
+    path.write_text(header + base + body)
     return str(path)
 
 

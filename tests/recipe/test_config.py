@@ -60,6 +60,21 @@ def write(tmp_path: Path, text: str) -> str:
         ("answer_template: 'Answer:'\n", "must contain `{answer}`"),
         ("key: [unclosed\n", "not valid YAML at line"),
         ("- a list\n", "must be a YAML mapping"),
+        # PyYAML keeps the last of a repeated key silently
+        (
+            "learning_rate: 1.0e-4\nseed: 1\nlearning_rate: 2.0e-4\n",
+            r"key `learning_rate` is given twice \(lines 1 and 3\)",
+        ),
+        (
+            "stages:\n  - {name: a, loss_on: key,\n     loss_on: completion}\n",
+            r"key `loss_on` is given twice \(lines 2 and 3\)",
+        ),
+        ("env: [1, 2]\n", r"`env` must be a mapping of environment variable names to values"),
+        ("env: {A: [1]}\n", r"`env`: `A: \[1\]` is not a variable name with a plain value"),
+        (
+            "model_name_or_path: demo:tiny-llama\ndataset_name: demo:arithmetic\nstages: [{name: a, max_length: 8}]\n",
+            r"stage `a`: `max_length` cannot be set in a stage",
+        ),
     ],
 )
 def test_bad_recipes_are_one_line_errors(tmp_path, text, message):
@@ -77,3 +92,9 @@ def test_unknown_cli_option_suggests_the_closest():
 def test_missing_recipe_file():
     with pytest.raises(SFTKeyError, match="does not exist"):
         parse_config(["--config", "recipes/nope.yaml"])
+
+
+def test_a_recipe_that_is_a_folder(tmp_path):
+    """It raised IsADirectoryError."""
+    with pytest.raises(SFTKeyError, match="is a folder; give --config a recipe's .yaml file"):
+        parse_config(["--config", str(tmp_path)])

@@ -124,15 +124,23 @@ def test_qlora_two_stages_on_cpu(tmp_path, monkeypatch):
 
 
 @pytest.mark.e2e
-def test_keep_best_keeps_stage_1_weights_when_stage_2_breaks_the_model(tmp_path):
+def test_keep_best_never_hides_a_diverged_stage_and_keeps_stage_1_weights_a_stage_2_never_beats(tmp_path, capsys):
+    """At `learning_rate: 1000` the key stage's gradient norm turns NaN: keep_best used to evaluate the NaN model, tie
+    at 0 and report 'kept the incoming weights' with exit 0; the stage now stops with one line. Retrained at a rate
+    that never beats stage 1 on validation, keep-best copies stage 1's weights in as the stage's output."""
     from safetensors.torch import load_file
 
     output = tmp_path / "best"
     stages = ("[{name: sft, loss_on: completion, num_train_epochs: 2}, "
-              "{name: key, loss_on: key, num_train_epochs: 1, learning_rate: 1000.0, keep_best: true}]")  # fmt: skip
+              "{name: key, loss_on: key, num_train_epochs: 1, learning_rate: RATE, keep_best: true}]")  # fmt: skip
     args = ["--config", DEMO, "--output_dir", str(output), "--max_train_samples", "160", "--eval_fraction", "0.2",
-            "--max_eval_samples", "24", "--max_new_tokens", "40", "--stages", stages]  # fmt: skip
-    assert main(args) == 0
+            "--max_eval_samples", "24", "--max_new_tokens", "40"]  # fmt: skip
+    with pytest.raises(SystemExit) as stopped:
+        main([*args, "--stages", stages.replace("RATE", "1000.0")])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stopped.value.code == 2 and error.startswith("error: stage `key` diverged at step "), error
+    assert "key" not in json.loads((output / "results.json").read_text())["stages"]
+    assert main([*args, "--stages", stages.replace("RATE", "2.0e-4"), "--restart_from", "key"]) == 0
     results = json.loads((output / "results.json").read_text())
     report = results["stages"]["key"]["training"]["keep_best"]
     assert report["best_step"] == 0 and "incoming" in report["kept"]
@@ -179,6 +187,18 @@ def test_detached_key_stage_with_qlora_and_gradient_checkpointing(tmp_path):
     logs = json.loads((output / "key" / "log_history.json").read_text())
     losses = [entry for entry in logs if "key_loss" in entry]
     assert losses and all(entry["key_loss"] > 0 and "reasoning_loss" not in entry for entry in losses)
+
+
+def test_a_stages_own_log_part_losses_is_honoured(tmp_path):
+    """It was recorded in the manifest and not applied: the recipe-wide value (true) decided."""
+    output = tmp_path / "parts"
+    stages = "[{name: key, loss_on: key, num_train_epochs: 1, log_part_losses: false}]"
+    args = ["--config", DEMO, "--output_dir", str(output), "--max_train_samples", "32", "--eval_after_stages", "false",
+            "--save_strategy", "no", "--logging_steps", "1", "--stages", stages]  # fmt: skip
+    assert main(args) == 0
+    logs = json.loads((output / "key" / "log_history.json").read_text())
+    losses = [entry for entry in logs if "key_loss" in entry]
+    assert losses and all("reasoning_loss" not in entry for entry in losses)
 
 
 def test_qlora_model_is_really_4bit(tmp_path, tiny_model_dir):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from real_launches import kill_when, run_to_end
+from real_launches import kill_when, run_to_end, start_run
 from safetensors.torch import load_file
 
 from sftkey_trl.run.cli import main
@@ -178,7 +178,7 @@ KEEP_BEST = [
     "--save_steps", "2", "--eval_steps", "2", "--logging_steps", "2",
     "--stages", "[{name: sft, loss_on: completion, num_train_epochs: 3, keep_best: true, patience: 2}]",
 ]  # fmt: skip
-RUN_SPECIFIC = {"train_loss", "train_seconds", "train_tokens", "tokens_per_second", "resumed_from"}
+RUN_SPECIFIC = {"train_seconds", "tokens_per_second", "resumed_from"}  # a resumed stage's train_loss is the whole's
 
 
 def kept(out: Path) -> tuple[dict, dict]:
@@ -202,6 +202,7 @@ def test_keep_best_stage_killed_after_an_evaluation_resumes_to_the_uninterrupted
     expected, expected_weights = kept(reference)
     entry, weights = kept(out)
     assert len(expected["training"]["keep_best"]["history"]) >= 2
+    assert entry["training"].pop("train_loss") == pytest.approx(expected["training"].pop("train_loss"), rel=1e-6)
     assert entry == expected
     assert weights.keys() == expected_weights.keys()
     for name, tensor in expected_weights.items():
@@ -217,3 +218,55 @@ def test_invalid_rows_are_named_by_their_row_in_the_file_after_a_hold_out(tmp_pa
     error = capsys.readouterr().err
     reported = {int(i) for i in re.search(r"empty_answer x\d \(rows ([\d, ]+)\)", error).group(1).split(", ")}
     assert reported and reported <= {3, 17}
+
+
+DIVERGING = [
+    "--max_train_samples", "64", "--eval_fraction", "0", "--eval_after_stages", "false", "--logging_steps", "1",
+    "--save_strategy", "steps", "--save_steps", "1",
+    "--stages", "[{name: sft, loss_on: completion, num_train_epochs: 2}]",
+]  # fmt: skip
+
+
+@pytest.mark.e2e
+def test_a_diverging_stage_exits_non_zero_with_one_line_and_nothing_calls_it_trained(tmp_path):
+    """`--learning_rate 100` makes the demo's gradient norm NaN from step 3; Trainer's NaN filter logged a loss of 0
+    and the run reported `train_loss` 0.0 with exit 0. The line's fix (a lower rate, `--restart_from`) then works."""
+    out = tmp_path / "run"
+    process = start_run(out, [*DIVERGING, "--learning_rate", "100"])
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 2, stderr[-3000:]
+    error = stderr.strip().splitlines()[-1]
+    match = re.fullmatch(r"error: stage `sft` diverged at step (\d+) of 8: .* rerun with `--restart_from sft`", error)
+    assert match, error
+    step = int(match[1])
+    results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {"stages": {}}
+    assert "sft" not in results["stages"]
+    assert json.loads((out / "manifest.json").read_text())["stages"]["sft"]["status"] not in ("trained", "done")
+    assert not (out / "sft" / "model.safetensors").exists() and not (out / "sft" / "log_history.json").exists()
+    checkpoints = sorted(int(p.name.split("-")[1]) for p in (out / "sft" / "checkpoints").glob("checkpoint-*"))
+    assert checkpoints and max(checkpoints) < step  # none holds the diverged step's weights
+
+    # The same command again resumes from the last checkpoint (finite weights) and stops at the same step
+    process = start_run(out, [*DIVERGING, "--learning_rate", "100"])
+    _, again = process.communicate(timeout=600)
+    assert process.returncode == 2 and "resuming from" in again and again.strip().splitlines()[-1] == error
+
+    run_to_end(out, [*DIVERGING, "--learning_rate", "1e-3", "--restart_from", "sft"])
+    training = json.loads((out / "results.json").read_text())["stages"]["sft"]["training"]
+    assert training["optimizer_steps"] == 8 and 0 < training["train_loss"] < 10
+
+
+def test_a_restarted_stage_that_diverges_leaves_no_earlier_result_of_it(tmp_path, capsys, monkeypatch):
+    """`--restart_from sft` drops the results of every stage it retrains on disk before training: when the retrained
+    stage then diverges, results.json must not still report the earlier stages (or a summary read from them)."""
+    monkeypatch.setenv("SFTKEY_CACHE", str(tmp_path / "cache"))  # the demo model as a run builds it
+    out = str(tmp_path / "run")
+    two = "[{name: sft, loss_on: completion, num_train_epochs: 2%s}, {name: key, loss_on: key, num_train_epochs: 1}]"
+    base = DIVERGING[: DIVERGING.index("--stages")]
+    assert main(["--output_dir", out, *base, "--stages", two % ""]) == 0
+    assert {"sft", "key"} <= set(json.loads((tmp_path / "run" / "results.json").read_text())["stages"])
+    with pytest.raises(SystemExit):
+        main(["--output_dir", out, *base, "--stages", two % ", learning_rate: 100", "--restart_from", "sft"])
+    assert "diverged" in capsys.readouterr().err
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert not results["stages"] and "summary" not in results

@@ -97,6 +97,8 @@ def test_two_process_training_matches_one_process(tmp_path):
         training = [stages[stage]["training"] for stages in results]
         assert [t["world_size"] for t in training] == [2, 1]
         assert [t["global_batch_size"] for t in training] == [16, 16]
+        assert training[0]["train_loss"] == pytest.approx(training[1]["train_loss"], rel=LOSS_RTOL)
+        assert training[0]["train_tokens"] == training[1]["train_tokens"]
         two_losses, one_losses = logged_losses(two / stage), logged_losses(one / stage)
         assert [step for step, _ in two_losses] == [step for step, _ in one_losses] == [1, 2, 3, 4]
         for (step, loss_two), (_, loss_one) in zip(two_losses, one_losses):
@@ -107,3 +109,21 @@ def test_two_process_training_matches_one_process(tmp_path):
         for name, weight in weights_one.items():
             difference = (weights_two[name] - weight).abs().max().item()
             assert difference <= WEIGHT_TOL * weight.abs().max().item(), f"stage {stage}, {name}"
+
+
+@pytest.mark.e2e
+def test_a_stage_diverging_under_two_processes_stops_every_rank_at_the_same_step(tmp_path):
+    """The verdict is one all-reduce per step, so every rank stops at the same step and none is left waiting in a
+    collective (a hang would end in the launcher's timeout)."""
+    args = ["--max_train_samples", "64", "--use_cpu", "true", "--eval_after_stages", "false",
+            "--per_device_train_batch_size", "8", "--global_batch_size", "16", "--logging_steps", "1",
+            "--save_strategy", "no", "--learning_rate", "100",
+            "--stages", "[{name: sft, loss_on: completion, num_train_epochs: 2}]"]  # fmt: skip
+    done = accelerate("--config_file", str(ROOT / "accelerate_configs/multi_gpu.yaml"), "--num_processes", "2",
+                      str(ROOT / "recipes/run.py"), "--output_dir", str(tmp_path / "run"), *args)  # fmt: skip
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    # Each rank decides the same step; the launcher may end the second rank before it writes its line
+    assert 1 <= len(lines) <= 2 and len(set(lines)) == 1, done.stderr[-4000:]
+    assert lines[0].startswith("error: stage `sft` diverged at step ") and "--restart_from sft" in lines[0]
+    assert not (tmp_path / "run" / "sft" / "model.safetensors").exists()
