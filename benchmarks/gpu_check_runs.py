@@ -84,7 +84,7 @@ def training_values(work: Path, steps: int, batch: int, cuda: bool) -> dict:
 def load_base(model_dir: Path, method: str, values: dict):
     """The base model loaded by the project's own `load_model` (4-bit nf4 on this process's device for QLoRA)."""
     cuda = not values["use_cpu"]
-    return load_model(model_args(model_dir, method, cuda), SFTConfig(**values))
+    return load_model(model_args(model_dir, method, cuda), SFTConfig(**values), purpose="train")
 
 
 def release(trainer, embedding_hooks: set):
