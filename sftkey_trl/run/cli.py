@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     `argv`) it first sets up the process (`process.prepare_process`); from Python it leaves the process as it is."""
     from .process import start_entry_point
 
-    start_entry_point(sys.argv[1:], as_program=argv is None)
+    start_entry_point(as_program=argv is None)
     options, rest = run_options(list(sys.argv[1:] if argv is None else argv))
     with user_errors(options.debug):
         recipe, notes = load_checked_recipe(rest, options.dry_run)

@@ -27,7 +27,7 @@ def run_comparison(argv: list[str] | None = None, description: str | None = None
     options, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     from .process import start_entry_point
 
-    start_entry_point(rest, as_program=argv is None)  # before the recipe parser imports the ML libraries
+    start_entry_point(as_program=argv is None)  # before the recipe parser imports the ML libraries
     from ..evaluation.metrics import METRIC_NAMES
     from ..files import read_json
     from ..recipe.schema import COMPARE_DEMO_RECIPE
