@@ -8,6 +8,7 @@ it, the CPU, even on a GPU machine. A finished stage's optimizer must be gone wh
 from __future__ import annotations
 
 import json
+import sys
 import weakref
 
 import pytest
@@ -116,3 +117,56 @@ def test_every_generating_model_is_on_the_training_device_and_finished_engines_a
             assert generation_["live_optimizers"] == 0, seen
     labels = [g["label"] for g in seen]
     assert {"base", "sft", "key", "keep_best", "eval_only/sft"} <= set(labels) and labels.count("key") == 2, labels
+
+
+class FakeLLM:
+    """vLLM's `LLM` as generate_vllm uses it (vllm is not installed here): records what it was started with and
+    which Hugging Face models were still in memory then (after a collection: only what something still holds)."""
+
+    started: list[dict] = []
+
+    def __init__(self, model: str, enable_lora: bool, gpu_memory_utilization: float):
+        import gc
+
+        from transformers import PreTrainedModel
+
+        gc.collect()
+        live = sum(isinstance(obj, PreTrainedModel) for obj in gc.get_objects())
+        self.started.append({"model": model, "lora": enable_lora, "memory": gpu_memory_utilization, "live": live})
+
+    def generate(self, prompts, params, lora_request=None):
+        from types import SimpleNamespace
+
+        answer = SimpleNamespace(text="<Thinking>1 + 1 = 2</Thinking>\n<Answer>2</Answer>", token_ids=[1] * 12)
+        return [SimpleNamespace(outputs=[answer]) for _ in prompts]
+
+
+@pytest.fixture()
+def fake_vllm(monkeypatch):
+    import importlib.machinery
+    import types
+
+    modules = {name: types.ModuleType(name) for name in ("vllm", "vllm.lora", "vllm.lora.request")}
+    for name, module in modules.items():
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)  # found by the recipe check's find_spec
+        monkeypatch.setitem(sys.modules, name, module)
+    modules["vllm"].LLM, modules["vllm"].SamplingParams = FakeLLM, lambda **kwargs: kwargs
+    modules["vllm.lora.request"].LoRARequest = lambda *args: args
+    FakeLLM.started = []
+    return FakeLLM.started
+
+
+def test_vllm_starts_with_no_hugging_face_model_in_memory(fake_vllm, tiny_model_dir, tmp_path):
+    """With `eval_backend: vllm` the stage is served from its saved folder: the trained model is freed before vLLM
+    starts (it would otherwise hold the GPU memory vLLM is given), and no model is loaded just to be ignored."""
+    out = tmp_path / "run"
+    args = ["--config", DEMO, "--output_dir", str(out), "--use_peft", "true", "--eval_base", "true",
+            "--eval_backend", "vllm", "--max_train_samples", "32", "--max_eval_samples", "4", "--max_new_tokens", "8",
+            "--save_strategy", "no", "--stages", STAGES]  # fmt: skip
+    assert main(args) == 0
+    assert [started["model"] for started in fake_vllm] == [str(tiny_model_dir)] * 3  # base, then sft and key
+    assert [started["lora"] for started in fake_vllm] == [False, True, True]  # each stage served as an adapter
+    assert all(started["live"] == 0 for started in fake_vllm), fake_vllm
+    assert all(started["memory"] == 0.9 for started in fake_vllm)  # vLLM's default without a GPU to measure
+    results = json.loads((out / "results.json").read_text())
+    assert [results["stages"][name]["num_examples"] for name in ("sft", "key")] == [4, 4]
