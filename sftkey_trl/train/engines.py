@@ -45,7 +45,13 @@ def release_trainer(trainer) -> None:
     (`Accelerator.free_memory`; ZeRO's hooks on the weights would otherwise keep the optimizer and its fp32 state
     alive as long as the model), and the trainer's and its callbacks' references to the model, optimizer and
     scheduler are dropped. The memory is given back at once, not when a garbage collection happens to find it."""
+    wrapper = getattr(trainer.accelerator, "deepspeed_engine_wrapped", None)
+    module = wrapper.engine.module if wrapper is not None else None  # the model a DeepSpeed engine trained
+    del wrapper
     trainer.accelerator.free_memory()
+    if module is not None:
+        _release_zero3_leftovers(module)
+    del module  # no reference from here either when the memory is collected below
     handler = trainer.callback_handler
     handler.model = handler.optimizer = handler.lr_scheduler = handler.train_dataloader = None
     handler.callbacks.clear()  # keep_best's callback holds the trainer, and with it everything above
@@ -53,6 +59,28 @@ def release_trainer(trainer) -> None:
     if hasattr(trainer, "deepspeed"):
         trainer.deepspeed = None
     free_device_memory()
+
+
+def _release_zero3_leftovers(module) -> None:
+    """Drop what DeepSpeed 0.19's ZeRO-3 keeps of a destroyed engine in module-level state, which `destroy()` leaves:
+    the engine's model on the forward stack (`parameter_offload.FWD_MODULE_STACK`, pushed when the hooks are set up
+    and never popped), and every engine's parameter coordinator and sub-modules in the class-wide `lru_cache` of
+    `PartitionedParameterCoordinator.__params_to_release`. From either, the model's hooks keep the engine alive,
+    and with it the optimizer's fp32 partitions and Adam state, for the rest of the process (so stage 2 would train
+    beside stage 1's optimizer; deepspeedai/DeepSpeed#7204 reports the growth). Both paths were found by
+    tests/train/test_deepspeed.py, which checks the engine is gone. The cache is only a cache: it refills."""
+    import inspect
+
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    stack = parameter_offload.FWD_MODULE_STACK
+    stack[:] = [entry for entry in stack if entry is not module]
+    # The cached method is wrapped by DeepSpeed's `instrument_w_nvtx`, which keeps the lru_cache as `func`
+    instrumented = vars(PartitionedParameterCoordinator).get("_PartitionedParameterCoordinator__params_to_release")
+    cached = inspect.getclosurevars(instrumented).nonlocals.get("func") if instrumented is not None else None
+    if hasattr(cached, "cache_clear"):
+        cached.cache_clear()
 
 
 def free_device_memory() -> None:

@@ -101,3 +101,109 @@ def test_without_gloo_the_cpu_launch_stops_with_one_line(tmp_path):
         "per job and the ranks train apart); add `--ddp_backend gloo`"
     }
     assert not (tmp_path / "run" / "sft").exists()
+
+
+# What a rank's process did, recorded around recipes/run.py's own main (the launch runs this instead of run.py):
+# each stage's model as the trainer gets it (built partitioned by ZeRO-3: every base weight has a `ds_id`), the
+# checkpointing the model's layers got, and at every evaluation outside training whether a finished stage's
+# DeepSpeed engine or optimizer is still alive (before and after a garbage collection) and what the evaluation
+# model is (whole: no `ds_id`).
+PROBE = """
+import gc, json, os, sys, weakref
+from pathlib import Path
+from sftkey_trl.run import pipeline
+from sftkey_trl.run.cli import main
+from sftkey_trl.train.trainer import SFTKeyTrainer
+
+record = {"built": [], "reentrant": [], "evaluations": []}
+finished, training = [], []
+init, train, evaluate_model = SFTKeyTrainer.__init__, SFTKeyTrainer.train, pipeline.evaluate_model
+
+
+def probed_init(self, *args, **kwargs):
+    weights = [p for name, p in kwargs["model"].named_parameters() if "lora_" not in name]  # a loaded adapter: not yet
+    partitioned = all(hasattr(p, "ds_id") for p in weights)
+    record["built"].append({"stage": kwargs["stage"].name, "partitioned": partitioned})
+    init(self, *args, **kwargs)
+
+
+def probed_train(self, *args, **kwargs):
+    training.append(True)
+    try:
+        return train(self, *args, **kwargs)
+    finally:
+        training.pop()
+        finished.extend([weakref.ref(self.model_wrapped), weakref.ref(self.model_wrapped.optimizer)])
+        layers = [m for m in self.model.modules() if hasattr(m, "_gradient_checkpointing_func")]  # set by train()
+        reentrant = {m._gradient_checkpointing_func.keywords.get("use_reentrant") for m in layers}
+        record["reentrant"].append(sorted(reentrant, key=str))
+
+
+def probed_evaluate_model(model, *args, **kwargs):
+    if not training:
+        alive = sum(ref() is not None for ref in finished)
+        gc.collect()
+        alive_after_collection = sum(ref() is not None for ref in finished)
+        whole = not any(hasattr(p, "ds_id") for p in model.parameters())
+        record["evaluations"].append({"label": kwargs.get("label"), "alive": alive, "whole": whole,
+                                      "alive_after_collection": alive_after_collection})
+    return evaluate_model(model, *args, **kwargs)
+
+
+SFTKeyTrainer.__init__, SFTKeyTrainer.train, pipeline.evaluate_model = probed_init, probed_train, probed_evaluate_model
+try:
+    code = main()
+finally:
+    out = Path(os.environ["PROBE_DIR"]) / f"rank{os.environ.get('RANK', '0')}.json"
+    out.write_text(json.dumps(record))
+sys.exit(code)
+"""
+KEEP_BEST_ON_KEY = (
+    "[{name: sft, loss_on: completion, num_train_epochs: 1}, {name: key, loss_on: key, num_train_epochs: 1, "
+    "keep_best: true}]"
+)
+# LoRA with activation checkpointing (the PEFT + ZeRO-3 case TRL needs reentrant checkpointing for), the base
+# model evaluated, and keep_best on the key stage (its step-0 incoming weights are kept unless beaten)
+KEEP_BEST_DEMO = [*SHORT_DEMO[:-2], "--stages", KEEP_BEST_ON_KEY, *LORA, "--eval_base", "true",
+                  "--activation_checkpointing", "true"]  # fmt: skip
+
+
+def results_of(run) -> dict:
+    return json.loads((run / "results.json").read_text())
+
+
+def test_zero3_with_eval_base_and_keep_best_builds_each_stage_partitioned_and_releases_its_engine(tmp_path):
+    """Two CPU processes under deepspeed_zero3.yaml against one process, with eval_base and keep_best on the key
+    stage: every evaluation (base, keep_best's, each stage's) runs on a whole model, each stage's model is built
+    partitioned (stage 2's too, after stage 1's evaluation loaded a whole one), TRL's reentrant checkpointing
+    reaches the layers, the finished stage's engine is gone when the next evaluation starts, and the run trains,
+    keeps and scores like one process."""
+    reference, run, probes = tmp_path / "one", tmp_path / "zero3", tmp_path / "probes"
+    probes.mkdir()
+    done = accelerate("--num_processes", "1", "--cpu", RUN, "--output_dir", str(reference), *KEEP_BEST_DEMO,
+                      "--use_cpu", "true")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    (tmp_path / "probe.py").write_text(PROBE)
+    config = str(ROOT / "accelerate_configs" / "deepspeed_zero3.yaml")
+    done = accelerate("--config_file", config, "--num_processes", "2", str(tmp_path / "probe.py"), "--output_dir",
+                      str(run), *KEEP_BEST_DEMO, "--ddp_backend", "gloo", env={"PROBE_DIR": str(probes)})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("SFTKey results") == 1
+
+    for rank in (0, 1):
+        record = json.loads((probes / f"rank{rank}.json").read_text())
+        assert record["built"] == [{"stage": "sft", "partitioned": True}, {"stage": "key", "partitioned": True}]
+        assert record["reentrant"] == [[True], [True]]
+        labels = [evaluation["label"] for evaluation in record["evaluations"]]
+        assert labels == ["base", "sft", "key"], record
+        for evaluation in record["evaluations"]:
+            assert evaluation["whole"] and evaluation["alive"] == evaluation["alive_after_collection"] == 0, record
+
+    assert_evaluated_everything(run)
+    results, expected = results_of(run), results_of(reference)
+    assert results["base"] == expected["base"] and results["base"]["num_examples"] == 40
+    kept = results["stages"]["key"]["training"]["keep_best"]
+    kept_alone = expected["stages"]["key"]["training"]["keep_best"]
+    assert kept["history"] == kept_alone["history"] and len(kept["history"]) >= 2
+    assert kept["best_step"] == kept_alone["best_step"]
+    assert_trains_like_one_process(run, reference, world_size=2, weights="adapter_model.safetensors")
