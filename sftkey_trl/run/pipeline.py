@@ -226,10 +226,13 @@ class Pipeline:
 
     @property
     def evaluates_in_memory(self) -> bool:
-        """Whether a stage is evaluated with the model it has just trained: not under ZeRO-3/FSDP (each rank holds a
-        shard; the saved stage is loaded whole on each rank instead) nor with vLLM (which loads the saved stage
-        itself, once this process has freed its copy)."""
-        return not self.sharded and self.recipe.script.eval_backend != "vllm"
+        """Whether a stage is evaluated with the model it has just trained. Not under DeepSpeed or FSDP, where the
+        saved stage is loaded whole on each rank instead: under ZeRO-3/FSDP each rank holds a shard, and a DeepSpeed
+        engine leaves its forward hooks on the model it trained when it is destroyed, which would keep the engine
+        and its optimizer state in memory through the evaluation. Nor with vLLM, which loads the saved stage
+        itself once this process has freed its copy."""
+        engine = detect_launch(self.recipe.training).engine
+        return engine not in ("deepspeed", "fsdp") and self.recipe.script.eval_backend != "vllm"
 
     def evaluate(self, model, name: str | Path, checkpoint: Path | None = None) -> dict:
         """Generate on the evaluation split with `model` (None: `checkpoint`, the saved stage, or the base model,
