@@ -1,14 +1,10 @@
-"""The measurements of the GPU check: training runs (this project's trainer beside a bare `trl.SFTTrainer` on one
-loaded base model), Liger, evaluation generation, and `accelerate launch` runs of recipes/run.py."""
+"""The in-process measurements of the GPU check: training runs (this project's trainer beside a bare
+`trl.SFTTrainer` on one loaded base model), Liger and evaluation generation (`accelerate launch` runs of
+recipes/run.py: gpu_check_launches.py)."""
 
 from __future__ import annotations
 
 import gc
-import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,17 +17,14 @@ from peft import PeftModel
 from transformers import PrinterCallback
 from trl import ModelConfig, SFTConfig
 
-from sftkey_trl.data.synthetic import write_arithmetic_dataset
 from sftkey_trl.evaluation.generation import generate, stop_token_ids
 from sftkey_trl.train.modeling import load_model, lora_config
 from sftkey_trl.train.objectives import Stage
 
-ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3
 STAGES = (Stage(name="sft", loss_on="completion"), Stage(name="key", loss_on="key"))
 KINDS = {"completion": ("trl", "sftkey"), "key": ("trl", "sftkey", "sftkey-no-part-losses")}
 LORA_R = 16
-LAUNCH_CONFIGS = ("single_gpu", "deepspeed_zero2", "deepspeed_zero3", "fsdp")  # single_gpu: the control
 
 
 @dataclass
@@ -84,7 +77,7 @@ def training_values(work: Path, steps: int, batch: int, cuda: bool) -> dict:
 def load_base(model_dir: Path, method: str, values: dict):
     """The base model loaded by the project's own `load_model` (4-bit nf4 on this process's device for QLoRA)."""
     cuda = not values["use_cpu"]
-    return load_model(model_args(model_dir, method, cuda), SFTConfig(**values))
+    return load_model(model_args(model_dir, method, cuda), SFTConfig(**values), purpose="train")
 
 
 def release(trainer, embedding_hooks: set):
@@ -182,120 +175,3 @@ def measure_generation(model, tokenizer, prompts: list[str], end_of_turn: str, b
         "single_prompts": single_prompts,
         "batched_peak_gib": memory.bytes / GIB if memory.cuda else None,
     }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch_recipe(model_dir: Path, data_dir: Path, output_dir: Path, method: str, cuda: bool, steps: int) -> dict:
-    """A small recipe for recipes/run.py: both stages (`steps` optimizer steps each) and the evaluation after each."""
-    recipe = {
-        "model_name_or_path": str(model_dir),
-        "dataset_name": str(data_dir / "train.jsonl"),
-        "eval_dataset_name": str(data_dir / "test.jsonl"),
-        "dataset_format": "generic",
-        "max_eval_samples": 8,
-        "max_new_tokens": 24,
-        "eval_batch_size": 8,
-        "output_dir": str(output_dir),
-        "overwrite_output_dir": True,
-        "stages": [
-            {"name": "sft", "loss_on": "completion", "max_steps": steps},
-            {"name": "key", "loss_on": "key", "max_steps": steps},
-        ],
-        "per_device_train_batch_size": 4,
-        "max_length": 512,
-        "learning_rate": 1e-4,
-        "activation_checkpointing": True,
-        "save_strategy": "no",
-        "logging_steps": 1,
-        "report_to": "none",
-        "bf16": cuda,
-        "use_cpu": not cuda,
-    }
-    args = model_args(model_dir, method, cuda)
-    for key in ("dtype", "use_peft", "lora_r", "lora_alpha", "load_in_4bit", "use_bnb_nested_quant"):
-        recipe[key] = getattr(args, key)
-    return recipe
-
-
-@dataclass
-class Launch:
-    """One `accelerate launch` of recipes/run.py in the background."""
-
-    config: str
-    method: str
-    output_dir: Path
-    process: subprocess.Popen | None = None
-    started: float = 0.0
-    stderr_path: Path | None = None
-    result: dict | None = None
-
-
-def start_launch(config: str, method: str, model_dir: Path, data_dir: Path, work: Path, cuda: bool,
-                 steps: int) -> Launch:  # fmt: skip
-    """Start `python -m accelerate.commands.launch --config_file accelerate_configs/<config>.yaml --num_processes 1
-    recipes/run.py --config <small recipe>`; a config whose engine is not installed gets its row at once."""
-    import importlib.util
-
-    launch = Launch(config, method, work / f"{config}-{method}")
-    if config.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
-        launch.result = {"status": "not installed", "detail": "deepspeed is not installed", "seconds": 0.0}
-        return launch
-    launch.output_dir.mkdir(parents=True, exist_ok=True)
-    recipe_path = launch.output_dir / "recipe.yaml"
-    recipe = launch_recipe(model_dir, data_dir, launch.output_dir / "run", method, cuda, steps)
-    if not cuda and config.startswith("deepspeed"):  # DeepSpeed's CPU route (`use_cpu` would make it plain DDP)
-        recipe.update(use_cpu=False, ddp_backend="gloo")
-    recipe_path.write_text(json.dumps(recipe, indent=1))  # JSON is YAML
-    command = [sys.executable, "-m", "accelerate.commands.launch",
-               "--config_file", str(ROOT / "accelerate_configs" / f"{config}.yaml"), "--num_processes", "1",
-               "--main_process_port", str(free_port()), str(ROOT / "recipes" / "run.py"),
-               "--config", str(recipe_path)]  # fmt: skip
-    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "SFTKEY_CACHE": str(launch.output_dir / "cache")}  # fmt: skip
-    if not cuda:
-        env["OMP_NUM_THREADS"] = "1"
-    launch.stderr_path = launch.output_dir / "stderr.txt"
-    with open(launch.output_dir / "stdout.txt", "w") as out, open(launch.stderr_path, "w") as err:
-        launch.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True)
-    launch.started = time.perf_counter()
-    return launch
-
-
-def finish_launch(launch: Launch, timeout_s: float, error_line) -> dict:
-    """Wait for a launch (killing its process group after `timeout_s`) and say whether it worked: exit status 0
-    and both stages trained and evaluated in results.json; otherwise the one line it stopped with."""
-    if launch.result is not None:
-        return launch.result
-    try:
-        code = launch.process.wait(timeout=max(timeout_s - (time.perf_counter() - launch.started), 1))
-    except subprocess.TimeoutExpired:
-        os.killpg(launch.process.pid, signal.SIGKILL)
-        launch.process.wait()
-        code = None
-    seconds = time.perf_counter() - launch.started
-    stderr = launch.stderr_path.read_text(errors="replace")
-    tail = stderr.splitlines()[-40:]  # for the JSON file: the work folder stays on the device
-    if code is None:
-        detail = f"timed out after {seconds:.0f} s; last line: {error_line(stderr)}"
-        return {"status": "timeout", "detail": detail, "seconds": seconds, "stderr_tail": tail}
-    if code != 0:
-        return {"status": "error", "detail": error_line(stderr), "seconds": seconds, "exit_status": code,
-                "stderr_tail": tail}  # fmt: skip
-    results_path = launch.output_dir / "run" / "results.json"
-    stages = json.loads(results_path.read_text()).get("stages", {}) if results_path.exists() else {}
-    missing = [name for name in ("sft", "key") if "accuracy" not in stages.get(name, {})]
-    if missing:
-        detail = f"exit status 0 but no evaluation of stage(s) {', '.join(missing)} in results.json"
-        return {"status": "error", "detail": detail, "seconds": seconds}
-    return {"status": "works", "detail": "both stages trained and evaluated", "seconds": seconds}
-
-
-def launch_data(directory: Path) -> Path:
-    """A small local dataset (train.jsonl, test.jsonl) written by the project's own generator."""
-    return write_arithmetic_dataset(directory, num_train=64, num_test=16)

@@ -68,10 +68,11 @@ def kill_when(out: Path, ready: Callable[[Path], bool], args: list[str]) -> None
     process.wait()
 
 
-def accelerate(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`accelerate launch ARGS` through this interpreter (never a command found on PATH)."""
+def accelerate(*args: str, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch ARGS` through this interpreter (never a command found on PATH), with `env` added."""
     command = [sys.executable, "-m", "accelerate.commands.launch", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=launch_env(), cwd=ROOT, timeout=timeout)
+    environment = {**launch_env(), **(env or {})}
+    return subprocess.run(command, capture_output=True, text=True, env=environment, cwd=ROOT, timeout=timeout)
 
 
 def one_process(output_dir: Path, *args: str) -> subprocess.CompletedProcess:

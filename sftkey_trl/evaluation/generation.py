@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import torch
@@ -61,6 +62,19 @@ def generate(
     return results
 
 
+def vllm_memory_share(margin: float = 0.05, most: float = 0.9) -> float:
+    """vLLM's `gpu_memory_utilization`: the share of the GPU's memory it takes for weights and KV cache, and it
+    refuses to start when less than that is free. This process has freed its own model before (the pipeline
+    evaluates the saved stage and keeps no copy), but its CUDA context and anything else it holds stay; so the
+    share free now, less `margin` for vLLM's own start-up, at most vLLM's default `most`."""
+    if not torch.cuda.is_available():
+        return most
+    gc.collect()
+    torch.cuda.empty_cache()  # blocks the caching allocator kept after the trained model was freed
+    free, total = torch.cuda.mem_get_info()
+    return round(max(min(free / total - margin, most), 0.05), 3)
+
+
 def generate_vllm(
     model_path: str, adapter_path: str | None, prompts: list[str], stop_ids: list[int], max_new_tokens: int
 ) -> list[tuple[str, int]]:
@@ -70,8 +84,8 @@ def generate_vllm(
         from vllm.lora.request import LoRARequest
     except ImportError:
         raise SFTKeyError(VLLM_MISSING) from None
-    # Leave room for the training process's own model, which is still on the GPU
-    llm = LLM(model=model_path, enable_lora=adapter_path is not None, gpu_memory_utilization=0.4)
+    memory = vllm_memory_share()
+    llm = LLM(model=model_path, enable_lora=adapter_path is not None, gpu_memory_utilization=memory)
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=stop_ids)
     lora = LoRARequest("stage", 1, adapter_path) if adapter_path else None
     outputs = llm.generate(prompts, params, lora_request=lora)
@@ -87,15 +101,19 @@ def evaluate_model(
     formatter,
     vllm_source: tuple[str, str | None] | None = None,
     synced_gpus: bool | None = None,
+    label: str = "evaluation",
 ) -> tuple[dict, list[dict]]:
     """Generate on the evaluation examples, sharded across processes and gathered, and score them (the same metrics
     on every rank). Shards are padded to equal length so every rank calls `generate` equally often (under ZeRO-3/FSDP
-    an extra batch would hang). `eval_backend: vllm` serves `vllm_source` (model, adapter or None) instead."""
+    an extra batch would hang). `eval_backend: vllm` serves `vllm_source` (model, adapter or None) instead. The main
+    process logs where `label`'s answers are generated (the GPU check reads it)."""
     state = PartialState()
     stop_ids = stop_token_ids(tokenizer, formatter.end_of_turn)
     if script_args.eval_backend == "vllm":
         if vllm_source is None:
             raise SFTKeyError("`eval_backend: vllm` needs a saved model; evaluate a saved stage with --eval_only")
+        if state.is_main_process:
+            logger.info("%s: generating %d answers with vLLM", label, len(examples))
         texts = generate_vllm(*vllm_source, [e["prompt"] for e in examples], stop_ids, script_args.max_new_tokens)
         return score(examples, texts, answer_type, script_args, formatter.tags)
     indices = list(range(len(examples)))
@@ -106,6 +124,8 @@ def evaluate_model(
         with state.split_between_processes(indices, apply_padding=True) as padded:  # `own`, then repeats
             padded = list(padded)
     prompts = [examples[i]["prompt"] for i in padded]
+    if state.is_main_process:
+        logger.info("%s: generating %d answers on %s", label, len(examples), next(model.parameters()).device)
     batch, budget = script_args.eval_batch_size, script_args.max_new_tokens
     local = generate(model, tokenizer, prompts, stop_ids, batch, budget, state.is_main_process, synced_gpus)
     pairs = list(zip(own, local[: len(own)]))

@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     from .process import start_entry_point
 
     as_program, argv = argv is None, list(sys.argv[1:] if argv is None else argv)
-    start_entry_point(argv, as_program=as_program)
+    start_entry_point(as_program=as_program)
     with user_errors("--debug" in argv):
         options, rest = run_options(argv)
         check_flags(options)

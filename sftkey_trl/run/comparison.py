@@ -66,7 +66,7 @@ def _compare(options: argparse.Namespace, rest: list[str], as_program: bool) -> 
     check_comparison_flags(options, rest)
     from .process import start_entry_point
 
-    start_entry_point(rest, as_program=as_program)  # before the recipe parser imports the ML libraries
+    start_entry_point(as_program=as_program)  # before the recipe parser imports the ML libraries
     from ..data.adapters import answer_type_of
     from ..evaluation.metrics import reported
     from ..files import mark_folder, read_json

@@ -59,7 +59,7 @@ def merge_stage(stage_dir: Path, model_args, training_args, merge_dir: str | Pat
     unquantized = copy.copy(model_args)
     unquantized.load_in_4bit = unquantized.load_in_8bit = False
     unquantized.dtype = merge_dtype(model_args)
-    model = load_model(unquantized, training_args, stage_dir, trainable=False).merge_and_unload()
+    model = load_model(unquantized, training_args, stage_dir, purpose="merge").merge_and_unload()
 
     from transformers import AutoTokenizer
 

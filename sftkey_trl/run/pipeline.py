@@ -5,12 +5,10 @@ what a rerun skips, resumes or refuses."""
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 from functools import cached_property
 from pathlib import Path
 
-import torch
 from accelerate import PartialState
 
 from ..data.formatting import Formatter
@@ -21,6 +19,7 @@ from ..evaluation.metrics import DEFAULT_METRIC
 from ..files import cache_root, discard, mark_folder, write_json, write_jsonl, write_text
 from ..recipe.schema import Recipe
 from ..train.distributed import detect_launch
+from ..train.engines import free_device_memory, release_trainer
 from ..train.keep_best import BEST_DIR, KeepBestCallback, holds_keep_best_state
 from ..train.modeling import load_model, load_tokenizer, lora_config, resolve_model_path
 from ..train.objectives import Stage
@@ -119,7 +118,7 @@ class Pipeline:
             results["selected_on_test"] = True  # keep_best chose checkpoints on the evaluation set: say so
         evaluate = self.recipe.script.eval_after_stages and bool(self.data.eval_examples)
         if self.recipe.script.eval_base and evaluate and "base" not in results:
-            results["base"] = self.evaluate(load_model(self.recipe.model, self.recipe.training), "base")
+            results["base"] = self.evaluate(None, "base")
         start_from: Path | None = None
         for planned in plan:
             self.run_stage(planned, manifest, results, start_from, evaluate)
@@ -161,31 +160,25 @@ class Pipeline:
             if main:
                 mark_folder(stage_dir, "stage", stage=stage.name)
             model, training = self.train_stage(stage, args, start_from)
-            if self.sharded:  # ZeRO-3/FSDP: evaluate the saved stage, loaded whole on each rank
-                model = None
-                gc.collect()
             results["stages"][stage.name] = {"loss_on": stage.loss_on, "training": training}
             self._save_results(results)
             manifest.update(stage.name, status="trained", seconds=training["train_seconds"])
         if main:  # keep_best's snapshots: the stage's output holds the kept weights now
             discard(stage_dir / BEST_DIR, kinds=["snapshots"])
-        if evaluate:
-            if model is None:  # killed during evaluation, or keep_best kept a snapshot: load the saved stage
-                model = load_model(self.recipe.model, args, stage_dir, trainable=False)
+        if evaluate:  # without the trained model (see `train_stage`), `evaluate` loads the saved stage
             results["stages"].setdefault(stage.name, {"loss_on": stage.loss_on})
             results["stages"][stage.name].update(self.evaluate(model, stage.name, stage_dir))
         self._save_results(results)
         manifest.update(stage.name, status="done")
         del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_device_memory()
 
     def train_stage(self, stage: Stage, args, start_from: Path | None):
         """Train one stage from `start_from` (None: the base model), resuming from its last complete checkpoint,
-        into `<output_dir>/<stage>/`. Returns (the model, or None if keep_best kept an earlier snapshot; summary)."""
+        into `<output_dir>/<stage>/`. Returns (the trained model if it is evaluated in memory, else None; summary).
+        The trainer's engine, optimizer and the rest are released before it returns."""
         trainer = SFTKeyTrainer(
-            model=load_model(self.recipe.model, args, start_from),
+            model=load_model(self.recipe.model, args, start_from, purpose="train"),
             args=args,
             train_dataset=self.data.train,
             processing_class=self.tokenizer,
@@ -219,11 +212,12 @@ class Pipeline:
             "resumed_from": resume,
             **trained,
         }
-        model = trainer.model
+        model = trainer.model if self.evaluates_in_memory else None
         if keep_best is not None:
             summary["keep_best"] = keep_best.finalize(stage_dir, summary["optimizer_steps"])
             if summary["keep_best"]["best_step"] != summary["optimizer_steps"]:
                 model = None  # the stage's output is an earlier snapshot: evaluate it from disk
+        release_trainer(trainer)
         del trainer
         # Only the main process wrote the stage folder (keep_best's kept weights too); the others read it next
         self.state.wait_for_everyone()
@@ -243,7 +237,7 @@ class Pipeline:
         synced = self.sharded and self.state.num_processes > 1
 
         def evaluate(model) -> dict:
-            return self._score(model, examples, in_process, synced_gpus=synced)[0]
+            return self._score(model, examples, in_process, synced_gpus=synced, label="keep_best")[0]
 
         metric, main = args.metric_for_best_model or DEFAULT_METRIC, self.state.is_main_process
         callback = KeepBestCallback(
@@ -268,11 +262,25 @@ class Pipeline:
             model, self.tokenizer, examples, self.data.answer_type, script_args, self.formatter, **options
         )
 
+    @property
+    def evaluates_in_memory(self) -> bool:
+        """Whether a stage is evaluated with the model it has just trained. Not under DeepSpeed or FSDP, where the
+        saved stage is loaded whole on each rank instead: under ZeRO-3/FSDP each rank holds a shard, and a DeepSpeed
+        engine leaves its forward hooks on the model it trained when it is destroyed, which would keep the engine
+        and its optimizer state in memory through the evaluation. Nor with vLLM, which loads the saved stage
+        itself once this process has freed its copy."""
+        engine = detect_launch(self.recipe.training).engine
+        return engine not in ("deepspeed", "fsdp") and self.recipe.script.eval_backend != "vllm"
+
     def evaluate(self, model, name: str | Path, checkpoint: Path | None = None) -> dict:
-        """Generate on the evaluation split with `model`; write `<output_dir>/<name>/predictions.jsonl` and return
-        the metrics. With `eval_backend: vllm`, `checkpoint` (the saved stage) is served instead of `model`."""
+        """Generate on the evaluation split with `model` (None: `checkpoint`, the saved stage, or the base model,
+        loaded for evaluation on this process's device); write `<output_dir>/<name>/predictions.jsonl` and return
+        the metrics. With `eval_backend: vllm`, vLLM serves `checkpoint` and no model is loaded here."""
         source = self._vllm_source(checkpoint)
-        metrics, predictions = self._score(model, self.data.eval_examples, self.recipe.script, vllm_source=source)
+        if model is None and source is None:
+            model = load_model(self.recipe.model, self.recipe.training, checkpoint, purpose="evaluate")
+        examples, script = self.data.eval_examples, self.recipe.script
+        metrics, predictions = self._score(model, examples, script, vllm_source=source, label=str(name))
         if self.state.is_main_process:
             write_jsonl(self.output_dir / name / "predictions.jsonl", predictions)
         return metrics
@@ -288,9 +296,7 @@ class Pipeline:
         name = Path(checkpoint).name if checkpoint else "base"  # a folder: `cli.check_flags` checked
         if not self.data.eval_examples:
             raise SFTKeyError("no evaluation data: set `eval_dataset_name`, `eval_split` or `eval_fraction`")
-        vllm = self.recipe.script.eval_backend == "vllm"
-        model = None if vllm else load_model(self.recipe.model, self.recipe.training, checkpoint, trainable=False)
-        metrics = self.evaluate(model, Path("eval_only") / name, checkpoint)
+        metrics = self.evaluate(None, Path("eval_only") / name, checkpoint)
         if self.state.is_main_process:
             write_json(self.output_dir / "eval_only" / name / "metrics.json", metrics)
         return {"stages": {name: metrics}}

@@ -1,6 +1,6 @@
 """Process-wide set-up for the entry points (`recipes/run.py`, `recipes/compare.py`), done before the ML libraries
-are imported: how many CPU threads torch uses, bitsandbytes kept out of runs that do not quantise, and the process
-group closed at exit."""
+are imported: how many CPU threads torch uses, bitsandbytes' CPU noise silenced at its logger, and the process group
+closed at exit."""
 
 from __future__ import annotations
 
@@ -8,58 +8,10 @@ import atexit
 import logging
 import os
 import sys
-from pathlib import Path
 
-from accelerate.utils import get_int_from_env, parse_flag_from_env, str_to_bool
-
-from ..recipe.flags import flag_value
+from accelerate.utils import get_int_from_env, parse_flag_from_env
 
 logger = logging.getLogger("sftkey_trl")
-
-QUANTIZATION_KEYS = ("load_in_4bit", "load_in_8bit")
-
-
-def _truthy(value) -> bool:
-    """False only for a plainly false value (a word accelerate's `str_to_bool` reads as false)."""
-    try:
-        return bool(str_to_bool(value.strip())) if isinstance(value, str) else bool(value)
-    except ValueError:
-        return True
-
-
-def quantizes(argv: list[str], recipe: str | Path | None) -> bool:
-    """Whether a run quantises the model (`load_in_4bit`/`load_in_8bit` in the recipe or on the command line), read
-    without the recipe parser (which imports bitsandbytes). Anything unclear counts as quantising, so bitsandbytes
-    is never hidden from a run that needs it; the parser then reports the actual problem."""
-    import yaml
-
-    values: dict[str, object] = {}
-    if recipe is not None:
-        try:
-            config = yaml.safe_load(Path(recipe).read_text()) or {}
-        except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8 (the parser says so in one line)
-            return True
-        if not isinstance(config, dict):
-            return True
-        values = {key: config.get(key) for key in QUANTIZATION_KEYS}
-    for index, item in enumerate(argv):
-        for key in QUANTIZATION_KEYS:
-            if item == f"--{key}":  # a bare boolean flag means true
-                following = argv[index + 1] if index + 1 < len(argv) else "--"
-                values[key] = True if following.startswith("--") else following
-            elif item.startswith(f"--{key}="):
-                values[key] = item.split("=", 1)[1]
-    return any(_truthy(value) for value in values.values() if value is not None)
-
-
-def hide_bitsandbytes() -> bool:
-    """Make bitsandbytes look uninstalled to this process (a `None` entry in `sys.modules`); return whether it was
-    hidden. peft imports it whenever installed, and its CPU backend then warns on every run; hidden, peft and
-    transformers take their documented no-bitsandbytes path."""
-    if "bitsandbytes" in sys.modules:  # already imported (or already hidden): too late, or nothing to do
-        return False
-    sys.modules["bitsandbytes"] = None
-    return True
 
 
 def usable_cores() -> int:
@@ -105,13 +57,12 @@ def use_available_cores() -> int | None:
     return threads
 
 
-def prepare_process(argv: list[str], recipe: str | Path | None) -> None:
-    """Set up this process for one run of a recipe, before the recipe parser imports the ML libraries."""
-    merging = any(item == "--merge" or item.startswith("--merge=") for item in argv)  # loads the base unquantised
-    if merging or not quantizes(argv, recipe):
-        hide_bitsandbytes()
-    # When kept, bitsandbytes' CPU backend warns at import that the optional `kernels` package (a faster 4-bit
-    # matmul fetched from the Hub) is missing, then uses its own kernel: noise for every quantised run and dry run
+def prepare_process() -> None:
+    """Set up this process for one run of a recipe, before the recipe parser imports the ML libraries. Every library
+    stays importable: bitsandbytes serves 4-bit/8-bit models and the 8-bit optimizers (`optim: adamw_bnb_8bit`)."""
+    # peft imports bitsandbytes whenever it is installed, and on a CPU its backend then warns at import that the
+    # optional `kernels` package (a faster 4-bit matmul fetched from the Hub) is missing before using its own kernel:
+    # noise on every run, silenced at the logger that writes it
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     threads = use_available_cores()
     if threads is not None:
@@ -130,11 +81,11 @@ def close_process_group() -> None:
         distributed.destroy_process_group()
 
 
-def start_entry_point(argv: list[str], as_program: bool) -> None:
+def start_entry_point(as_program: bool) -> None:
     """What both entry points do first: plain log lines and, run as the program (not called from Python), the
-    process set up by `prepare_process` from the recipe that `argv` names, with its process group closed at exit
-    (after a return, an error line or an exception alike)."""
+    process set up by `prepare_process`, with its process group closed at exit (after a return, an error line or an
+    exception alike)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if as_program:
-        prepare_process(argv, flag_value(argv, "--config"))
+        prepare_process()
         atexit.register(close_process_group)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,15 +234,61 @@ def release_engine_state(training_args) -> bool:
     return True
 
 
-def quantized_device_map(training_args) -> dict | None:
-    """The `device_map` to load a 4-bit/8-bit model with: each rank's own device for one process, DDP and ZeRO-1/2;
-    None under ZeRO-3 or FSDP, where the engine places and shards the weights (transformers refuses a map there)."""
-    if detect_launch(training_args).shards_parameters:
-        return None
+PURPOSES = ("train", "evaluate", "merge")
+
+
+def rank_device(training_args) -> int | str:
+    """This process's own device as a `device_map` value: the CUDA index (the current device when the training
+    arguments name none), else the device's name."""
     device = training_args.device
     if device.type == "cuda":
-        return {"": torch.cuda.current_device() if device.index is None else device.index}
-    return {"": "cpu" if device.type == "cpu" else str(device)}
+        return torch.cuda.current_device() if device.index is None else device.index
+    return "cpu" if device.type == "cpu" else str(device)
+
+
+def device_map(training_args, purpose: str, quantized: bool = False) -> dict | None:
+    """Where `from_pretrained` puts a model: the one rule for every model this project loads.
+
+    - "evaluate": whole on this process's device, under every engine (each rank generates from all the weights;
+      without a map `from_pretrained` loads to the CPU, where a 7B model would generate for hours).
+    - "train": a quantised model on this process's device under one process, DDP and ZeRO-1/2 (each rank its own
+      4-bit copy); otherwise None: the Trainer moves the model to `training_args.device`, and ZeRO-3/FSDP place and
+      shard it (transformers refuses a map under ZeRO-3).
+    - "merge" (`--merge`): the CPU. Merging needs the unquantised base whole, which often does not fit the GPU a
+      QLoRA stage trained on, and the merge itself is a few additions per weight."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose must be one of {PURPOSES}, not {purpose!r}")
+    if purpose == "merge":
+        return {"": "cpu"}
+    if purpose == "train" and (not quantized or detect_launch(training_args).shards_parameters):
+        return None
+    return {"": rank_device(training_args)}
+
+
+@contextmanager
+def built_for(training_args, purpose: str):
+    """Build the next model partitioned by ZeRO-3 (inside `deepspeed.zero.Init`) exactly when it is trained under
+    ZeRO-3 with `zero3_init_flag`, and whole otherwise.
+
+    transformers decides from a process-wide weak reference to a DeepSpeed config, which every `TrainingArguments`
+    and every Accelerator's plugin selection sets; one left unset (or set) by an earlier load would decide for the
+    next model. So a training load activates its own arguments' config (as accelerate's plugin selection does) and
+    any other load builds without one; either way the arguments' config is active again afterwards."""
+    plugin = getattr(training_args, "deepspeed_plugin", None)
+    launch = detect_launch(training_args)
+    if plugin is None or launch.engine != "deepspeed" or launch.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    if purpose == "train" and plugin.is_zero3_init_enabled():
+        plugin.set_deepspeed_weakref()
+    else:
+        unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def _storage_name(value) -> str | None:

@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 
 from ..errors import SFTKeyError
 from ..files import discard, mark_folder, read_json
+from .engines import full_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +128,9 @@ class KeepBestCallback(TrainerCallback):
         )
 
     def _measure(self, model, step: int) -> None:
-        score = float(self.evaluate(model).get(self.metric, 0.0))
+        # `model` is the one the Trainer was built with; under FSDP1 its root unit is sharded outside a forward
+        with full_parameters(getattr(self.trainer, "model_wrapped", None)):
+            score = float(self.evaluate(model).get(self.metric, 0.0))
         self.history.append((step, score))
         logger.info("keep_best: step %d validation %s %.4f", step, self.metric, score)
         if score > self.best_score:

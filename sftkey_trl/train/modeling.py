@@ -15,7 +15,7 @@ from ..errors import SFTKeyError, first_line
 from ..files import cache_root
 from ..models import DEMO_MODEL, LOCAL_NAME, check_model_name
 from ..models.smollm2 import build_smollm2
-from .distributed import detect_launch, quantized_device_map
+from .distributed import built_for, device_map
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +85,10 @@ def lora_config(model_args) -> LoraConfig | None:
     return get_peft_config(dataclasses.replace(model_args, lora_target_modules=targets))
 
 
-def load_model(model_args, training_args, checkpoint: str | Path | None = None, trainable: bool = True):
-    """Load the model a stage starts from: the base model without `checkpoint` (TRL adds the LoRA adapter); with one,
-    the saved weights, or for LoRA/QLoRA the (re-quantised) base model with the saved adapter loaded trainable."""
+def load_model(model_args, training_args, checkpoint: str | Path | None = None, *, purpose: str):
+    """Load a model for `purpose` ("train", "evaluate" or "merge"; `distributed.device_map` says where each goes):
+    the base model without `checkpoint` (for training TRL adds the LoRA adapter); with one, the saved weights, or
+    for LoRA/QLoRA the (re-quantised) base model with the saved adapter, trainable only for training."""
     name = resolve_model_path(model_args.model_name_or_path)
     is_adapter = checkpoint is not None and (Path(checkpoint) / "adapter_config.json").exists()
     source = str(checkpoint) if checkpoint is not None and not is_adapter else name
@@ -96,23 +97,17 @@ def load_model(model_args, training_args, checkpoint: str | Path | None = None, 
         "revision": model_args.model_revision if source == name else "main",
         "dtype": DTYPES.get(model_args.dtype or "auto", "auto"),
         "trust_remote_code": training_args.trust_remote_code,
+        "device_map": device_map(training_args, purpose, quantized=quantization is not None),
     }
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
     if quantization is not None:
         kwargs["quantization_config"] = quantization
-        # Each DDP rank loads its own 4-bit copy on its own device; under ZeRO-3/FSDP the engine places weights
-        kwargs["device_map"] = quantized_device_map(training_args)
-    if not trainable and detect_launch(training_args).shards_parameters:
-        # Evaluation reloads a saved stage whole on every rank: outside ZeRO-3's partitioned init
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()
-        kwargs["device_map"] = {"": str(training_args.device)}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as error:
-        raise _hub_error(source, error) from error
-    if is_adapter:
-        model = PeftModel.from_pretrained(model, str(checkpoint), is_trainable=trainable)
+    with built_for(training_args, purpose):  # ZeRO-3 partitions a model to train as it is built; no other
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        except (OSError, ValueError) as error:
+            raise _hub_error(source, error) from error
+        if is_adapter:
+            model = PeftModel.from_pretrained(model, str(checkpoint), is_trainable=purpose == "train")
     return model

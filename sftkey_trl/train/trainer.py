@@ -19,6 +19,7 @@ from trl import SFTTrainer
 from .collator import SFTKeyCollator
 from .detached import detached_forward, split_at_key
 from .distributed import release_engine_state
+from .engines import share_checkpointing_kwargs
 from .modeling import require_router
 from .objectives import Stage, token_losses
 from .watch import StageWatch
@@ -55,6 +56,7 @@ class SFTKeyTrainer(SFTTrainer):
             ),
         )
         release_engine_state(training_args)  # under DeepSpeed the previous stage's engine state blocks a new one
+        share_checkpointing_kwargs(training_args)  # TRL's PEFT + ZeRO-3 checkpointing setting must reach the model
         super().__init__(*args, **kwargs)
         training_args.padding_free = padding_free
         self.watch = StageWatch(self, stage.name)

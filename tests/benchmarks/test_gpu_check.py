@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.py: its pure helpers, a reused base model left as it was after a run, how a launch is
-judged, and the whole check in its tiny CPU mode (the table and the JSON file it writes)."""
+judged (results, and the device every evaluation generated on), the time budget and the second call, and the whole
+check in its tiny CPU mode (the table and the JSON file it writes, with eval_base, keep_best and --eval_only)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_check  # noqa: E402
+import gpu_check_launches as launching  # noqa: E402
 import gpu_check_report as report  # noqa: E402
 import gpu_check_runs  # noqa: E402
 from gpu_check_runs import Measured  # noqa: E402
@@ -116,39 +118,89 @@ def test_format_table_has_one_line_per_row_and_escapes_pipes():
     assert "fsdp / LoRA" in lines[2] and lines[2].count("|") == 7
 
 
-def _fake_launch(tmp_path: Path, script: str) -> gpu_check_runs.Launch:
-    launch = gpu_check_runs.Launch("fsdp", "lora", tmp_path)
+def _fake_launch(tmp_path: Path, script: str, *extra: str) -> launching.Launch:
+    launch = launching.Launch("fsdp", "lora", tmp_path, list(extra))
     launch.stderr_path = tmp_path / "stderr.txt"
     with open(launch.stderr_path, "w") as err:
         launch.process = subprocess.Popen([sys.executable, "-c", script], stderr=err, start_new_session=True)
     return launch
 
 
+LOG = ["base: generating 8 answers on cuda:0", "keep_best: generating 1 answers on cuda:0",
+       "[rank0]: keep_best: generating 1 answers on cuda:0", "sft: generating 8 answers on cuda:0",
+       "key: generating 8 answers on cuda:0"]  # fmt: skip
+KEPT = {"training": {"keep_best": {"best_step": 0}}, "accuracy": 0.1}
+
+
 @pytest.mark.parametrize(
-    ("stages", "code", "status"),
+    ("results", "log", "code", "status", "detail"),
     [
-        ({"sft": {"accuracy": 0.0}, "key": {"accuracy": 0.1}}, 0, "works"),
-        ({"sft": {"accuracy": 0.0}, "key": {"training": {}}}, 0, "error"),  # key stage never evaluated
-        ({}, 3, "error"),
+        ({"base": {"accuracy": 0.0}, "stages": {"sft": {"accuracy": 0.0}, "key": KEPT}}, LOG, 0, "works",
+         "cuda:0: base, keep_best x2, sft, key"),
+        ({"base": {"accuracy": 0.0}, "stages": {"sft": {"accuracy": 0.0}, "key": {"training": {}}}}, LOG, 0, "error",
+         "no key, key's keep_best"),  # key stage never evaluated, no keep_best
+        ({"stages": {"sft": {"accuracy": 0.0}, "key": KEPT}}, LOG, 0, "error", "no base"),
+        ({"base": {"accuracy": 0.0}, "stages": {"sft": {"accuracy": 0.0}, "key": KEPT}},
+         [*LOG[:3], "sft: generating 8 answers on cpu", LOG[4]], 0, "error", "off the training device: sft"),
+        ({}, ["ValueError: boom"], 3, "error", "ValueError: boom"),
     ],
-)
-def test_a_launch_works_only_when_both_stages_were_trained_and_evaluated(tmp_path, stages, code, status):
-    results = tmp_path / "run" / "results.json"
+)  # fmt: skip
+def test_a_launch_works_only_with_every_evaluation_done_on_the_training_device(tmp_path, results, log, code, status,
+                                                                               detail):  # fmt: skip
+    path = tmp_path / "run" / "results.json"
     script = (
-        f"import json, pathlib, sys; p = pathlib.Path({str(results)!r}); p.parent.mkdir(); "
-        f"p.write_text(json.dumps({{'stages': {stages!r}}})); print('ValueError: boom', file=sys.stderr); "
-        f"sys.exit({code})"
+        f"import json, pathlib, sys; p = pathlib.Path({str(path)!r}); p.parent.mkdir(); "
+        f"p.write_text(json.dumps({results!r})); print({chr(10).join(log)!r}, file=sys.stderr); sys.exit({code})"
     )
-    result = gpu_check_runs.finish_launch(_fake_launch(tmp_path, script), 60, report.last_error_line)
-    assert result["status"] == status
+    result = launching.finish_launch(_fake_launch(tmp_path, script), 60, report.last_error_line, cuda=True)
+    assert result["status"] == status and detail in result["detail"], result
     if code:
-        assert result["detail"] == "ValueError: boom" and result["exit_status"] == code
+        assert result["exit_status"] == code
+
+
+def test_generation_devices_are_read_through_progress_bars_and_rank_prefixes():
+    log = ("\r 50%|#####     | 1/2 [00:11<00:11, 11.47s/it]keep_best: generating 4 answers on cuda:0\n"
+           "\x1b[A      \x1b[Aeval_only/sft: generating 8 answers on cpu\n"
+           "[rank0]: base: generating 8 answers on cuda:0\n"
+           "keep_best: step 0 validation accuracy 0.0000\n")  # fmt: skip
+    devices = launching.generation_devices(log)
+    assert devices == [["keep_best", "cuda:0"], ["eval_only/sft", "cpu"], ["base", "cuda:0"]]
+    assert launching.misplaced(devices, cuda=True) == ["eval_only/sft"]
+    assert launching.summary(devices) == "cuda:0: keep_best, base; cpu: eval_only/sft"
+
+
+def test_an_eval_only_launch_needs_its_metrics(tmp_path):
+    metrics = tmp_path / "run" / "eval_only" / "sft" / "metrics.json"
+    script = (f"import json, pathlib, sys; p = pathlib.Path({str(metrics)!r}); p.parent.mkdir(parents=True); "
+              f"p.write_text(json.dumps({{'accuracy': 0.5}})); "
+              f"print('eval_only/sft: generating 8 answers on cpu', file=sys.stderr)")  # fmt: skip
+    launch = _fake_launch(tmp_path, script, "--eval_only", "--checkpoint", "x")
+    result = launching.finish_launch(launch, 60, report.last_error_line, cuda=False)
+    assert result["status"] == "works" and result["devices"] == [["eval_only/sft", "cpu"]], result
+    assert launching.finish_launch(_fake_launch(tmp_path, script, "--eval_only"), 60, report.last_error_line,
+                                   cuda=True)["status"] == "error"  # fmt: skip
 
 
 def test_a_launch_that_hangs_is_killed_at_its_timeout(tmp_path):
     launch = _fake_launch(tmp_path, "import time; time.sleep(60)")
-    result = gpu_check_runs.finish_launch(launch, 1, report.last_error_line)
+    result = launching.finish_launch(launch, 1, report.last_error_line, cuda=False)
     assert result["status"] == "timeout" and launch.process.returncode is not None
+
+
+def test_the_default_budget_leaves_a_600_s_device_call_room_and_names_the_second_call(monkeypatch, tmp_path):
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: True)
+    assert gpu_check.parse_args(["--device", "cuda"]).budget_s == 420.0
+    monkeypatch.undo()
+    args = gpu_check.parse_args(["--device", "cpu", "--tiny", "--parts", "training,generation", "--budget_s", "0",
+                                 "--groups", "1.5B-lora,7B-qlora", "--out", str(tmp_path / "check.json"),
+                                 "--work", str(tmp_path / "work")])  # fmt: skip
+    check = gpu_check.Check(args)
+    check.run()
+    assert [row.result for row in check.rows] == ["skipped", "skipped"]
+    second = "bash scripts/gpu_check.sh --parts training,generation --groups 1.5B-lora,7B-qlora"
+    assert check.meta["next_call"] == second
+    written = json.loads((tmp_path / "check.json").read_text())  # written as each row landed
+    assert [row["result"] for row in written["rows"]] == ["skipped", "skipped"]
 
 
 def test_liger_runs_leave_the_model_module_as_it_was(monkeypatch):
@@ -223,14 +275,25 @@ def test_tiny_cpu_mode_prints_the_table_and_writes_the_json(tmp_path):
     assert {(d["group"], d["loss_on"]) for d in memory} == {(g, s) for g in groups for s in ("completion", "key")}
     assert all(d["estimated_gib"] > 0 and d["measured_gib"] is None for d in memory)
 
-    launches = {row["data"]["config"]: row for row in rows if row["section"] == "launch"}
-    assert set(launches) == set(gpu_check_runs.LAUNCH_CONFIGS)
-    assert launches["single_gpu"]["result"] == "works", launches["single_gpu"]
+    launches = [row for row in rows if row["section"] == "launch"]
+    runs = {row["data"]["config"]: row for row in launches if not row["data"]["eval_only"]}
+    assert set(runs) == set(launching.LAUNCH_CONFIGS)
     deepspeed = "not installed" if "not installed" in report["meta"]["versions"]["deepspeed"] else None
-    for name, row in launches.items():
+    for name, row in runs.items():
         assert row["result"] in {"works", "error", "not installed", "timeout"} and "\n" not in row["verdict"]
         if name.startswith("deepspeed") and deepspeed:
             assert row["result"] == deepspeed
+    # The control runs what users run, and every model that generated was on the training device (the CPU here)
+    control = runs["single_gpu"]
+    assert control["result"] == "works", control
+    generated = [what for what, device in control["data"]["devices"] if device == "cpu"]
+    assert len(generated) == len(control["data"]["devices"]) and generated[0] == "base"
+    assert {"base", "sft", "key"} <= set(generated) and generated.count("keep_best") >= 2
+    evaluations = {row["data"]["config"]: row for row in launches if row["data"]["eval_only"]}
+    assert evaluations["single_gpu"]["result"] == "works", evaluations
+    assert evaluations["single_gpu"]["data"]["devices"] == [["eval_only/sft", "cpu"]]
+    for name, row in evaluations.items():  # an --eval_only after every LoRA run that worked
+        assert runs[name]["result"] == "works" and row["result"] in {"works", "error", "timeout"}
 
     (generation,) = [row["data"] for row in rows if row["section"] == "generation"]
     assert generation["batched_tokens_per_s"] > 0 and generation["single_tokens_per_s"] > 0

@@ -93,3 +93,17 @@ def test_vllm_backend_without_vllm_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # as if vllm were not installed
     with pytest.raises(SFTKeyError, match=r"needs vllm \(`pip install vllm`\); or set `eval_backend: hf`"):
         generate_vllm("model", None, ["prompt"], [0], 8)
+
+
+@pytest.mark.parametrize(("free_gib", "share"), [(60.0, 0.7), (79.5, 0.9), (1.0, 0.05)])
+def test_vllm_takes_the_gpu_memory_that_is_free(monkeypatch, free_gib, share):
+    """vLLM refuses to start with less free memory than its `gpu_memory_utilization` share: it gets what is free
+    when it starts (less a margin), at most its own default 0.9 (a faked 80 GiB GPU)."""
+    import torch
+
+    from sftkey_trl.evaluation.generation import vllm_memory_share
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (int(free_gib * 2**30), 80 * 2**30))
+    assert vllm_memory_share() == pytest.approx(share)

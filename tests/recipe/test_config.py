@@ -98,3 +98,22 @@ def test_a_recipe_that_is_a_folder(tmp_path):
     """It raised IsADirectoryError."""
     with pytest.raises(SFTKeyError, match="is a folder; give --config a recipe's .yaml file"):
         parse_config(["--config", str(tmp_path)])
+
+
+@pytest.mark.parametrize(("major", "expected"), [(7, False), (8, True)])
+def test_bf16_defaults_on_only_where_the_gpu_has_bf16_hardware(monkeypatch, tmp_path, major, expected):
+    """A faked CUDA GPU of compute capability 7.x (V100, T4) that can make bfloat16 tensors: torch's
+    `is_bf16_supported()` counts that emulation; the recipe's default must not (8.x: Ampere and later)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from sftkey_trl.recipe.schema import SFTKeyConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(major=major))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # emulation works
+    assert torch.cuda.is_bf16_supported()  # what torch says by default, for both
+    assert SFTKeyConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True).bf16 is expected
+    assert SFTKeyConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False).bf16 is False

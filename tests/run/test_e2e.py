@@ -210,7 +210,7 @@ def test_qlora_model_is_really_4bit(tmp_path, tiny_model_dir):
 
     model_args = ModelConfig(model_name_or_path=str(tiny_model_dir), load_in_4bit=True, use_peft=True,
                              use_bnb_nested_quant=True)  # fmt: skip
-    model = load_model(model_args, SFTKeyConfig(output_dir=str(tmp_path), use_cpu=True))
+    model = load_model(model_args, SFTKeyConfig(output_dir=str(tmp_path), use_cpu=True), purpose="train")
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and layers[0].weight.quant_type == "nf4"
     assert model.config.quantization_config.bnb_4bit_use_double_quant

@@ -100,8 +100,8 @@ def test_merged_model_generates_like_base_plus_adapter(lora_run):
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                              add_generation_prompt=True) for q in QUESTIONS]  # fmt: skip
     recipe = parse_config(lora_run.args)
-    with_adapter = load_model(recipe.model, recipe.training, lora_run.out / "key", trainable=False)
-    base = load_model(recipe.model, recipe.training, trainable=False)
+    with_adapter = load_model(recipe.model, recipe.training, lora_run.out / "key", purpose="evaluate")
+    base = load_model(recipe.model, recipe.training, purpose="evaluate")
     kwargs = dict(stop_ids=stop, max_new_tokens=40, show_progress=False)
     expected = generate(with_adapter, tokenizer, prompts, **kwargs)
     assert generate(merged, tokenizer, prompts, **kwargs) == expected

@@ -84,7 +84,7 @@ def test_qlora_both_stages_continue_the_adapter_on_the_4bit_base(smollm2_dir, tm
     assert moved < 0.5 * sum(sft[name].float().norm() ** 2 for name in lora_b) ** 0.5
     # What stage 2 starts from: the base re-quantised to 4-bit nf4 with the stage-1 adapter, trainable
     recipe = parse_config(args)
-    model = load_model(recipe.model, recipe.training, output / "sft")
+    model = load_model(recipe.model, recipe.training, output / "sft", purpose="train")
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and layers[0].weight.quant_type == "nf4"
     loaded = {n: p for n, p in model.named_parameters() if "lora_B" in n}

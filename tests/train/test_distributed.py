@@ -27,8 +27,8 @@ from sftkey_trl.train import distributed
 from sftkey_trl.train.distributed import (
     check_sharding_compatibility,
     detect_launch,
+    device_map,
     is_main_process,
-    quantized_device_map,
     resolve_sharding_defaults,
     world_size,
 )
@@ -163,19 +163,19 @@ def test_device_map_cpu_single_process(launched, tmp_path):
 
     launched(None)
     args = SFTKeyConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
-    assert quantized_device_map(args) == {"": "cpu"}
+    assert device_map(args, "train", quantized=True) == {"": "cpu"}
 
 
 @pytest.mark.parametrize("name", ["single_gpu", "multi_gpu", "deepspeed_zero2"])
 def test_device_map_each_rank_its_own_gpu(launched, name):
     launched(name)
-    assert quantized_device_map(training_args(device="cuda:3")) == {"": 3}
+    assert device_map(training_args(device="cuda:3"), "train", quantized=True) == {"": 3}
 
 
 def test_device_map_cuda_without_index(launched, monkeypatch):
     launched("multi_gpu")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 5)
-    assert quantized_device_map(training_args(device="cuda")) == {"": 5}
+    assert device_map(training_args(device="cuda"), "train", quantized=True) == {"": 5}
 
 
 @pytest.mark.parametrize("name", ["deepspeed_zero3", "fsdp"])
@@ -188,7 +188,8 @@ def test_device_map_none_when_the_engine_shards(launched, name):
             raise AssertionError("the device must not be touched (it would initialise the process group)")
 
     args = training_args()
-    assert quantized_device_map(NoDevice(**{k: v for k, v in vars(args).items() if k != "device"})) is None
+    no_device = NoDevice(**{k: v for k, v in vars(args).items() if k != "device"})
+    assert device_map(no_device, "train", quantized=True) is None
 
 
 # ---------------------------------------------------------------- compatibility rules -------------------------------

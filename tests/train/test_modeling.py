@@ -81,3 +81,92 @@ def test_lora_keeps_the_recipes_settings():
     )
     assert config.modules_to_save == ["lm_head"]
     assert lora_config(ModelConfig(model_name_or_path="m")) is None
+
+
+# ---------------------------------------------------------------- where load_model puts a model ---------------------
+# `from_pretrained` is recorded, not run: what it was asked (its device map) and whether transformers would have
+# built the model inside `deepspeed.zero.Init` (its process-wide ZeRO-3 config) at that moment. The training device
+# is a GPU, faked: on a CPU every model is on the CPU whatever it was asked.
+ENGINES = [None, "single_gpu", "multi_gpu", "deepspeed_zero2", "deepspeed_zero3", "fsdp"]
+
+
+@pytest.fixture()
+def recorded_loads(monkeypatch):
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    from sftkey_trl.train import modeling
+
+    calls = []
+
+    def from_pretrained(source, **kwargs):
+        calls.append({**kwargs, "zero3_init": is_deepspeed_zero3_enabled()})
+        return object()
+
+    monkeypatch.setattr(modeling.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    assert modeling.AutoModelForCausalLM is AutoModelForCausalLM
+    yield calls
+    unset_hf_deepspeed_config()  # no ZeRO-3 config may outlive the simulated launch
+
+
+def _where(call: dict) -> str | None:
+    """The device a recorded load was asked for (None: no device map, so the CPU until something moves it)."""
+    device_map = call.get("device_map")
+    if device_map is None:
+        return None
+    (device,) = device_map.values()
+    return f"cuda:{device}" if isinstance(device, int) else str(torch.device(device))
+
+
+def _load(model_args, purpose: str, **values):
+    from launching import training_args
+
+    from sftkey_trl.train.modeling import load_model
+
+    return load_model(model_args, training_args(device="cuda:3", trust_remote_code=False, **values), purpose=purpose)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("bits", [None, 4, 8])
+def test_a_model_loaded_to_evaluate_is_whole_on_the_training_device_under_every_engine(
+    engine, bits, launched, recorded_loads, tiny_model_dir
+):
+    """eval_base, --eval_only and every evaluation from disk: on the rank's own GPU (never left on the CPU, where
+    `from_pretrained` loads without a device map), and never partitioned by ZeRO-3 (each rank generates alone)."""
+    launched(engine)
+    model_args = ModelConfig(model_name_or_path=str(tiny_model_dir), load_in_4bit=bits == 4, load_in_8bit=bits == 8)
+    _load(model_args, "evaluate")
+    (call,) = recorded_loads
+    assert _where(call) == "cuda:3" and not call["zero3_init"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_model_to_train_is_placed_by_its_engine_and_partitioned_under_zero3(
+    engine, launched, recorded_loads, tiny_model_dir
+):
+    """Unquantised: the Trainer moves it to the device, or ZeRO-3/FSDP place it; ZeRO-3 builds it partitioned
+    (`zero3_init_flag: true` in deepspeed_zero3.yaml) even right after a model was loaded whole for evaluation,
+    which is what happens to stage 2 after stage 1's evaluation; 4-bit: each rank's own GPU unless sharded."""
+    launched(engine)
+    model_args = ModelConfig(model_name_or_path=str(tiny_model_dir))
+    _load(model_args, "evaluate")
+    _load(model_args, "train")
+    _load(ModelConfig(model_name_or_path=str(tiny_model_dir), load_in_4bit=True), "train")
+    evaluation, training, quantised = recorded_loads
+    assert _where(evaluation) == "cuda:3" and not evaluation["zero3_init"]
+    assert _where(training) is None and training["zero3_init"] == (engine == "deepspeed_zero3")
+    assert _where(quantised) == (None if engine in ("deepspeed_zero3", "fsdp") else "cuda:3")
+
+
+def test_a_merge_loads_on_the_cpu(launched, recorded_loads, tiny_model_dir):
+    """--merge needs the unquantised base whole: on the CPU, which holds it where a QLoRA GPU often cannot."""
+    launched("single_gpu")
+    _load(ModelConfig(model_name_or_path=str(tiny_model_dir)), "merge")
+    assert _where(recorded_loads[0]) == "cpu"
+
+
+def test_load_model_needs_a_purpose(tiny_model_dir):
+    from sftkey_trl.train.modeling import load_model
+
+    with pytest.raises(TypeError, match="purpose"):
+        load_model(ModelConfig(model_name_or_path=str(tiny_model_dir)), None)
