@@ -146,11 +146,7 @@ def discard(*paths: str | Path, kinds: Collection[str], fix: str = "") -> None:
     lie in such a folder, or be a record of one of `kinds` itself (a lock file). Anything else (a symbolic link
     included) is refused in one line naming it and `fix`, and nothing is deleted."""
     paths = [Path(path) for path in paths]
-    for path in paths:
-        if path.is_symlink() or path.exists() and not _made_here(path, kinds):
-            what = "a symbolic link" if path.is_symlink() else _owner_words(path)
-            fix = fix or "move it away yourself if it should go, or choose another folder"
-            raise SFTKeyError(f"refusing to delete {path}: it is {what}; nothing was deleted; {fix}")
+    check_discardable(*paths, kinds=kinds, fix=fix)
     for path in paths:
         if not path.is_dir():
             path.unlink(missing_ok=True)
@@ -160,6 +156,16 @@ def discard(*paths: str | Path, kinds: Collection[str], fix: str = "") -> None:
                 shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
         (path / MARKER).unlink(missing_ok=True)
         path.rmdir()
+
+
+def check_discardable(*paths: str | Path, kinds: Collection[str], fix: str = "") -> None:
+    """`discard`'s check alone, for a caller that must know before it changes anything (a record that vouches for
+    the paths, say) that the deletion will go ahead."""
+    for path in map(Path, paths):
+        if path.is_symlink() or path.exists() and not _made_here(path, kinds):
+            what = "a symbolic link" if path.is_symlink() else _owner_words(path)
+            fix = fix or "move it away yourself if it should go, or choose another folder"
+            raise SFTKeyError(f"refusing to delete {path}: it is {what}; nothing was deleted; {fix}")
 
 
 def _made_here(path: Path, kinds: Collection[str]) -> bool:

@@ -157,3 +157,40 @@ def test_other_stage_names_in_a_run_folder_are_refused_in_one_line(copy, capsys)
         "holds one run, never a mix; use another output_dir, or pass --overwrite_output_dir true to replace that run"
     )
     assert files(copy) == before
+
+
+class Killed(Exception):
+    """A SIGKILL right after a deletion, simulated: nothing after it runs."""
+
+
+@pytest.mark.parametrize("flag", [["--overwrite_output_dir", "true"], ["--restart_from", "sft"]])
+def test_a_kill_right_after_a_stage_is_deleted_leaves_no_record_of_it_and_the_rerun_finishes(flag, copy, monkeypatch):
+    """Found by the adversarial suite (tests/run/test_adversarial.py): both flags deleted the stage folders first and
+    their records after, so a kill in between left a manifest calling `sft` done, and results.json reporting it, with
+    no weights. The records go first now, and the next run finishes the deletion and trains the stages again."""
+    from sftkey_trl.run import pipeline, plan
+
+    real = plan.discard
+
+    def discard_then_killed(*paths, kinds, **options):
+        real(*paths, kinds=kinds, **options)
+        if "stage" in kinds and any(Path(path).name in ("sft", "key") for path in paths):
+            raise Killed
+
+    monkeypatch.setattr(plan, "discard", discard_then_killed)
+    monkeypatch.setattr(pipeline, "discard", discard_then_killed)
+    with pytest.raises(Killed):
+        run(copy, *flag)
+    monkeypatch.undo()
+    manifest = json.loads((copy / "manifest.json").read_text()) if (copy / "manifest.json").exists() else {}
+    results = json.loads((copy / "results.json").read_text()) if (copy / "results.json").exists() else {}
+    for stage in ("sft", "key"):
+        if not (copy / stage / "adapter_model.safetensors").exists():
+            assert manifest.get("stages", {}).get(stage, {}).get("status") not in ("trained", "done"), stage
+            assert stage not in results.get("stages", {}), stage
+    assert run(copy) == 0
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert [manifest["stages"][stage]["status"] for stage in ("sft", "key")] == ["done", "done"]
+    assert json.loads((copy / "results.json").read_text())["stages"].keys() == {"sft", "key"}
+    for stage in ("sft", "key"):
+        assert load_file(copy / stage / "adapter_model.safetensors")
