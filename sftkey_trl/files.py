@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import enum
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -17,7 +18,9 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import SFTKeyError
+from .errors import SFTKeyError, first_line
+
+logger = logging.getLogger(__name__)
 
 DEMO_PREFIX = "demo:"  # the names of the demo datasets and model, built locally under `cache_root()`
 MARKER = ".sftkey"  # {"kind": ..., ...}: written into every folder this project creates and may later delete
@@ -199,10 +202,20 @@ def set_aside(path: str | Path, why: str) -> Path:
     return target
 
 
-def read_json(path: str | Path, default: Any = None) -> Any:
-    """Read JSON from `path`, or return `default` when the file does not exist."""
+def read_json(path: str | Path, default: Any = None, without: str | None = None) -> Any:
+    """Read JSON from `path`, or return `default` when the file does not exist. With `without` (what the caller does
+    without the file, in words), a file that cannot be read (truncated, not JSON, not UTF-8) is a warning line naming
+    it and `without`, and `default`; the file stays as it is."""
     path = Path(path)
-    return json.loads(path.read_text()) if path.exists() else default
+    if not path.exists():
+        return default
+    if without is None:
+        return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        logger.warning("%s cannot be read (%s): %s", path, first_line(error), without)
+        return default
 
 
 def plain(value: Any) -> Any:

@@ -194,3 +194,39 @@ def test_a_kill_right_after_a_stage_is_deleted_leaves_no_record_of_it_and_the_re
     assert json.loads((copy / "results.json").read_text())["stages"].keys() == {"sft", "key"}
     for stage in ("sft", "key"):
         assert load_file(copy / stage / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "results.json"])
+def test_a_merge_over_an_unreadable_record_writes_its_card_without_it_and_says_so(name, copy, capsys, caplog):
+    """Found by the adversarial suite: `--merge` over a truncated manifest.json (or results.json) was a traceback
+    from the model card, which reads them; the weights it merges are whole."""
+    path = copy / name
+    path.write_text(path.read_text()[:60])
+    broken = path.read_text()
+    assert run(copy, "--merge", "key", "--merge_dir", str(copy.parent / "merged")) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    said = [r.getMessage() for r in caplog.records if str(path) in r.getMessage()]
+    assert len(said) == 1 and "cannot be read" in said[0] and "the model card goes on without it" in said[0], said
+    assert (copy.parent / "merged" / "README.md").is_file() and path.read_text() == broken  # left as it was
+
+
+def test_a_merge_of_a_stage_whose_tokenizer_cannot_be_read_is_one_line(copy, capsys):
+    """Was a traceback from transformers (a JSONDecodeError) after the model had been loaded and merged."""
+    path = copy / "key" / "tokenizer_config.json"
+    path.write_text(path.read_text()[:60])
+    assert run(copy, "--merge", "key", "--merge_dir", str(copy.parent / "merged")) == 2
+    error = one_error_line(capsys)
+    assert error.startswith(f"error: stage `key` cannot be merged: its tokenizer in {copy / 'key'} cannot be read (")
+    assert error.endswith("restore the stage folder, or rerun with `--restart_from key`")
+    assert not (copy.parent / "merged").exists()
+
+
+def test_a_rerun_over_an_unreadable_log_history_reports_without_its_curve_and_says_so(copy, capsys, caplog):
+    """Found by the adversarial suite: a rerun of a finished run whose `sft/log_history.json` was truncated ended in
+    a traceback from the training-curves plot, after the run had done everything else."""
+    history = copy / "sft" / "log_history.json"
+    history.write_text(history.read_text()[:50])
+    assert run(copy) == 0
+    said = [r.getMessage() for r in caplog.records if str(history) in r.getMessage()]
+    assert len(said) == 1 and "cannot be read" in said[0] and "plot" in said[0], said
+    assert (copy / "training_curves.png").is_file()  # the key stage's curve
