@@ -7,6 +7,7 @@ import enum
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from trl import ModelConfig, SFTConfig
@@ -18,6 +19,18 @@ from ..train.objectives import OBJECTIVES, Stage
 
 DEMO_RECIPE = "recipes/demo/sftkey_tiny.yaml"  # run.py with no --config
 COMPARE_DEMO_RECIPE = "recipes/demo/remainder.yaml"  # compare.py with no --config: a task with headroom
+
+
+def bundled_recipe(name: str) -> Path:
+    """A recipe the project ships (`recipes/...`): the checkout's file when the package runs from one, else the copy
+    an installed package carries in `sftkey_trl/recipes/` (pyproject's package-dir), so that `sftkey-trl train` with
+    no --config finds the demo after `pip install`."""
+    relative = Path(name).relative_to("recipes")
+    package = Path(__file__).resolve().parents[1]
+    checkout = package.parent / "recipes" / relative
+    return checkout if checkout.is_file() else package / "recipes" / relative
+
+
 PAPER_STAGES = [{"name": "sft", "loss_on": "completion"}, {"name": "key", "loss_on": "key"}]
 # Recipe keys with a fixed set of values (None: unset, the adapter decides)
 CHOICES = {
