@@ -140,8 +140,9 @@ class SFTKeyConfig(SFTConfig):
         import torch
 
         if self.bf16 is None:  # TRL defaults to bf16, which raises on machines without bf16 support
-            # Native bf16 only: torch also counts GPUs that only emulate it (V100, T4: no bf16 hardware)
-            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False))
+            from ..train.distributed import native_bf16
+
+            self.bf16 = native_bf16()
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = True  # TRL's default
         if self.dataloader_pin_memory is None:  # pinning without an accelerator only makes torch warn
