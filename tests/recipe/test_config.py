@@ -122,5 +122,5 @@ def test_bf16_defaults_on_only_where_the_gpu_has_bf16_hardware(monkeypatch, tmp_
 
     from sftkey_trl.run.export import merge_dtype
 
-    qlora = ModelConfig(model_name_or_path="m", load_in_4bit=True, use_peft=True)
+    qlora = ModelConfig(model_name_or_path="m", load_in_4bit=True, use_peft=True, dtype="auto")
     assert merge_dtype(qlora) == ("bfloat16" if expected else "float32")
