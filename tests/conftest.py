@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,6 +15,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Read before `sftkey_cache` points SFTKEY_CACHE at a temporary folder: the real model is built into the user's
 # cache once per machine (about 30 s, 540 MB), not once per test session
 USER_CACHE = Path(os.environ.get("SFTKEY_CACHE", Path.home() / ".cache" / "sftkey_trl"))
+
+
+# The markers of runs that train or launch: each is also `slow`, so `-m "not slow"` is the quick tier (unit tests)
+SLOW_KINDS = ("e2e", "real_model", "distributed", "invariance", "adversarial")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(item.get_closest_marker(kind) for kind in SLOW_KINDS):
+            item.add_marker(pytest.mark.slow)
+
+
+# Property-based tests judge correctness, never speed: no per-example deadline (a loaded machine flaked one), the same
+# examples on every run (CI is reproducible), no example database left in the work tree
+settings.register_profile("sftkey", deadline=None, derandomize=True, database=None)
+settings.load_profile("sftkey")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -256,6 +256,7 @@ def test_a_diverging_stage_exits_non_zero_with_one_line_and_nothing_calls_it_tra
     assert training["optimizer_steps"] == 8 and 0 < training["train_loss"] < 10
 
 
+@pytest.mark.slow
 def test_a_restarted_stage_that_diverges_leaves_no_earlier_result_of_it(tmp_path, capsys, monkeypatch):
     """`--restart_from sft` drops the results of every stage it retrains on disk before training: when the retrained
     stage then diverges, results.json must not still report the earlier stages (or a summary read from them)."""
