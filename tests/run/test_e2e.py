@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import DIVERGING_RATE, ROOT
 from transformers import TrainerCallback
 
 from sftkey_trl.run.cli import main
@@ -144,7 +144,7 @@ def test_qlora_two_stages_on_cpu(tmp_path, monkeypatch):
 
 @pytest.mark.e2e
 def test_keep_best_never_hides_a_diverged_stage_and_keeps_stage_1_weights_a_stage_2_never_beats(tmp_path, capsys):
-    """At `learning_rate: 1000` the key stage's gradient norm turns NaN: keep_best used to evaluate the NaN model, tie
+    """At a diverging learning rate the key stage's loss turns NaN: keep_best used to evaluate the NaN model, tie
     at 0 and report 'kept the incoming weights' with exit 0; the stage now stops with one line. Retrained at a rate
     that never beats stage 1 on validation, keep-best copies stage 1's weights in as the stage's output."""
     from safetensors.torch import load_file
@@ -155,7 +155,7 @@ def test_keep_best_never_hides_a_diverged_stage_and_keeps_stage_1_weights_a_stag
     args = ["--config", DEMO, "--output_dir", str(output), "--max_train_samples", "160", "--eval_fraction", "0.2",
             "--max_eval_samples", "24", "--max_new_tokens", "40"]  # fmt: skip
     with pytest.raises(SystemExit) as stopped:
-        main([*args, "--stages", stages.replace("RATE", "1000.0")])
+        main([*args, "--stages", stages.replace("RATE", DIVERGING_RATE)])
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert stopped.value.code == 2 and error.startswith("error: stage `key` diverged at step "), error
     assert "key" not in json.loads((output / "results.json").read_text())["stages"]

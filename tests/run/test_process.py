@@ -56,7 +56,8 @@ SMALL_RUN = ["--max_train_samples", "16", "--max_eval_samples", "8", "--num_trai
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("method", [["--use_peft", "true"], []], ids=["lora", "full"])
+# rank 64 gives the tests' 64-wide model LoRA matrices of 4096 values, the least bitsandbytes keeps in 8 bits
+@pytest.mark.parametrize("method", [["--use_peft", "true", "--lora_r", "64"], []], ids=["lora", "full"])
 def test_an_8bit_optimizer_trains_the_demo(method, tmp_path):
     """`optim: adamw_bnb_8bit`, a common memory saver on consumer GPUs, through `recipes/run.py` on the CPU
     (bitsandbytes' 8-bit Adam steps there too), with LoRA and with full fine-tuning: both stages train and are
