@@ -7,28 +7,52 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Read before `sftkey_cache` points SFTKEY_CACHE at a temporary folder: the real model is built into the user's
 # cache once per machine (about 30 s, 540 MB), not once per test session
+# A learning rate that makes any model's loss NaN at its third step (the first with the rate applied, after warmup's
+# zero): Adam moves every weight by about the rate, and weights of 1e30 square past float32's range. A merely large
+# rate (100, 1000) is not enough: whether it overflows or collapses the model to finite nonsense depends on its size.
+DIVERGING_RATE = "1.0e+30"  # written so that YAML reads a number
 USER_CACHE = Path(os.environ.get("SFTKEY_CACHE", Path.home() / ".cache" / "sftkey_trl"))
+
+
+# The markers of runs that train or launch: each is also `slow`, so `-m "not slow"` is the quick tier (unit tests)
+SLOW_KINDS = ("e2e", "real_model", "distributed", "invariance", "adversarial")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(item.get_closest_marker(kind) for kind in SLOW_KINDS):
+            item.add_marker(pytest.mark.slow)
+
+
+# Property-based tests judge correctness, never speed: no per-example deadline (a loaded machine flaked one), the same
+# examples on every run (CI is reproducible), no example database left in the work tree
+settings.register_profile("sftkey", deadline=None, derandomize=True, database=None)
+settings.load_profile("sftkey")
 
 
 @pytest.fixture(scope="session", autouse=True)
 def sftkey_cache(tmp_path_factory):
-    """Keep demo data and models built by tests out of the user's cache."""
+    """Keep demo data and models built by tests out of the user's cache. The demo model (`demo:tiny-llama`) is built
+    here, before any test runs, at the tests' size: built on first use instead, its size depended on whether a test
+    asking for `tiny_model_dir` or a demo run came first, so a test passed alone and failed in the whole suite."""
+    from sftkey_trl.models.tiny import build_tiny_model
+
     path = tmp_path_factory.mktemp("sftkey-cache")
     os.environ["SFTKEY_CACHE"] = str(path)
+    build_tiny_model(path / "tiny-llama", hidden_size=64, num_layers=2)
     return path
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(sftkey_cache) -> Path:
-    from sftkey_trl.models.tiny import build_tiny_model
-
-    return build_tiny_model(sftkey_cache / "tiny-llama", hidden_size=64, num_layers=2)
+    return sftkey_cache / "tiny-llama"
 
 
 @pytest.fixture(scope="session")

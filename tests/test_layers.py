@@ -25,6 +25,7 @@ RANKS = {
     "train": 3,
     "recipe": 4,
     "run": 5,
+    "__main__": 6,  # `python -m sftkey_trl`: the command, above everything
 }
 # Layers of the same rank that still must not import each other.
 APART = {frozenset({"data", "models"})}

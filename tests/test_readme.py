@@ -3,6 +3,7 @@ cheap example commands (inspect, dry run) run as written."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -32,7 +33,8 @@ def test_named_files_exist():
 def test_quick_start_is_what_ci_runs():
     """CI runs the README's quick-start lines verbatim and installs nothing else."""
     quick_start = [c.split("#")[0].strip() for c in COMMANDS[:2]]
-    assert quick_start == ["pip install -r requirements.txt && accelerate launch recipes/run.py", "python -m pytest"]
+    demo = "accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/run.py"
+    assert quick_start == [f"pip install -r requirements.txt && {demo}", "python -m pytest"]
     ci_lines = [line.strip() for line in (ROOT / ".ci/run").read_text().splitlines()]
     assert all(line in ci_lines for line in quick_start)
     installs = [line for line in ci_lines if "pip install" in line]
@@ -47,13 +49,22 @@ def test_requirements_pin_the_tested_torch():
 
 
 CHEAP = [c for c in COMMANDS if c.startswith("python recipes/run.py") and ("--inspect" in c or "--dry_run" in c)]
+# The "Your own data" section's example rows: the `my.jsonl` its commands read
+EXAMPLE_ROWS = re.findall(r"```jsonl\n(.*?)```", README, re.S)
 
 
+def test_the_example_rows_are_valid_rows():
+    assert len(EXAMPLE_ROWS) == 1
+    rows = [json.loads(line) for line in EXAMPLE_ROWS[0].splitlines()]
+    assert rows and all(set(row) == {"question", "reasoning", "answer"} for row in rows)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("command", CHEAP)
 def test_readme_example_runs(command, tmp_path):
     args = shlex.split(command.split("#")[0])[1:]
     args = [str(tmp_path / "my.jsonl") if a == "my.jsonl" else a for a in args]
-    (tmp_path / "my.jsonl").write_text('{"question": "Compute 1 + 1.", "reasoning": "1 + 1 = 2", "answer": "2"}\n')
+    (tmp_path / "my.jsonl").write_text(EXAMPLE_ROWS[0])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stderr[-2000:]

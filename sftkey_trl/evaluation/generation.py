@@ -47,7 +47,8 @@ def generate(
     settings = {"max_new_tokens": max_new_tokens, "do_sample": False, "eos_token_id": stop_ids, "use_cache": True}
     settings |= {"pad_token_id": tokenizer.pad_token_id, "synced_gpus": synced_gpus}
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc="generating", disable=not show_progress, leave=False):
+        bar = None if show_progress else True  # None: drawn on a terminal only, never into a pipe or a log file
+        for start in tqdm(range(0, len(order), batch_size), desc="generating", disable=bar, leave=False):
             chunk = order[start : start + batch_size]
             encoded = tokenizer(
                 [prompts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False

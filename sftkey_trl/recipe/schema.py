@@ -7,6 +7,7 @@ import enum
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from trl import ModelConfig, SFTConfig
@@ -18,6 +19,18 @@ from ..train.objectives import OBJECTIVES, Stage
 
 DEMO_RECIPE = "recipes/demo/sftkey_tiny.yaml"  # run.py with no --config
 COMPARE_DEMO_RECIPE = "recipes/demo/remainder.yaml"  # compare.py with no --config: a task with headroom
+
+
+def bundled_recipe(name: str) -> Path:
+    """A recipe the project ships (`recipes/...`): the checkout's file when the package runs from one, else the copy
+    an installed package carries in `sftkey_trl/recipes/` (pyproject's package-dir), so that `sftkey-trl train` with
+    no --config finds the demo after `pip install`."""
+    relative = Path(name).relative_to("recipes")
+    package = Path(__file__).resolve().parents[1]
+    checkout = package.parent / "recipes" / relative
+    return checkout if checkout.is_file() else package / "recipes" / relative
+
+
 PAPER_STAGES = [{"name": "sft", "loss_on": "completion"}, {"name": "key", "loss_on": "key"}]
 # Recipe keys with a fixed set of values (None: unset, the adapter decides)
 CHOICES = {
@@ -127,8 +140,9 @@ class SFTKeyConfig(SFTConfig):
         import torch
 
         if self.bf16 is None:  # TRL defaults to bf16, which raises on machines without bf16 support
-            # Native bf16 only: torch also counts GPUs that only emulate it (V100, T4: no bf16 hardware)
-            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False))
+            from ..train.distributed import native_bf16
+
+            self.bf16 = native_bf16()
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = True  # TRL's default
         if self.dataloader_pin_memory is None:  # pinning without an accelerator only makes torch warn

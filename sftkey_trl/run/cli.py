@@ -20,24 +20,39 @@ if TYPE_CHECKING:
 logger = logging.getLogger("sftkey_trl")
 
 
+def flag_parser() -> FlagParser:
+    """run.py's own flags (everything else on its command line is a recipe key)."""
+    parser = FlagParser(add_help=False)
+    parser.add_argument("--dry_run", action="store_true", help="Check the recipe offline and print it resolved.")
+    parser.add_argument("--inspect", type=int, default=None, metavar="N", help="Show what each stage trains on.")
+    parser.add_argument("--json", action="store_true", help=INSPECT_JSON)
+    parser.add_argument("--eval_only", action="store_true", help="Evaluate a saved stage (or the base model).")
+    parser.add_argument("--checkpoint", default=None, metavar="DIR", help="With --eval_only: a saved stage folder.")
+    parser.add_argument("--merge", default=None, metavar="STAGE", help="Merge a LoRA/QLoRA stage into its base.")
+    parser.add_argument("--merge_dir", default=None, metavar="DIR", help="With --merge: where [<stage>/merged].")
+    parser.add_argument("--debug", action="store_true", help="Show full tracebacks instead of one-line errors.")
+    return parser
+
+
 def run_options(argv: list[str], default_recipe: str | None = None) -> tuple[argparse.Namespace, list[str]]:
     """Split the flags of `run.py` itself from the recipe keys (which go to `parse_config`); with no `--config`,
-    use `default_recipe` (a path from the repository root; the demo recipe by default)."""
-    from ..recipe.schema import DEMO_RECIPE
+    use `default_recipe` (a recipe the project ships; the demo by default)."""
+    from ..recipe.schema import DEMO_RECIPE, bundled_recipe
 
-    parser = FlagParser(add_help=False)
-    parser.add_argument("--inspect", type=int, default=None, help="Show what each stage trains on; train nothing.")
-    parser.add_argument("--json", action="store_true", help=INSPECT_JSON)
-    parser.add_argument("--eval_only", action="store_true", help="Evaluate a checkpoint (or the base model).")
-    parser.add_argument("--checkpoint", default=None, help="With --eval_only: a saved stage folder.")
-    parser.add_argument("--dry_run", action="store_true", help="Check the recipe offline and print it resolved.")
-    parser.add_argument("--merge", default=None, metavar="STAGE", help="Merge a LoRA/QLoRA stage into its base.")
-    parser.add_argument("--merge_dir", default=None, help="With --merge: where to write (default: <stage>/merged).")
-    parser.add_argument("--debug", action="store_true", help="Show full tracebacks.")
-    options, rest = parser.parse_known_args(argv)
+    options, rest = flag_parser().parse_known_args(argv)
     if flag_value(rest, "--config") is None:
-        rest = ["--config", str(Path(__file__).resolve().parents[2] / (default_recipe or DEMO_RECIPE))] + rest
+        rest = ["--config", str(bundled_recipe(default_recipe or DEMO_RECIPE))] + rest
     return options, rest
+
+
+HELP_FLAGS = ("-h", "--help", "--help-all")
+
+
+def print_help(argv: list[str], prog: str) -> None:
+    """`--help`: run.py's flags and this project's keys; `--help-all`: every recipe key, TRL's included."""
+    from .usage import all_keys_help, run_help
+
+    print(all_keys_help(prog) if "--help-all" in argv else run_help(prog, flag_parser()), end="")
 
 
 MODES = ("inspect", "eval_only", "merge", "dry_run")  # what run.py does instead of training: one at a time
@@ -178,13 +193,18 @@ def load_checked_recipe(rest: list[str], dry_run: bool = False, comparison: bool
     return recipe, resolve_recipe(recipe) + check_recipe(recipe, processes)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, as_program: bool | None = None, prog: str = "recipes/run.py") -> int:
     """Parse flags and the recipe, check it, then inspect, dry-run, evaluate, merge or train. As the program (no
-    `argv`) it first sets up the process (`process.prepare_process`); from Python it leaves the process as it is."""
+    `argv`, or `as_program`) it first sets up the process (`process.start_entry_point`); called from Python it leaves
+    the process as it is."""
     from .process import start_entry_point
 
-    as_program, argv = argv is None, list(sys.argv[1:] if argv is None else argv)
+    as_program = argv is None if as_program is None else as_program
+    argv = list(sys.argv[1:] if argv is None else argv)
     start_entry_point(as_program=as_program)
+    if any(flag in HELP_FLAGS for flag in argv):
+        print_help(argv, prog)
+        return 0
     with user_errors("--debug" in argv):
         options, rest = run_options(argv)
         check_flags(options)

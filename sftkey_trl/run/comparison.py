@@ -15,22 +15,44 @@ from ..recipe.flags import FlagParser, flag_value
 CONVERGED_EPOCHS = 12  # --converged's default epoch cap
 
 
-def run_comparison(argv: list[str] | None = None, description: str | None = None) -> int:
-    """Check the recipe and the flags, run every arm seed by seed, and print the comparison's table and the files it
-    wrote; `description` is the script's usage text (`--help`). Called as the program (no `argv`), it first sets up
-    the process."""
-    parser = FlagParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default=None, help="Comma-separated variant names (default: the 6 main arms).")
-    parser.add_argument("--seeds", type=int, default=3, help="Number of seeds (0, 1, ..., N-1).")
-    parser.add_argument("--metric", default="accuracy", help="The metric the tables are ranked by.")
-    parser.add_argument("--comparison_dir", default=None, help="Where to write (default: <output_dir>/compare).")
+def comparison_flags(description: str | None = None) -> FlagParser:
+    """compare.py's own flags (everything else on its command line is a recipe key, for every arm)."""
+    parser = FlagParser(description=description, add_help=False)
+    parser.add_argument(
+        "--variants", default=None, help="Comma-separated variant names [the 6 main arms, marked * below]."
+    )
+    parser.add_argument("--seeds", type=int, default=3, help="Number of seeds: 0, 1, ..., N-1 [%(default)s].")
+    parser.add_argument("--metric", default="accuracy", help="The metric the tables are ranked by [%(default)s].")
+    parser.add_argument("--comparison_dir", default=None, help="Where to write [<output_dir>/compare].")
     converged = "Train stage 1 until validation stops improving for PATIENCE evaluations (keeping its best "
-    converged += "checkpoint) before every stage-2 form: the paper's protocol."
+    converged += "checkpoint) before every stage-2 form: the paper's protocol [off]."
     parser.add_argument("--converged", type=int, default=None, metavar="PATIENCE", help=converged)
     parser.add_argument(
-        "--converged_epochs", type=float, default=None, help=f"With --converged: the epoch cap ({CONVERGED_EPOCHS})."
+        "--converged_epochs", type=float, default=None, help=f"With --converged: the epoch cap [{CONVERGED_EPOCHS}]."
     )
-    as_program, argv = argv is None, list(sys.argv[1:] if argv is None else argv)
+    parser.add_argument("--debug", action="store_true", help="Show full tracebacks instead of one-line errors.")
+    return parser
+
+
+def run_comparison(
+    argv: list[str] | None = None,
+    description: str | None = None,
+    as_program: bool | None = None,
+    prog: str = "recipes/compare.py",
+) -> int:
+    """Check the recipe and the flags, run every arm seed by seed, and print the comparison's table and the files it
+    wrote; `description` is the script's usage text (`--help`). As the program (no `argv`, or `as_program`) it
+    first sets up the process."""
+    as_program = argv is None if as_program is None else as_program
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = comparison_flags(description)
+    if "-h" in argv or "--help" in argv:
+        from .process import start_entry_point
+        from .usage import compare_help
+
+        start_entry_point(as_program=as_program)
+        print(compare_help(prog, parser, description), end="")
+        return 0
     from .cli import user_errors
 
     with user_errors("--debug" in argv):

@@ -105,6 +105,22 @@ def _stage_one(name: str, stage: dict, base: dict | None, answer_type: str | Non
     return [], False
 
 
+def _pairs(results: dict, stages: list[tuple[str, dict]]) -> list[tuple[str, dict, str, dict]]:
+    """(before's name, before, name, stage) for each stage after the first: the stage against the one it started from
+    (`started_from`; compare.py's arms share a folder, so `continue` follows `key` there but started from `sft`), or,
+    in a record without it, against the stage before it."""
+    pairs = []
+    for index, (name, stage) in enumerate(stages[1:], start=1):
+        origin = stage.get("started_from")
+        if origin == "base":
+            if "base" in results:
+                pairs.append(("base", results["base"], name, stage))
+            continue
+        before_name = origin if origin in results["stages"] else stages[index - 1][0]
+        pairs.append((before_name, results["stages"][before_name], name, stage))
+    return pairs
+
+
 def diagnose(results: dict) -> list[str]:
     """Plain sentences on the measured results: stage 1's own state first (with its advice), then each stage against
     the one before it, with signs; the failure mode a drop matches (or that none did); what keep-best kept; the
@@ -114,7 +130,7 @@ def diagnose(results: dict) -> list[str]:
     for name, stage in stages[:1]:
         lines, wait = _stage_one(name, stage, results.get("base"), results.get("answer_type"))
         lines += [kept] if (kept := _kept(name, stage)) else []
-    for (before_name, before), (name, after) in zip(stages, stages[1:]):
+    for before_name, before, name, after in _pairs(results, stages):
         examples = int(after.get("num_examples") or 0)
         changes, dropped, rose = [], [], []
         for metric in COMPARED:

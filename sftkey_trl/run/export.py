@@ -10,11 +10,10 @@ import copy
 import logging
 from pathlib import Path
 
-import torch
-
 from ..errors import SFTKeyError, first_line
 from ..files import discard, write_folder
 from ..recipe.folders import check_merge_folder
+from ..train.distributed import native_bf16
 from .plan import missing_weights
 
 logger = logging.getLogger(__name__)
@@ -26,7 +25,7 @@ def merge_dtype(model_args) -> str:
     if model_args.dtype in ("bfloat16", "float16", "float32"):
         return model_args.dtype
     if model_args.load_in_4bit or model_args.load_in_8bit:
-        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+        return "bfloat16" if native_bf16() else "float32"
     return "auto"
 
 

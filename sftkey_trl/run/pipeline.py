@@ -159,7 +159,11 @@ class Pipeline:
             if main:
                 mark_folder(stage_dir, "stage", stage=stage.name)
             model, training = self.train_stage(stage, args, start_from)
-            results["stages"][stage.name] = {"loss_on": stage.loss_on, "training": training}
+            results["stages"][stage.name] = {
+                "loss_on": stage.loss_on,
+                "started_from": start_from.name if start_from is not None else "base",
+                "training": training,
+            }
             self._save_results(results)
             manifest.update(stage.name, status="trained", seconds=training["train_seconds"])
         if main:  # keep_best's snapshots: the stage's output holds the kept weights now

@@ -58,12 +58,12 @@ def use_available_cores() -> int | None:
 
 
 def prepare_process() -> None:
-    """Set up this process for one run of a recipe, before the recipe parser imports the ML libraries. Every library
-    stays importable: bitsandbytes serves 4-bit/8-bit models and the 8-bit optimizers (`optim: adamw_bnb_8bit`)."""
-    # peft imports bitsandbytes whenever it is installed, and on a CPU its backend then warns at import that the
-    # optional `kernels` package (a faster 4-bit matmul fetched from the Hub) is missing before using its own kernel:
-    # noise on every run, silenced at the logger that writes it
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    """Set up this process for one run of a recipe, before the recipe parser imports the ML libraries: a quiet console
+    (`console.quiet_libraries`) and the CPU's threads. Every library stays importable: bitsandbytes serves 4-bit/8-bit
+    models and the 8-bit optimizers (`optim: adamw_bnb_8bit`)."""
+    from .console import quiet_libraries
+
+    quiet_libraries()
     threads = use_available_cores()
     if threads is not None:
         logger.info(

@@ -120,6 +120,12 @@ def _describe(response_format: str, stages: tuple[Stage, ...], args_of, note: st
 
 
 DEFAULT_VARIANTS = ["sft", "sft_tag", "key_tag", PAPER, "sft_continue", MATCHED]
+# The arms `build_variants` builds, in its order, for `--help` without a recipe (a test checks they agree)
+VARIANT_NAMES = (
+    "sft", "sft_tag", "key_tag", PAPER, "sft_continue", MATCHED, "recipe", "sft_keyweight", "sft_continue_keyweight",
+    "sftkey_tag_norm", "sftkey_tag_mix", "sftkey_tag_dft", "sftkey_tag_best", "sftkey_tag_detached",
+    "sftkey_tag_stage1_lr",
+)  # fmt: skip
 
 
 def planned_steps(stages: tuple[Stage, ...], training_args, num_rows: int, processes: int) -> int:

@@ -237,6 +237,12 @@ def release_engine_state(training_args) -> bool:
 PURPOSES = ("train", "evaluate", "merge")
 
 
+def native_bf16() -> bool:
+    """Whether this machine's GPU computes in bfloat16 in hardware (Ampere and later): torch's plain
+    `is_bf16_supported()` also counts GPUs that only emulate it (V100, T4), where bf16 runs slowly."""
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False))
+
+
 def rank_device(training_args) -> int | str:
     """This process's own device as a `device_map` value: the CUDA index (the current device when the training
     arguments name none), else the device's name."""

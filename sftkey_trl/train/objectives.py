@@ -72,15 +72,28 @@ OBJECTIVES: dict[str, Objective] = {
 class Stage:
     """One training stage, as resolved from the recipe's `stages:` list. Build it with keywords."""
 
-    name: str
-    loss_on: str = "completion"
-    loss_normalization: str = "supervised_tokens"
-    reasoning_weight: float = 0.0
-    key_weight: float = 1.0
-    context: str = "full"
-    keep_best: bool = False
-    patience: int | None = None  # stop after this many keep_best evaluations without improvement
-    overrides: dict[str, Any] = field(default_factory=dict)
+    name: str = field(metadata={"help": "The stage's folder under output_dir; unique."})
+    loss_on: str = field(default="completion", metadata={"help": "completion (stage 1) or key (the key stage)."})
+    loss_normalization: str = field(
+        default="supervised_tokens",
+        metadata={"help": "supervised_tokens (the paper) or completion_tokens: divide by the response's tokens."},
+    )
+    reasoning_weight: float = field(
+        default=0.0, metadata={"help": "key stage: the loss weight of reasoning tokens (0: the paper, 1: stage 1)."}
+    )
+    key_weight: float = field(
+        default=1.0, metadata={"help": "completion stage: the key tokens' weight, 1-100 (answer emphasis)."}
+    )
+    context: str = field(
+        default="full", metadata={"help": "key stage: full, or detached (no gradient into prompt and reasoning)."}
+    )
+    keep_best: bool = field(
+        default=False, metadata={"help": "Evaluate on the validation split during the stage and keep the best."}
+    )
+    patience: int | None = field(
+        default=None, metadata={"help": "With keep_best: stop after this many evaluations without improvement."}
+    )
+    overrides: dict[str, Any] = field(default_factory=dict)  # the stage's training keys
 
     @property
     def objective(self) -> Objective:

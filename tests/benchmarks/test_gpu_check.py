@@ -181,12 +181,14 @@ def test_an_eval_only_launch_needs_its_metrics(tmp_path):
                                    cuda=True)["status"] == "error"  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_launch_that_hangs_is_killed_at_its_timeout(tmp_path):
     launch = _fake_launch(tmp_path, "import time; time.sleep(60)")
     result = launching.finish_launch(launch, 1, report.last_error_line, cuda=False)
     assert result["status"] == "timeout" and launch.process.returncode is not None
 
 
+@pytest.mark.slow
 def test_the_default_budget_leaves_a_600_s_device_call_room_and_names_the_second_call(monkeypatch, tmp_path):
     monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: True)
     assert gpu_check.parse_args(["--device", "cuda"]).budget_s == 420.0
@@ -231,6 +233,7 @@ def test_liger_runs_leave_the_model_module_as_it_was(monkeypatch):
         vars(modeling_llama).pop("liger_added", None)
 
 
+@pytest.mark.slow
 def test_release_gives_back_the_base_model_as_it_was(tiny_model_dir, char_tokenizer, tmp_path):
     """Runs reuse one loaded base model: after a run no adapter, patch or hook may be left on it."""
     from gpu_check_models import long_examples, tokenised

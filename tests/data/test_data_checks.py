@@ -28,6 +28,7 @@ def test_length_notes_warn_above_five_percent():
     assert "`max_new_tokens: 8` is below 10% of the reference responses" in notes[1]
 
 
+@pytest.mark.slow
 def test_dry_run_reports_lengths_from_the_local_data(capsys):
     assert cli.main(["--config", DEMO, "--dry_run", "--max_new_tokens", "12"]) == 0
     out = capsys.readouterr().out
@@ -35,6 +36,7 @@ def test_dry_run_reports_lengths_from_the_local_data(capsys):
     assert re.search(r"`max_new_tokens: 12` is below \d+% of the reference responses", out), out
 
 
+@pytest.mark.slow
 def test_a_max_length_that_cuts_most_answers_stops_the_dry_run_as_it_stops_a_real_run(capsys):
     """The demo's rows are 64 or 78 tokens: `max_length: 40` cuts every answer, which a real run refuses before
     training (and the dry run only noted)."""

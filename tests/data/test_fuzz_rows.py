@@ -29,7 +29,7 @@ from sftkey_trl.train.modeling import load_tokenizer
 settings.register_profile(
     "sftkey_fuzz_rows",
     max_examples=60,
-    deadline=5000,  # ms per file: loading and validating a few rows takes about 0.1 s
+    deadline=None,  # correctness, not speed (a dry run of a few rows takes about 0.1 s)
     derandomize=True,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
@@ -158,6 +158,7 @@ def prepare(argv: list[str]):
     return prepare_data(recipe.script, recipe.training, recipe.stages, tokenizer, formatter, cache_dir=None)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(file=data_files(), on_invalid=st.sampled_from(["error", "skip"]))
 def test_generated_rows_give_the_report_or_one_line(file, on_invalid):
@@ -199,6 +200,7 @@ def test_generated_rows_give_the_report_or_one_line(file, on_invalid):
 # Regular cases
 
 
+@pytest.mark.slow
 def test_skip_trains_on_the_valid_rows(tmp_path, capsys):
     """A real (tiny) training run with `on_invalid: skip`: the broken rows are reported and dropped, the rest train."""
     rows = [GOOD] * 6 + [{**GOOD, "answer": None}, {"question": "q", "answer": "2"}, {**GOOD, "reasoning": " "}]

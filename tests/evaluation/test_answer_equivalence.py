@@ -116,6 +116,7 @@ MULTIPLE_CHOICE = [
     "predicted, gold, answer_type, expected",
     FORMER_FALSE_POSITIVES + FORMER_FALSE_NEGATIVES + BOUNDARIES + STYLE_SUITE,
 )
+@pytest.mark.slow
 def test_answer_equivalence(predicted: str, gold: str, answer_type: str, expected: bool) -> None:
     assert answers_match(predicted, gold, answer_type) is expected
 

@@ -69,6 +69,7 @@ def test_unparseable_gold_is_counted_and_never_correct():
     assert metrics["unparseable_gold"] == 1 and not predictions[0]["correct"]
 
 
+@pytest.mark.slow
 def test_batched_generation_equals_one_at_a_time(tiny_model_dir, char_tokenizer):
     import torch
     from transformers import AutoModelForCausalLM
@@ -95,6 +96,7 @@ def test_vllm_backend_without_vllm_is_a_clear_error(monkeypatch):
         generate_vllm("model", None, ["prompt"], [0], 8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("free_gib", "share"), [(60.0, 0.7), (79.5, 0.9), (1.0, 0.05)])
 def test_vllm_takes_the_gpu_memory_that_is_free(monkeypatch, free_gib, share):
     """vLLM refuses to start with less free memory than its `gpu_memory_utilization` share: it gets what is free

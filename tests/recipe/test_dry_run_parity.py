@@ -87,6 +87,7 @@ def real_run_env(tmp_path, monkeypatch) -> dict:
     return {**env, "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
 
 
+@pytest.mark.slow
 def test_dry_run_and_real_run_refuse_alike(tmp_path, real_run_env, monkeypatch, capsys):
     dry = {}
     for name, extra, env, pattern in CASES:
@@ -161,6 +162,7 @@ def no_progress_bars():
         datasets.enable_progress_bars()
 
 
+@pytest.mark.slow
 def test_dry_run_and_real_run_refuse_the_same_training_rows_alike(
     tmp_path, real_run_env, tiny_model_dir, no_progress_bars, capsys
 ):

@@ -90,11 +90,17 @@ def test_a_recipe_whose_stage_1_converges_gives_every_arm_that_stage_1():
     assert not variants[PAPER].stages[1].keep_best and not variants[MATCHED].stages[0].keep_best
 
 
-def test_the_readme_describes_every_arm():
-    readme = (ROOT / "README.md").read_text()
+def test_the_docs_and_help_name_every_arm():
+    """docs/compare.md's variant table and `--help`'s list (`VARIANT_NAMES`, read without a recipe) name exactly the
+    arms `build_variants` builds."""
+    from sftkey_trl.run.variants import VARIANT_NAMES
+
+    page = (ROOT / "docs/compare.md").read_text()
     stages = [Stage(name="sft", loss_on="completion"), Stage(name="key", loss_on="key")]
-    missing = [name for name in build_variants(recipe(stages)) if f"| `{name}` |" not in readme]
-    assert not missing, f"README's variant table lacks {missing}"
+    arms = list(build_variants(recipe(stages)))
+    missing = [name for name in arms if f"| `{name}` |" not in page]
+    assert not missing, f"docs/compare.md's variant table lacks {missing}"
+    assert list(VARIANT_NAMES) == arms
 
 
 def test_converged_protocol_trains_stage_1_to_convergence_in_every_arm_that_has_it():
@@ -172,6 +178,7 @@ def test_compare_end_to_end_on_a_tiny_setting(tmp_path, monkeypatch):
     assert set(manifest["stages"]) == {"sft", "key", "continue"}
 
 
+@pytest.mark.slow
 def test_a_rerun_carries_only_earlier_arms_with_the_same_configuration_and_seeds(tmp_path, monkeypatch):
     """Arms measured earlier in the comparison folder stay in the table only when they were measured as this run
     would measure them: the same recipe and arm definition, and every seed of this run (kept to those seeds)."""
@@ -276,6 +283,7 @@ def render(summary: dict, written: list, width: int = 100) -> str:
     return console.export_text()
 
 
+@pytest.mark.slow
 def test_a_one_seed_comparison_gives_intervals_over_the_examples_and_none_over_seeds(tmp_path):
     import warnings
 
@@ -305,6 +313,7 @@ def test_a_one_seed_comparison_gives_intervals_over_the_examples_and_none_over_s
     assert all(f"  {path}" in shown for path in written)
 
 
+@pytest.mark.slow
 def test_the_terminal_table_fits_100_columns_with_every_arm_and_several_seeds(tmp_path):
     from sftkey_trl.run.compare import write_comparison
 

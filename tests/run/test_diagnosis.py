@@ -135,3 +135,17 @@ def test_a_stage_1_still_rising_at_its_last_evaluation_is_told_to_train_longer_b
 
 def test_a_healthy_stage_1_gets_no_stage_1_line() -> None:
     assert not any(line.startswith("Stage 1") for line in diagnose(stage_one()))
+
+
+def test_each_stage_is_read_against_the_stage_it_started_from() -> None:
+    """compare.py's arms share a folder: `continue` is recorded after `key` but started from `sft`, so it is read
+    against `sft` (a record without `started_from` keeps the order)."""
+    stages = {
+        "sft": dict(BASE),
+        "key": {**BASE, "started_from": "sft", "format_accuracy": 0.5},
+        "continue": {**BASE, "started_from": "sft", "accuracy": 0.70},
+    }
+    summary = "\n".join(diagnose({"stages": stages}))
+    assert "`continue` against `sft`: accuracy +0.100, format accuracy +0.000" in summary
+    assert "`continue` against `key`" not in summary
+    assert "`key` against `sft`" in summary

@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import DIVERGING_RATE, ROOT
 from transformers import TrainerCallback
 
 from sftkey_trl.run.cli import main
@@ -34,17 +34,36 @@ def majority_answer_rate(rows: list[dict]) -> float:
     return Counter(row["answer"] for row in rows).most_common(1)[0][1] / len(rows)
 
 
+# What the libraries print by habit and a run must not (issue 36): each a line that carries nothing for the user
+NOISE = (
+    "Generating train split", "Saving the dataset", "Loading weights", "Writing model shards",
+    "Setting accelerator to CPU", "is deprecated", "FutureWarning", "UserWarning", "No artists with labels",
+    "mtime may not be reliable", "were not passed to `accelerate launch`", "kernels-community", "{'",
+)  # fmt: skip
+
+
+def quick_start_launch() -> list[str]:
+    """The README's quick-start demo command (after `pip install ... &&`), run through this interpreter."""
+    from test_readme import COMMANDS
+
+    launch = COMMANDS[0].split("#")[0].split("&&")[1].split()
+    assert launch[:2] == ["accelerate", "launch"], launch
+    return [sys.executable, "-m", "accelerate.commands.launch", *launch[2:]]
+
+
 @pytest.mark.e2e
 def test_demo_end_to_end(tmp_path):
-    """The README's main command: both stages train and are evaluated, and stage 1 beats always giving the test set's
-    most common answer (answers are single digits, so 0.1 would be chance). Its own cache, so that it builds the
-    demo's model rather than reusing the smaller one the other tests share."""
+    """The README's quick-start command: both stages train and are evaluated, stage 1 beats always giving the test
+    set's most common answer (answers are single digits, so 0.1 would be chance), and the console carries none of the
+    libraries' habitual noise. Its own cache, so that it builds the demo's model rather than reusing the smaller one
+    the other tests share."""
     cache = tmp_path / "cache"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SFTKEY_CACHE": str(cache)}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
-               str(ROOT / "recipes/run.py"), "--output_dir", str(tmp_path / "demo")]  # fmt: skip
+    command = [*quick_start_launch(), "--output_dir", str(tmp_path / "demo")]
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
+    console = done.stdout + done.stderr
+    assert not [noise for noise in NOISE if noise in console], console[-3000:]
     results = json.loads((tmp_path / "demo/results.json").read_text())
     assert list(results["stages"]) == ["sft", "key"]
     for name in ("sft", "key"):
@@ -125,7 +144,7 @@ def test_qlora_two_stages_on_cpu(tmp_path, monkeypatch):
 
 @pytest.mark.e2e
 def test_keep_best_never_hides_a_diverged_stage_and_keeps_stage_1_weights_a_stage_2_never_beats(tmp_path, capsys):
-    """At `learning_rate: 1000` the key stage's gradient norm turns NaN: keep_best used to evaluate the NaN model, tie
+    """At a diverging learning rate the key stage's loss turns NaN: keep_best used to evaluate the NaN model, tie
     at 0 and report 'kept the incoming weights' with exit 0; the stage now stops with one line. Retrained at a rate
     that never beats stage 1 on validation, keep-best copies stage 1's weights in as the stage's output."""
     from safetensors.torch import load_file
@@ -136,7 +155,7 @@ def test_keep_best_never_hides_a_diverged_stage_and_keeps_stage_1_weights_a_stag
     args = ["--config", DEMO, "--output_dir", str(output), "--max_train_samples", "160", "--eval_fraction", "0.2",
             "--max_eval_samples", "24", "--max_new_tokens", "40"]  # fmt: skip
     with pytest.raises(SystemExit) as stopped:
-        main([*args, "--stages", stages.replace("RATE", "1000.0")])
+        main([*args, "--stages", stages.replace("RATE", DIVERGING_RATE)])
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert stopped.value.code == 2 and error.startswith("error: stage `key` diverged at step "), error
     assert "key" not in json.loads((output / "results.json").read_text())["stages"]
@@ -169,6 +188,7 @@ def test_patience_stops_a_stage_whose_validation_metric_cannot_improve(tmp_path)
     assert [e["step"] for e in json.loads((output / "sft" / "log_history.json").read_text())][-1] == 2
 
 
+@pytest.mark.slow
 def test_detached_key_stage_with_qlora_and_gradient_checkpointing(tmp_path):
     """`context: detached` through run.py's main on the hardest path: a 4-bit base, LoRA and checkpointed layers."""
     from safetensors.torch import load_file
@@ -189,6 +209,7 @@ def test_detached_key_stage_with_qlora_and_gradient_checkpointing(tmp_path):
     assert losses and all(entry["key_loss"] > 0 and "reasoning_loss" not in entry for entry in losses)
 
 
+@pytest.mark.slow
 def test_a_stages_own_log_part_losses_is_honoured(tmp_path):
     """It was recorded in the manifest and not applied: the recipe-wide value (true) decided."""
     output = tmp_path / "parts"
@@ -216,6 +237,7 @@ def test_qlora_model_is_really_4bit(tmp_path, tiny_model_dir):
     assert model.config.quantization_config.bnb_4bit_use_double_quant
 
 
+@pytest.mark.slow
 def test_inspect_json_shows_supervised_text_per_stage():
     done = run_cli("--inspect", "2", "--json")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -229,6 +251,7 @@ def test_inspect_json_shows_supervised_text_per_stage():
     )
 
 
+@pytest.mark.slow
 def test_inspect_shows_each_stage_objectives_weights():
     stages = "[{name: emph, loss_on: completion, key_weight: 5}, {name: mix, loss_on: key, reasoning_weight: 0.1}]"
     done = run_cli("--inspect", "1", "--json", "--stages", stages)
@@ -238,6 +261,7 @@ def test_inspect_shows_each_stage_objectives_weights():
     assert records["mix"]["supervised_text"] == records["emph"]["supervised_text"]  # both see the whole response
 
 
+@pytest.mark.slow
 def test_inspect_accepts_recipe_overrides(tmp_path):
     data = tmp_path / "my.jsonl"
     data.write_text(json.dumps({"q": "Start at 1, add 1.", "r": "1 + 1 = 2", "a": "2"}) + "\n")
@@ -248,6 +272,7 @@ def test_inspect_accepts_recipe_overrides(tmp_path):
     assert key["supervised_text"] == "The answer is 2.<|im_end|>"
 
 
+@pytest.mark.slow
 def test_copied_recipe_and_script_work_outside_the_repo(tmp_path):
     """A user copies run.py and one YAML into their own project; the installed package does the rest."""
     import shutil

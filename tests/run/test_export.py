@@ -50,6 +50,7 @@ def lora_run(tmp_path_factory):
     return SimpleNamespace(out=out, args=args, calls=calls)
 
 
+@pytest.mark.slow
 def test_each_stage_is_its_own_tensorboard_run(lora_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -63,6 +64,7 @@ def test_each_stage_is_its_own_tensorboard_run(lora_run):
         assert events.Scalars("train/loss")[0].step == 2  # each run counts its own stage's steps
 
 
+@pytest.mark.slow
 def test_trainer_does_not_push_per_stage_and_the_run_pushes_one_stage_with_a_card(lora_run):
     out, calls = lora_run.out, lora_run.calls
     assert [call[:2] for call in calls] == [("create_repo", "me/sftkey-demo"), ("upload_folder", "me/sftkey-demo")]
@@ -81,6 +83,7 @@ def test_trainer_does_not_push_per_stage_and_the_run_pushes_one_stage_with_a_car
     assert 'AutoPeftModelForCausalLM.from_pretrained("me/sftkey-demo")' in text and "apply_chat_template" in text
 
 
+@pytest.mark.slow
 def test_merged_model_generates_like_base_plus_adapter(lora_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -108,6 +111,7 @@ def test_merged_model_generates_like_base_plus_adapter(lora_run):
     assert generate(base, tokenizer, prompts, **kwargs) != expected  # the adapter changes what is generated
 
 
+@pytest.mark.slow
 def test_merged_push_records_the_comparison_intervals(lora_run, monkeypatch):
     from sftkey_trl.run.compare import write_comparison
     from sftkey_trl.run.hub import push_run

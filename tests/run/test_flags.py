@@ -125,6 +125,7 @@ def test_compare_py_flags_are_one_line_before_anything_trains(stubs, capsys, tmp
     assert re.search(message, line), line
 
 
+@pytest.mark.slow
 def test_a_recipe_that_is_not_utf8_is_one_line_from_the_program(tmp_path):
     """The process set-up read the recipe first (to see whether it quantises) and raised UnicodeDecodeError."""
     recipe = tmp_path / "latin1.yaml"
@@ -173,6 +174,7 @@ def drawn_flags(flags: list) -> st.SearchStrategy[list[str]]:
     )
 
 
+@pytest.mark.slow
 @FUZZ
 @given(run=drawn_flags(RUN_FLAGS), compare=drawn_flags(COMPARE_FLAGS))
 def test_any_flags_give_exit_0_or_one_line(stubs, capsys, tmp_path, run, compare):

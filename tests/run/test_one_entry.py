@@ -54,6 +54,7 @@ def scored(answers: list[str]) -> dict:
     return metrics.score(examples, texts, "numeric", script_args, Tags())[0]
 
 
+@pytest.mark.slow
 def test_inspect_and_dry_run_show_the_new_objective(capsys):
     assert cli.main(["--config", DEMO, "--stages", STAGES, "--inspect", "1", "--json"]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

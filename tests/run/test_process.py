@@ -40,6 +40,7 @@ print("BITSANDBYTES", type(sys.modules.get("bitsandbytes")).__name__)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [[], ["--config", str(QLORA)]])
 def test_bitsandbytes_is_never_hidden_and_its_cpu_noise_is_silenced(args, tmp_path):
     """Whether the recipe quantises or not, bitsandbytes is imported as installed (peft imports it), and its CPU
@@ -55,7 +56,8 @@ SMALL_RUN = ["--max_train_samples", "16", "--max_eval_samples", "8", "--num_trai
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("method", [["--use_peft", "true"], []], ids=["lora", "full"])
+# rank 64 gives the tests' 64-wide model LoRA matrices of 4096 values, the least bitsandbytes keeps in 8 bits
+@pytest.mark.parametrize("method", [["--use_peft", "true", "--lora_r", "64"], []], ids=["lora", "full"])
 def test_an_8bit_optimizer_trains_the_demo(method, tmp_path):
     """`optim: adamw_bnb_8bit`, a common memory saver on consumer GPUs, through `recipes/run.py` on the CPU
     (bitsandbytes' 8-bit Adam steps there too), with LoRA and with full fine-tuning: both stages train and are
@@ -87,6 +89,7 @@ LAUNCH = ["-m", "accelerate.commands.launch", "--num_processes", "1", "--num_mac
           "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_accelerate_launch_default_threads_become_the_available_cores(tmp_path):
     done = run_python(tmp_path, THREADS, launcher=LAUNCH)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -94,6 +97,7 @@ def test_accelerate_launch_default_threads_become_the_available_cores(tmp_path):
     assert f"THREADS {cores} {cores}" in done.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["environment", "flag"])
 def test_a_users_thread_count_is_respected(how, tmp_path):
     launcher = LAUNCH + (["--num_cpu_threads_per_process", "1"] if how == "flag" else [])
@@ -103,6 +107,7 @@ def test_a_users_thread_count_is_respected(how, tmp_path):
     assert "THREADS None 1" in done.stdout
 
 
+@pytest.mark.slow
 def test_plain_python_is_left_alone(tmp_path):
     done = run_python(tmp_path, THREADS, OMP_NUM_THREADS="1")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -147,6 +152,7 @@ dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_s
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("end", ["pass", "sys.exit(2)"])
 def test_the_entry_point_closes_its_process_group_at_exit(end, tmp_path):
     """A gloo group left to the interpreter's teardown can abort a rank that finished (SIGABRT), failing the launch;

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DIVERGING_RATE
 from real_launches import kill_when, run_to_end, start_run
 from safetensors.torch import load_file
 
@@ -229,10 +230,10 @@ DIVERGING = [
 
 @pytest.mark.e2e
 def test_a_diverging_stage_exits_non_zero_with_one_line_and_nothing_calls_it_trained(tmp_path):
-    """`--learning_rate 100` makes the demo's gradient norm NaN from step 3; Trainer's NaN filter logged a loss of 0
+    """A diverging learning rate makes the demo's loss NaN from step 3; Trainer's NaN filter logged a loss of 0
     and the run reported `train_loss` 0.0 with exit 0. The line's fix (a lower rate, `--restart_from`) then works."""
     out = tmp_path / "run"
-    process = start_run(out, [*DIVERGING, "--learning_rate", "100"])
+    process = start_run(out, [*DIVERGING, "--learning_rate", DIVERGING_RATE])
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == 2, stderr[-3000:]
     error = stderr.strip().splitlines()[-1]
@@ -247,7 +248,7 @@ def test_a_diverging_stage_exits_non_zero_with_one_line_and_nothing_calls_it_tra
     assert checkpoints and max(checkpoints) < step  # none holds the diverged step's weights
 
     # The same command again resumes from the last checkpoint (finite weights) and stops at the same step
-    process = start_run(out, [*DIVERGING, "--learning_rate", "100"])
+    process = start_run(out, [*DIVERGING, "--learning_rate", DIVERGING_RATE])
     _, again = process.communicate(timeout=600)
     assert process.returncode == 2 and "resuming from" in again and again.strip().splitlines()[-1] == error
 
@@ -256,6 +257,7 @@ def test_a_diverging_stage_exits_non_zero_with_one_line_and_nothing_calls_it_tra
     assert training["optimizer_steps"] == 8 and 0 < training["train_loss"] < 10
 
 
+@pytest.mark.slow
 def test_a_restarted_stage_that_diverges_leaves_no_earlier_result_of_it(tmp_path, capsys, monkeypatch):
     """`--restart_from sft` drops the results of every stage it retrains on disk before training: when the retrained
     stage then diverges, results.json must not still report the earlier stages (or a summary read from them)."""
@@ -266,7 +268,17 @@ def test_a_restarted_stage_that_diverges_leaves_no_earlier_result_of_it(tmp_path
     assert main(["--output_dir", out, *base, "--stages", two % ""]) == 0
     assert {"sft", "key"} <= set(json.loads((tmp_path / "run" / "results.json").read_text())["stages"])
     with pytest.raises(SystemExit):
-        main(["--output_dir", out, *base, "--stages", two % ", learning_rate: 100", "--restart_from", "sft"])
+        main(
+            [
+                "--output_dir",
+                out,
+                *base,
+                "--stages",
+                two % f", learning_rate: {DIVERGING_RATE}",
+                "--restart_from",
+                "sft",
+            ]
+        )
     assert "diverged" in capsys.readouterr().err
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert not results["stages"] and "summary" not in results

@@ -8,9 +8,11 @@ import re
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_bench_detached_reports_ratios(tmp_path):
     out = tmp_path / "bench.json"
     command = [sys.executable, str(ROOT / "benchmarks/bench_detached.py"), "--steps", "2", "--repeats", "1",

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import DIVERGING_RATE, ROOT
 
 SMALL = [
     "--max_train_samples", "128", "--max_eval_samples", "40", "--max_new_tokens", "40", "--use_cpu", "true",
@@ -117,7 +117,7 @@ def test_a_stage_diverging_under_two_processes_stops_every_rank_at_the_same_step
     collective (a hang would end in the launcher's timeout)."""
     args = ["--max_train_samples", "64", "--use_cpu", "true", "--eval_after_stages", "false",
             "--per_device_train_batch_size", "8", "--global_batch_size", "16", "--logging_steps", "1",
-            "--save_strategy", "no", "--learning_rate", "100",
+            "--save_strategy", "no", "--learning_rate", DIVERGING_RATE,
             "--stages", "[{name: sft, loss_on: completion, num_train_epochs: 2}]"]  # fmt: skip
     done = accelerate("--config_file", str(ROOT / "accelerate_configs/multi_gpu.yaml"), "--num_processes", "2",
                       str(ROOT / "recipes/run.py"), "--output_dir", str(tmp_path / "run"), *args)  # fmt: skip

@@ -80,6 +80,7 @@ def prefix_detached_reference(model, batch) -> torch.Tensor:
     return (nll * targets).sum() / targets.sum()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_loss_is_the_key_loss_and_gradient_is_the_prefix_detached_one(
     model_dir, char_tokenizer, tmp_path, examples, lora

@@ -112,6 +112,7 @@ print("READ", world_size(), is_main_process(), PartialState._shared_state == {},
 """
 
 
+@pytest.mark.slow
 def test_world_size_before_the_state_exists_starts_no_process_group(tmp_path):
     """Read before the launch is set up (a real run's recipe check): creating accelerate's state there would join a
     process group of two that never forms (this process would hang; the timeout fails the test)."""

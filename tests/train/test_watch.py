@@ -109,6 +109,7 @@ def test_an_infinite_gradient_norm_of_a_step_the_fp16_scaler_skipped_is_no_diver
             watch.on_step_end(args, state, TrainerControl())
 
 
+@pytest.mark.slow
 def test_a_resumed_stage_reports_the_whole_stage(tiny_model_dir, char_tokenizer, dataset, tmp_path):
     """A copy of an uninterrupted run's checkpoint at step 3 is where a kill just after it leaves a stage; logged
     every 2 steps, its step 3 is in no logged loss yet (the part Trainer's own `train_loss` would lose)."""
@@ -135,6 +136,7 @@ def test_a_resumed_stage_reports_the_whole_stage(tiny_model_dir, char_tokenizer,
     assert tokens[0] == tokens[1]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_before_the_totals_says_what_its_numbers_cover(
     tiny_model_dir, char_tokenizer, dataset, tmp_path
 ):
