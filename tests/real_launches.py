@@ -68,9 +68,9 @@ def kill_when(out: Path, ready: Callable[[Path], bool], args: list[str]) -> None
     process.wait()
 
 
-def run_as_program(argv: list[str], stderr_path: str) -> None:
-    """`python recipes/run.py ARGV` in this process, as the program (its `__main__`, which exits), stdout discarded and
-    stderr appended to `stderr_path`, with one CPU thread as `launch_env` gives a launched process. The adversarial
+def run_as_program(argv: list[str], output_path: str) -> None:
+    """`python recipes/run.py ARGV` in this process, as the program (its `__main__`, which exits), stdout and stderr
+    appended to `output_path`, with one CPU thread as `launch_env` gives a launched process. The adversarial
     suite runs it in processes forked from a server that imported the package once (`multiprocessing`'s forkserver,
     preloading this module and `sftkey_trl.run.pipeline`): a launch then costs its run, not an import of torch,
     transformers and TRL (6-9 s on a 2-core machine)."""
@@ -78,8 +78,9 @@ def run_as_program(argv: list[str], stderr_path: str) -> None:
 
     import torch
 
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-    os.dup2(os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND), 2)
+    output = os.open(output_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(output, 1)
+    os.dup2(output, 2)
     sys.stdout, sys.stderr = open(1, "w", buffering=1, closefd=False), open(2, "w", buffering=1, closefd=False)
     os.environ.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     torch.set_num_threads(1)
