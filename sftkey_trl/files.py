@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import enum
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -17,7 +18,9 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import SFTKeyError
+from .errors import SFTKeyError, first_line
+
+logger = logging.getLogger(__name__)
 
 DEMO_PREFIX = "demo:"  # the names of the demo datasets and model, built locally under `cache_root()`
 MARKER = ".sftkey"  # {"kind": ..., ...}: written into every folder this project creates and may later delete
@@ -146,11 +149,7 @@ def discard(*paths: str | Path, kinds: Collection[str], fix: str = "") -> None:
     lie in such a folder, or be a record of one of `kinds` itself (a lock file). Anything else (a symbolic link
     included) is refused in one line naming it and `fix`, and nothing is deleted."""
     paths = [Path(path) for path in paths]
-    for path in paths:
-        if path.is_symlink() or path.exists() and not _made_here(path, kinds):
-            what = "a symbolic link" if path.is_symlink() else _owner_words(path)
-            fix = fix or "move it away yourself if it should go, or choose another folder"
-            raise SFTKeyError(f"refusing to delete {path}: it is {what}; nothing was deleted; {fix}")
+    check_discardable(*paths, kinds=kinds, fix=fix)
     for path in paths:
         if not path.is_dir():
             path.unlink(missing_ok=True)
@@ -160,6 +159,16 @@ def discard(*paths: str | Path, kinds: Collection[str], fix: str = "") -> None:
                 shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
         (path / MARKER).unlink(missing_ok=True)
         path.rmdir()
+
+
+def check_discardable(*paths: str | Path, kinds: Collection[str], fix: str = "") -> None:
+    """`discard`'s check alone, for a caller that must know before it changes anything (a record that vouches for
+    the paths, say) that the deletion will go ahead."""
+    for path in map(Path, paths):
+        if path.is_symlink() or path.exists() and not _made_here(path, kinds):
+            what = "a symbolic link" if path.is_symlink() else _owner_words(path)
+            fix = fix or "move it away yourself if it should go, or choose another folder"
+            raise SFTKeyError(f"refusing to delete {path}: it is {what}; nothing was deleted; {fix}")
 
 
 def _made_here(path: Path, kinds: Collection[str]) -> bool:
@@ -193,10 +202,20 @@ def set_aside(path: str | Path, why: str) -> Path:
     return target
 
 
-def read_json(path: str | Path, default: Any = None) -> Any:
-    """Read JSON from `path`, or return `default` when the file does not exist."""
+def read_json(path: str | Path, default: Any = None, without: str | None = None) -> Any:
+    """Read JSON from `path`, or return `default` when the file does not exist. With `without` (what the caller does
+    without the file, in words), a file that cannot be read (truncated, not JSON, not UTF-8) is a warning line naming
+    it and `without`, and `default`; the file stays as it is."""
     path = Path(path)
-    return json.loads(path.read_text()) if path.exists() else default
+    if not path.exists():
+        return default
+    if without is None:
+        return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        logger.warning("%s cannot be read (%s): %s", path, first_line(error), without)
+        return default
 
 
 def plain(value: Any) -> Any:

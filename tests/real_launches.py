@@ -1,6 +1,6 @@
 """Real `accelerate launch` runs of recipes/run.py on CPU processes, shared by the engine tests (multi-node,
 DeepSpeed): the shortened demo, the launcher, and the comparisons with one process; and one-process runs that are
-killed and resumed (the reliability and invariance tests)."""
+killed and resumed (the reliability and invariance tests, and the adversarial suite's forked runs)."""
 
 from __future__ import annotations
 
@@ -66,6 +66,26 @@ def kill_when(out: Path, ready: Callable[[Path], bool], args: list[str]) -> None
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
+
+
+def run_as_program(argv: list[str], output_path: str) -> None:
+    """`python recipes/run.py ARGV` in this process, as the program (its `__main__`, which exits), stdout and stderr
+    appended to `output_path`, with one CPU thread as `launch_env` gives a launched process. The adversarial
+    suite runs it in processes forked from a server that imported the package once (`multiprocessing`'s forkserver,
+    preloading this module and `sftkey_trl.run.pipeline`): a launch then costs its run, not an import of torch,
+    transformers and TRL (6-9 s on a 2-core machine)."""
+    import runpy
+
+    import torch
+
+    output = os.open(output_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(output, 1)
+    os.dup2(output, 2)
+    sys.stdout, sys.stderr = open(1, "w", buffering=1, closefd=False), open(2, "w", buffering=1, closefd=False)
+    os.environ.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    torch.set_num_threads(1)
+    sys.argv = [RUN, *argv]
+    runpy.run_path(RUN, run_name="__main__")
 
 
 def accelerate(*args: str, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -32,6 +32,7 @@ SETTINGS = [  # (resolved training argument, column title)
     ("weight_decay", "weight decay"),
     ("max_length", "max length"),
 ]
+CARD_WITHOUT = "the model card goes on without it"  # a run file the card reads that cannot be read
 REDACTED = "<redacted>"
 SECRET_WORDS = ("token", "secret", "password", "passwd", "api_key", "apikey", "credential")
 HF_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{20,}")
@@ -159,7 +160,7 @@ def results_section(results: dict) -> list[str]:
 
 def comparison_section(output_dir: Path) -> list[str]:
     """The variants table with 95% intervals from `<output_dir>/compare/comparison.json`, if it exists."""
-    summary = read_json(output_dir / "compare" / "comparison.json", None)
+    summary = read_json(output_dir / "compare" / "comparison.json", None, without=CARD_WITHOUT)
     if not summary:
         return []
     descriptions = summary.get("descriptions", {})  # written by compare.py with the arms it ran
@@ -211,10 +212,10 @@ def model_card(
     """The card of `folder` (the stage or its merged copy) from the run's files in its `output_dir`, saved as
     `<folder>/README.md`; its usage snippet loads `location` (default `repo_id`: where it is pushed)."""
     output_dir = Path(recipe.training.output_dir)
-    manifest = read_json(output_dir / "manifest.json", {}) or {}
+    manifest = read_json(output_dir / "manifest.json", {}, without=CARD_WITHOUT) or {}
     recipe = trained_recipe(recipe, manifest)
     script_args, training_args, model_args, stages = recipe.script, recipe.training, recipe.model, recipe.stages
-    results = read_json(output_dir / "results.json", {}) or {}
+    results = read_json(output_dir / "results.json", {}, without=CARD_WITHOUT) or {}
     base = model_args.model_name_or_path
     quantized = model_args.load_in_4bit or model_args.load_in_8bit
     tags = ["sftkey", "trl", "sft", "chain-of-thought"]
@@ -226,7 +227,7 @@ def model_card(
         pipeline_tag="text-generation",
         tags=tags,
     )
-    tokenizer_config = read_json(folder / "tokenizer_config.json", {}) or {}
+    tokenizer_config = read_json(folder / "tokenizer_config.json", {}, without=CARD_WITHOUT) or {}
     chat = (folder / "chat_template.jinja").exists() or bool(tokenizer_config.get("chat_template"))
     method = "full fine-tuning"
     if model_args.use_peft:

@@ -10,7 +10,7 @@ import copy
 import logging
 from pathlib import Path
 
-from ..errors import SFTKeyError
+from ..errors import SFTKeyError, first_line
 from ..files import discard, write_folder
 from ..recipe.folders import check_merge_folder
 from ..train.distributed import native_bf16
@@ -55,14 +55,19 @@ def merge_stage(stage_dir: Path, model_args, training_args, merge_dir: str | Pat
         )
     merge_dir = Path(merge_dir) if merge_dir else stage_dir / "merged"
     check_merge_folder(merge_dir)
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(stage_dir))  # carries the chat template the stage trained with
+    except (OSError, ValueError) as error:  # a tokenizer file truncated or not JSON
+        raise SFTKeyError(
+            f"stage `{stage_dir.name}` cannot be merged: its tokenizer in {stage_dir} cannot be read "
+            f"({first_line(error)}); restore the stage folder, or rerun with `--restart_from {stage_dir.name}`"
+        ) from None
     unquantized = copy.copy(model_args)
     unquantized.load_in_4bit = unquantized.load_in_8bit = False
     unquantized.dtype = merge_dtype(model_args)
     model = load_model(unquantized, training_args, stage_dir, purpose="merge").merge_and_unload()
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(stage_dir))  # carries the chat template the stage trained with
     # `generate` then stops at the end-of-turn token the stage learned to emit, as the evaluation did
     model.generation_config.eos_token_id = stop_token_ids(tokenizer, training_args.eos_token or tokenizer.eos_token)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -31,6 +31,7 @@ from .plan import (
     Manifest,
     PlannedStage,
     clear_run,
+    delete_stage,
     evaluated,
     last_complete_checkpoint,
     own_run_folder,
@@ -141,9 +142,7 @@ class Pipeline:
         stage, args, main = planned.stage, planned.args, self.state.is_main_process
         stage_dir = self.output_dir / stage.name
         if planned.restarting:
-            if main:
-                discard(stage_dir, kinds=["stage"], fix=f"move it out of {self.output_dir}, or use another output_dir")
-            manifest.forget(stage.name)
+            delete_stage(manifest, stage.name, fix=f"move it out of {self.output_dir}, or use another output_dir")
             results["stages"].pop(stage.name, None)
             self.state.wait_for_everyone()
         entry = manifest.stage(stage.name) or {}

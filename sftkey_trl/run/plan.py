@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SFTKeyError, first_line
-from ..files import discard, folder_marker, mark_folder, plain, set_aside, write_json
+from ..files import check_discardable, discard, folder_marker, mark_folder, plain, set_aside, write_json
 from ..recipe.schema import Recipe
 from ..train.keep_best import BEST_DIR
 from ..train.objectives import Stage
@@ -35,6 +35,9 @@ NON_RESULT_KEYS = {
     "hub_revision", "hub_stage", "hub_merge",
 }  # fmt: skip
 PACKAGES = ["sftkey-trl", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes"]
+
+
+DISCARDING = "discarding"  # a manifest entry's status while its stage folder is deleted: the stage is trained again
 
 
 def library_versions() -> dict[str, str | None]:
@@ -121,6 +124,12 @@ class Manifest:
         if self.write:
             write_json(self.path, self.data)
 
+    def update_all(self) -> None:
+        """Write the manifest as it is in memory (after changes to several entries at once)."""
+        self.data["library_versions"] = library_versions()
+        if self.write:
+            write_json(self.path, self.data)
+
     def forget(self, name: str) -> None:
         """Drop stage `name`'s entry (it will be trained again)."""
         if self.data["stages"].pop(name, None) is not None and self.write:
@@ -171,12 +180,36 @@ def own_run_folder(output_dir: Path, manifest: Manifest) -> None:
 
 def clear_run(output_dir: Path, stage_names: list[str]) -> None:
     """`overwrite_output_dir`: delete the run in `output_dir` (the stages its manifest and `stage_names` name, the
-    manifest and results.json), only where this project made it; anything else is refused before any deletion."""
+    manifest and results.json), only where this project made it; anything else is refused before any deletion.
+    The records go first: a kill midway leaves no stage reported, or called done, without its files, and the
+    manifest's `discarding` entries make the next run finish the deletion (`plan_stages`)."""
     manifest = Manifest(output_dir)
     own_run_folder(output_dir, manifest)
-    stages = [output_dir / name for name in dict.fromkeys([*manifest.data["stages"], *stage_names])]
-    discard(*stages, kinds=["stage"], fix=f"move it out of {output_dir}, or use another output_dir")
-    discard(output_dir / "manifest.json", output_dir / "results.json", kinds=["run"])
+    names = list(dict.fromkeys([*manifest.data["stages"], *stage_names]))
+    stages = [output_dir / name for name in names]
+    records = [output_dir / "results.json", output_dir / "manifest.json"]
+    check_discardable(*stages, kinds=["stage"], fix=f"move it out of {output_dir}, or use another output_dir")
+    check_discardable(*records, kinds=["run"])
+    for name, stage_dir in zip(names, stages):
+        if stage_dir.exists():
+            manifest.data["stages"][name] = {**(manifest.stage(name) or {}), "status": DISCARDING}
+    manifest.update_all()
+    discard(records[0], kinds=["run"])
+    discard(*stages, kinds=["stage"])
+    discard(records[1], kinds=["run"])
+
+
+def delete_stage(manifest: Manifest, name: str, fix: str) -> None:
+    """Delete stage `name`'s folder to train it again: checked first, its manifest entry `discarding` while it goes
+    (a kill midway: the next run finishes the deletion) and then dropped. Only the main process (`manifest.write`)
+    deletes; every process's manifest forgets the stage."""
+    stage_dir = manifest.path.parent / name
+    if manifest.write:
+        check_discardable(stage_dir, kinds=["stage"], fix=fix)
+        if stage_dir.exists() and manifest.stage(name) is not None:
+            manifest.update(name, status=DISCARDING)
+        discard(stage_dir, kinds=["stage"], fix=fix)
+    manifest.forget(name)
 
 
 def _safetensors_complete(path: Path) -> bool:
@@ -262,6 +295,13 @@ def plan_stages(
         restarting = restarting or stage.name == restart_from
         entry = manifest.stage(stage.name)
         status = (entry or {}).get("status")
+        if status == DISCARDING and not restarting:
+            if manifest.write:
+                logger.warning(
+                    "stage %s was being deleted to be trained again when a run stopped: training it again%s",
+                    stage.name, " (and the stages after it)" if index + 1 < len(recipe.stages) else "",
+                )  # fmt: skip
+            restarting = True
         if (
             status in ("trained", "done")
             and not restarting

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -10,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..evaluation.metrics import Metric, metric_named, reported
-from ..files import discard
+from ..files import discard, read_json
 from .diagnosis import diagnose
 
 logger = logging.getLogger(__name__)
@@ -135,10 +134,10 @@ def _plot_curves(results: dict, output_dir: Path, path: Path) -> bool:
 
     curves, offset, boundaries = [], 0, []
     for name in results.get("stages", {}):
-        history = output_dir / name / "log_history.json"
-        if not history.exists():
+        history = read_json(output_dir / name / "log_history.json", without=f"{path.name} plots the other stages")
+        if not isinstance(history, list):
             continue
-        logs = [entry for entry in json.loads(history.read_text()) if "reasoning_loss" in entry or "key_loss" in entry]
+        logs = [e for e in history if isinstance(e, dict) and ("reasoning_loss" in e or "key_loss" in e)]
         for part, style in (("reasoning_loss", "-"), ("key_loss", "--")):
             points = [(offset + e["step"], e[part]) for e in logs if part in e and "train_loss" not in e]
             if points:

@@ -157,3 +157,76 @@ def test_other_stage_names_in_a_run_folder_are_refused_in_one_line(copy, capsys)
         "holds one run, never a mix; use another output_dir, or pass --overwrite_output_dir true to replace that run"
     )
     assert files(copy) == before
+
+
+class Killed(Exception):
+    """A SIGKILL right after a deletion, simulated: nothing after it runs."""
+
+
+@pytest.mark.parametrize("flag", [["--overwrite_output_dir", "true"], ["--restart_from", "sft"]])
+def test_a_kill_right_after_a_stage_is_deleted_leaves_no_record_of_it_and_the_rerun_finishes(flag, copy, monkeypatch):
+    """Found by the adversarial suite (tests/run/test_adversarial.py): both flags deleted the stage folders first and
+    their records after, so a kill in between left a manifest calling `sft` done, and results.json reporting it, with
+    no weights. The records go first now, and the next run finishes the deletion and trains the stages again."""
+    from sftkey_trl.run import pipeline, plan
+
+    real = plan.discard
+
+    def discard_then_killed(*paths, kinds, **options):
+        real(*paths, kinds=kinds, **options)
+        if "stage" in kinds and any(Path(path).name in ("sft", "key") for path in paths):
+            raise Killed
+
+    monkeypatch.setattr(plan, "discard", discard_then_killed)
+    monkeypatch.setattr(pipeline, "discard", discard_then_killed)
+    with pytest.raises(Killed):
+        run(copy, *flag)
+    monkeypatch.undo()
+    manifest = json.loads((copy / "manifest.json").read_text()) if (copy / "manifest.json").exists() else {}
+    results = json.loads((copy / "results.json").read_text()) if (copy / "results.json").exists() else {}
+    for stage in ("sft", "key"):
+        if not (copy / stage / "adapter_model.safetensors").exists():
+            assert manifest.get("stages", {}).get(stage, {}).get("status") not in ("trained", "done"), stage
+            assert stage not in results.get("stages", {}), stage
+    assert run(copy) == 0
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert [manifest["stages"][stage]["status"] for stage in ("sft", "key")] == ["done", "done"]
+    assert json.loads((copy / "results.json").read_text())["stages"].keys() == {"sft", "key"}
+    for stage in ("sft", "key"):
+        assert load_file(copy / stage / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "results.json"])
+def test_a_merge_over_an_unreadable_record_writes_its_card_without_it_and_says_so(name, copy, capsys, caplog):
+    """Found by the adversarial suite: `--merge` over a truncated manifest.json (or results.json) was a traceback
+    from the model card, which reads them; the weights it merges are whole."""
+    path = copy / name
+    path.write_text(path.read_text()[:60])
+    broken = path.read_text()
+    assert run(copy, "--merge", "key", "--merge_dir", str(copy.parent / "merged")) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    said = [r.getMessage() for r in caplog.records if str(path) in r.getMessage()]
+    assert len(said) == 1 and "cannot be read" in said[0] and "the model card goes on without it" in said[0], said
+    assert (copy.parent / "merged" / "README.md").is_file() and path.read_text() == broken  # left as it was
+
+
+def test_a_merge_of_a_stage_whose_tokenizer_cannot_be_read_is_one_line(copy, capsys):
+    """Was a traceback from transformers (a JSONDecodeError) after the model had been loaded and merged."""
+    path = copy / "key" / "tokenizer_config.json"
+    path.write_text(path.read_text()[:60])
+    assert run(copy, "--merge", "key", "--merge_dir", str(copy.parent / "merged")) == 2
+    error = one_error_line(capsys)
+    assert error.startswith(f"error: stage `key` cannot be merged: its tokenizer in {copy / 'key'} cannot be read (")
+    assert error.endswith("restore the stage folder, or rerun with `--restart_from key`")
+    assert not (copy.parent / "merged").exists()
+
+
+def test_a_rerun_over_an_unreadable_log_history_reports_without_its_curve_and_says_so(copy, capsys, caplog):
+    """Found by the adversarial suite: a rerun of a finished run whose `sft/log_history.json` was truncated ended in
+    a traceback from the training-curves plot, after the run had done everything else."""
+    history = copy / "sft" / "log_history.json"
+    history.write_text(history.read_text()[:50])
+    assert run(copy) == 0
+    said = [r.getMessage() for r in caplog.records if str(history) in r.getMessage()]
+    assert len(said) == 1 and "cannot be read" in said[0] and "plot" in said[0], said
+    assert (copy / "training_curves.png").is_file()  # the key stage's curve
