@@ -498,6 +498,9 @@ def test_a_run_folder_through_drawn_mistakes_and_bad_luck(drawn, references, ser
                 **SIZES,
             ),
         )
-    finally:
+    except BaseException:
+        print("\n".join(TRACE))  # the failing sequence, step by step, in pytest's report of the failure
+        raise
+    if "SFTKEY_ADVERSARIAL_SEQUENCES" in os.environ:  # a run asked for by name prints what it drew
         with capsys.disabled():
             print("\n" + "\n".join(TRACE) + f"\nadversarial suite: {DRAWN} after {time.time() - started:.0f} s")
