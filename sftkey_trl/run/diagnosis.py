@@ -32,21 +32,21 @@ FAILURE_MODES = [
                 "lower the stage's learning_rate or epochs and keep `keep_best: true` on a validation split"),
     FailureMode("reasoning_reference_accuracy", "reasoning erosion (the reasoning misses the reference's value)",
                 "lower the learning rate or add `reasoning_weight: 0.1`; or emphasise the answer in stage 1 instead "
-                "(`key_weight: 5`, README: Guide)"),
+                "(`key_weight: 5`, docs/results.md: Guide)"),
     FailureMode("reasoning_final_accuracy", "reasoning erosion (the reasoning no longer reaches the gold answer)",
                 "lower the learning rate or add `reasoning_weight: 0.1`; or emphasise the answer in stage 1 instead "
-                "(`key_weight: 5`, README: Guide)"),
+                "(`key_weight: 5`, docs/results.md: Guide)"),
     FailureMode("answer_reasoning_consistency", "answers no longer follow the reasoning",
                 "the stage trains answers apart from their reasoning: lower its rate, add `reasoning_weight`, or stop "
                 "after stage 1"),
 ]  # fmt: skip
 NEXT_WITHOUT_EROSION = {
     "rose": "Next: check the gain against `sft_continue` (the same steps of stage 1's objective) with 3-5 seeds: "
-    "`python recipes/compare.py --config <recipe> --seeds 3` (README: Guide).",
+    "`python recipes/compare.py --config <recipe> --seeds 3` (docs/results.md: Guide).",
     "kept_incoming": "emphasise the answer in stage 1 instead (`key_weight: 5` in the completion stage), or run "
-    "the key stage with `context: detached` or `reasoning_weight: 0.1` (README: Guide).",
+    "the key stage with `context: detached` or `reasoning_weight: 0.1` (docs/results.md: Guide).",
     "flat": "Next: compare `key_loss` with `reasoning_loss` at the end of stage 1: a key loss not far above it leaves "
-    "a key stage nothing to do (README: Guide).",
+    "a key stage nothing to do (docs/results.md: Guide).",
 }
 # The reported scores and the failure modes' diagnostics, each once, in METRICS' order
 COMPARED = [m for m in METRICS if m.higher_is_better and (m.reported or m.name in {f.metric for f in FAILURE_MODES})]
@@ -100,7 +100,7 @@ def _stage_one(name: str, stage: dict, base: dict | None, answer_type: str | Non
         return [
             f"Stage 1 (`{name}`) was still improving at its last evaluation (validation {metric} {history[-2]:.3f} -> "
             f"{history[-1]:.3f}). Next: train it longer, or to convergence (`keep_best: true` with `patience`, "
-            "README: Guide), before reading what a later stage adds."
+            "docs/results.md: Guide), before reading what a later stage adds."
         ], False
     return [], False
 

@@ -7,7 +7,7 @@ the two configurations sum the same terms in another order (accumulation, paddin
 compute the same tensors (weights that reduce to another stage). Also here: stage 1 against bare `trl.SFTTrainer`
 on SmolLM2, `context: detached` against full context before any update (Llama and sliding-window Mistral), and a
 stage killed and resumed against an uninterrupted one (full and LoRA); across processes: test_processes.py. The
-README's "What is held equal" lists every case with its tolerance. Select with `-m invariance`.
+docs/development.md ("What is held equal") lists every case with its tolerance. Select with `-m invariance`.
 
 Pinned losses: the first steps' (loss, grad norm) of a completion and a key stage on the tiny model and of a SmolLM2
 LoRA stage 1 are stored in `pinned_losses.json` and checked to relative 1e-4 (float32 CPU arithmetic differs

@@ -66,7 +66,7 @@ PROJECT_KEYS = {f.name for f in dataclasses.fields(SFTKeyScriptArguments)} | (
     {f.name for f in dataclasses.fields(SFTKeyConfig)} - {f.name for f in dataclasses.fields(SFTKeyConfig.__base__)}
 )
 KEYS = sorted(set(FIELDS) - set(SKIPPED))
-# The README's ranges (Recipe keys): counts of rows, tokens and batches; positive numbers; fractions
+# The ranges of docs/recipe-keys.md: counts of rows, tokens and batches; positive numbers; fractions
 COUNTS = {"per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
           "global_batch_size", "max_train_samples", "max_eval_samples", "eval_batch_size", "max_new_tokens",
           "max_length", "lora_r", "patience"}  # fmt: skip
@@ -114,8 +114,8 @@ def _number(value, integer: bool):
 
 
 def must_refuse(key: str, value) -> bool:
-    """True when `value` is not a valid value of `key` (by its annotation and the README's ranges)."""
-    if key in OPTIONS:  # stage options: README's stage-key table
+    """True when `value` is not a valid value of `key` (by its annotation and docs/recipe-keys.md's ranges)."""
+    if key in OPTIONS:  # stage options: docs/recipe-keys.md's stage-key table
         return _stage_option_invalid(key, value)
     kinds, nullable = _annotation_kinds(key)
     if value is None:
