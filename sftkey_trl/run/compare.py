@@ -304,6 +304,9 @@ def plot(summary: dict, path: Path, metric: str = DEFAULT_METRIC) -> bool:
     return True
 
 
+WHISKER = 0.15  # an interval's offset from its bar's centre, where the bar's value is written
+
+
 def _plot_differences(ax, versus: dict, others: list[str], metric: str, baseline: str, several: bool) -> None:
     """Each variant's paired difference on `metric` against `baseline`: the interval over the test examples (black)
     and, with 2 or more seeds, the interval over the seeds (blue), side by side."""
@@ -328,11 +331,12 @@ def _plot_differences(ax, versus: dict, others: list[str], metric: str, baseline
         low = [max(0.0, means[i] - intervals[i]["low"]) for i in shown]
         high = [max(0.0, intervals[i]["high"] - means[i]) for i in shown]
         label = "95% interval over the test examples (paired t)"
-        ax.errorbar([i - (0.08 if several else 0) for i in shown], [means[i] for i in shown], yerr=[low, high],
-                    fmt="none", ecolor="black", capsize=4, label=label)  # fmt: skip
+        offset = -WHISKER if several else WHISKER
+        ax.errorbar([i + offset for i in shown], [means[i] for i in shown], yerr=[low, high], fmt="none",
+                    ecolor="black", capsize=4, label=label)  # fmt: skip
     spread = [i for i, entry in enumerate(entries) if _seed_spread(entry) is not None]
     if several and spread:
-        ax.errorbar([i + 0.08 for i in spread], [means[i] for i in spread],
+        ax.errorbar([i + WHISKER for i in spread], [means[i] for i in spread],
                     yerr=[_seed_spread(entries[i]) for i in spread], fmt="none", ecolor="tab:blue", capsize=4,
                     label="95% interval over the seeds (Student t)")  # fmt: skip
     ax.set_xticks(range(len(others)), others, rotation=30, ha="right")

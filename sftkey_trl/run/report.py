@@ -118,7 +118,7 @@ def _plot_stages(results: dict, output_dir: Path, path: Path) -> bool:
         ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)  # a score of 0 is read, not mistaken for no bar
     ax.set_xticks(range(len(rows)), [name for name, _ in rows])
     ax.set_ylim(0, 1.05)
-    ax.set_xlabel("evaluated model (base, then each stage)")
+    ax.set_xlabel(f"evaluated model: {'the base, then each stage' if 'base' in results else 'each stage'}")
     ax.set_ylabel("score (share of test examples)")
     examples = {m.get("num_examples") for _, m in rows} - {None}
     on = f" on {examples.pop()} test examples" if len(examples) == 1 else ""

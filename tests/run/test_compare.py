@@ -357,3 +357,35 @@ def test_a_finished_run_without_per_example_values_gets_them_from_its_prediction
     assert kept_per_example(tmp_path / "key", "numeric") == {"per_example": metrics["per_example"]}
     assert metrics["per_example"]["accuracy"] == [1.0, 0.0, 1.0] and metrics["per_example"]["index"] == [0, 1, 2]
     assert kept_per_example(tmp_path / "sft", "numeric") == {}
+
+
+@pytest.mark.parametrize("several", [False, True], ids=["one seed", "several seeds"])
+def test_a_difference_label_is_clear_of_its_interval(several):
+    """The value over each difference bar was drawn where the interval's whisker runs, which crossed it out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sftkey_trl.run.compare import _plot_differences
+
+    entry = {
+        "mean": -0.25,
+        "examples": {"n": 8, "low": -0.63, "high": 0.13},
+        "ci95": 0.2,
+        "values": [-0.3, -0.25, -0.2],
+    }
+    versus = {name: {"accuracy": dict(entry)} for name in ("sftkey_tag", "sft_tag")}
+    figure, ax = plt.subplots(figsize=(6, 4))
+    _plot_differences(ax, versus, list(versus), "accuracy", "sft_continue", several)
+    figure.canvas.draw()
+    labels = [text.get_window_extent() for text in ax.texts]
+    whiskers = [segment for collection in ax.collections for segment in collection.get_segments()]
+    assert labels and whiskers
+    for segment in whiskers:
+        (x0, y0), (x1, y1) = ax.transData.transform(segment)
+        for label in labels:
+            crosses_x = min(x0, x1) <= label.x1 and max(x0, x1) >= label.x0
+            crosses_y = min(y0, y1) <= label.y1 and max(y0, y1) >= label.y0
+            assert not (crosses_x and crosses_y), (segment, label)
+    plt.close(figure)

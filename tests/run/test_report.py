@@ -97,3 +97,20 @@ def test_results_md_names_its_columns_in_words():
     assert header == "| stage | " + " | ".join(metric_rows().values()) + " |"
     assert "| accuracy | format accuracy |" in header and "answer follows reasoning" in header
     assert not {"acc", "fmt", "reas", "consist", "reas=ref", "n"} & {cell.strip() for cell in header.split("|")}
+
+
+def test_the_stages_plot_names_only_the_models_it_shows(tmp_path, monkeypatch):
+    """The x axis read "base, then each stage" on a run that evaluated no base model."""
+    import matplotlib.pyplot as plt
+
+    from sftkey_trl.run.report import _plot_stages
+
+    monkeypatch.setattr(plt, "close", lambda figure: None)  # keep the figure to read its axis
+    stages = {"sft": dict(METRICS)}
+    for results, shown in (
+        ({"stages": stages}, "each stage"),
+        ({"base": METRICS, "stages": stages}, "the base, then each stage"),
+    ):
+        assert _plot_stages(results, tmp_path, tmp_path / "stages.png")
+        assert plt.gcf().axes[0].get_xlabel() == f"evaluated model: {shown}"
+        plt.close("all")
