@@ -169,7 +169,7 @@ def comparison_section(output_dir: Path) -> list[str]:
     return block("### Comparison of the variants (`recipes/compare.py`)", table.removeprefix("## ").strip())
 
 
-def usage(location: str, form: str, script_args, chat: bool, end_of_turn: str | None) -> list[str]:
+def usage_snippet(location: str, form: str, script_args, chat: bool, end_of_turn: str | None) -> list[str]:
     """A generation snippet that runs as written, loading `location` (the saved folder, or the pushed repository)
     and prompting as the evaluation did: through the tokenizer's chat template (`chat`), else the plain layout."""
     loader = "AutoPeftModelForCausalLM" if form == "adapter" else "AutoModelForCausalLM"
@@ -254,7 +254,7 @@ def model_card(
         f"This repository holds stage `{stage}` (of {', '.join(f'`{s.name}`' for s in stages)}) as {FORMS[form]}. "
         f"Responses are formatted as {response}.",
         *block("## Use"),
-        *usage(location or repo_id, form, script_args, chat, training_args.eos_token),
+        *usage_snippet(location or repo_id, form, script_args, chat, training_args.eos_token),
         *block("## Training"),
         f"- Base model: `{base}`; {method}",
         f"- Data: `{dataset}`, format `{script_args.dataset_format}`",

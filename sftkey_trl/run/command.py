@@ -17,7 +17,7 @@ SUBCOMMANDS = {
 }
 
 
-def usage() -> str:
+def command_usage() -> str:
     lines = [f"usage: {PROG} <command> [--config RECIPE] [--KEY VALUE ...]", "", "commands:"]
     lines += [f"  {name:<9} {what}" for name, (_, what) in SUBCOMMANDS.items()]
     lines += [
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
+        print(command_usage())
         return 0
     name, rest = argv[0], argv[1:]
     with user_errors("--debug" in rest):
