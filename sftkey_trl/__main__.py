@@ -2,7 +2,7 @@
 
 import sys
 
-from sftkey_trl.run.command import main
+from sftkey_trl.run.command import run_command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command())

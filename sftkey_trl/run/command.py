@@ -28,7 +28,7 @@ def command_usage() -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(argv: list[str] | None = None) -> int:
     """Run `sftkey-trl <command> ...` as the program (the process is set up as for the scripts)."""
     from ..errors import SFTKeyError, closest
     from .cli import main as run

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from sftkey_trl.run.command import SUBCOMMANDS, main
+from sftkey_trl.run.command import SUBCOMMANDS, run_command
 
 
 def test_usage_lists_every_subcommand(capsys):
-    assert main([]) == 0
+    assert run_command([]) == 0
     text = capsys.readouterr().out
     assert all(f"  {name} " in text for name in SUBCOMMANDS)
     assert {"train", "compare", "inspect", "merge"} <= set(SUBCOMMANDS)
@@ -25,7 +25,7 @@ def test_usage_lists_every_subcommand(capsys):
 
 def test_an_unknown_subcommand_is_one_line(capsys):
     with pytest.raises(SystemExit) as exit_:
-        main(["trian"])
+        run_command(["trian"])
     assert exit_.value.code == 2
     known = ", ".join(SUBCOMMANDS)
     assert capsys.readouterr().err == f"error: unknown command `trian` (did you mean `train`?); use one of {known}\n"
@@ -38,11 +38,11 @@ def test_a_subcommand_is_the_scripts_mode(monkeypatch):
     calls = []
     monkeypatch.setattr(cli, "main", lambda argv, as_program, prog: calls.append((argv, as_program, prog)) or 0)
     monkeypatch.setattr(comparison, "run_comparison", lambda argv, as_program, prog: calls.append((argv, prog)) or 0)
-    main(["check", "--config", "r.yaml"])
-    main(["inspect", "3", "--json"])
-    main(["merge", "key", "--merge_dir", "out"])
-    main(["train", "--learning_rate", "1e-4"])
-    main(["compare", "--seeds", "1"])
+    run_command(["check", "--config", "r.yaml"])
+    run_command(["inspect", "3", "--json"])
+    run_command(["merge", "key", "--merge_dir", "out"])
+    run_command(["train", "--learning_rate", "1e-4"])
+    run_command(["compare", "--seeds", "1"])
     assert calls == [
         (["--dry_run", "--config", "r.yaml"], True, "sftkey-trl check"),
         (["--inspect", "3", "--json"], True, "sftkey-trl inspect"),
@@ -74,7 +74,7 @@ def test_an_installed_wheel_runs_the_demo_check_from_anywhere(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "sftkey_trl/recipes/demo/sftkey_tiny.yaml" in names and "sftkey_trl/__main__.py" in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert re.search(r"^sftkey-trl = sftkey_trl\.run\.command:main$", entry_points, re.M)
+    assert re.search(r"^sftkey-trl = sftkey_trl\.run\.command:run_command$", entry_points, re.M)
     subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True)
     env = {**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"}
     command = [str(target / "bin" / "sftkey-trl"), "check", "--output_dir", str(tmp_path / "out")]
