@@ -10,7 +10,8 @@ from typing import Any
 from ..errors import SFTKeyError
 from ..files import DEMO_PREFIX
 from .formatting import Formatter
-from .loading import InvalidReport, check_training_rows, check_usable_rows, load_splits, local_path, to_triples
+from .loading import InvalidReport, check_training_rows, check_usable_rows, load_splits, to_triples
+from .sources import local_path
 
 TOKEN_CHECKS = "no character the tokenizer cannot encode, no key cut by `max_length`, tokens for each stage"
 

@@ -147,7 +147,7 @@ def check_data(script_args) -> list[str]:
             f"no dataset: `dataset_format: {adapter.name}` has no default, so set `dataset_name` to a hub id or a "
             "local .jsonl/.json/.parquet/.csv file"
         )
-    from ..data.loading import local_path
+    from ..data.sources import local_path
 
     for key in ("dataset_name", "eval_dataset_name"):
         if getattr(script_args, key):

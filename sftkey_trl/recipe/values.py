@@ -105,7 +105,7 @@ NON_EMPTY_KEYS = ("dataset_format", "question_field", "reasoning_field", "answer
 def check_named_values(script_args, model_args) -> None:
     """Values that name something: the adapter, the columns, the model (required) and the demo data's splits."""
     from ..data.adapters import ADAPTERS
-    from ..data.loading import DEMO_SPLITS
+    from ..data.sources import DEMO_SPLITS
 
     for key in NON_EMPTY_KEYS:
         args = model_args if key == "model_name_or_path" else script_args

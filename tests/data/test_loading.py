@@ -11,7 +11,7 @@ import pytest
 from conftest import script_args
 from datasets import Dataset
 
-from sftkey_trl.data import loading
+from sftkey_trl.data import loading, sources
 from sftkey_trl.data.formatting import Formatter
 from sftkey_trl.data.loading import prepare_data
 from sftkey_trl.errors import SFTKeyError
@@ -142,15 +142,15 @@ def test_a_damaged_tokenized_cache_is_rebuilt(char_tokenizer, data_file, tmp_pat
 
 
 def test_damaged_demo_data_is_written_again(sftkey_cache, caplog):
-    loading.load_source("demo:arithmetic", None, "test")
+    sources.load_source("demo:arithmetic", None, "test")
     test_file = sftkey_cache / "demo-arithmetic-v2" / "test.jsonl"
     whole = test_file.read_text()
     test_file.write_text(whole[: len(whole) // 2])  # cut mid-row
-    with caplog.at_level(logging.WARNING, logger="sftkey_trl.data.loading"):
-        rows = loading.load_source("demo:arithmetic", None, "test")
+    with caplog.at_level(logging.WARNING, logger="sftkey_trl.data.sources"):
+        rows = sources.load_source("demo:arithmetic", None, "test")
     assert len(rows) == 200 and test_file.read_text() == whole and "written again" in caplog.text
     (sftkey_cache / "demo-arithmetic-v2" / "train.jsonl").unlink()  # half built: one split only
-    assert len(loading.load_source("demo:arithmetic", None, "train")) == 2000
+    assert len(sources.load_source("demo:arithmetic", None, "train")) == 2000
 
 
 def test_a_damaged_parquet_file_is_one_line(char_tokenizer, tmp_path):

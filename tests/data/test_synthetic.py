@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sftkey_trl.data.loading import load_source
+from sftkey_trl.data.sources import load_source
 from sftkey_trl.data.synthetic import (
     REMAINDER_DIVISORS,
     write_arithmetic_dataset,
