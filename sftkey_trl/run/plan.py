@@ -120,12 +120,11 @@ class Manifest:
     def update(self, name: str, **fields: Any) -> None:
         """Merge `fields` into stage `name`'s entry, stamped with the time and library versions."""
         self.data["stages"].setdefault(name, {}).update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        self.data["library_versions"] = library_versions()
-        if self.write:
-            write_json(self.path, self.data)
+        self.save()
 
-    def update_all(self) -> None:
-        """Write the manifest as it is in memory (after changes to several entries at once)."""
+    def save(self) -> None:
+        """Write the manifest as it is in memory, stamped with the library versions (after `update`, or after
+        changes to several entries at once)."""
         self.data["library_versions"] = library_versions()
         if self.write:
             write_json(self.path, self.data)
@@ -193,7 +192,7 @@ def clear_run(output_dir: Path, stage_names: list[str]) -> None:
     for name, stage_dir in zip(names, stages):
         if stage_dir.exists():
             manifest.data["stages"][name] = {**(manifest.stage(name) or {}), "status": DISCARDING}
-    manifest.update_all()
+    manifest.save()
     discard(records[0], kinds=["run"])
     discard(*stages, kinds=["stage"])
     discard(records[1], kinds=["run"])
