@@ -5,6 +5,7 @@ closed at exit."""
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import os
 import sys
@@ -73,12 +74,15 @@ def prepare_process() -> None:
 
 
 def close_process_group() -> None:
-    """Destroy the default process group, if one was started. Left to the interpreter's teardown, a gloo group can
-    abort a rank that finished its work (SIGABRT, "terminate called without an active exception"), and the launcher
-    then fails the whole run."""
+    """Destroy the default process group, if one was started, and free it while the interpreter still runs. A gloo
+    worker thread that drops its last collective's tensors during the interpreter's teardown cannot take the GIL,
+    and aborts a rank that finished its work (SIGABRT, "terminate called without an active exception"); the
+    launcher then fails the whole run. `destroy_process_group` only unregisters the group: models and trainers
+    still hold it, often in reference cycles, so the collection here is what frees it and joins its threads."""
     distributed = sys.modules.get("torch.distributed")  # never imported: no group to close, and no torch import
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
         distributed.destroy_process_group()
+        gc.collect()
 
 
 def start_entry_point(as_program: bool) -> None:

@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sftkey_trl.data.formatting import Formatter
 from sftkey_trl.evaluation.generation import evaluate_model
 from sftkey_trl.recipe.schema import SFTKeyScriptArguments
+from sftkey_trl.run.process import close_process_group
 
 model_dir, examples_file, out = sys.argv[1:4]
 state = PartialState(cpu=True, backend="gloo", timeout=timedelta(seconds=30))
@@ -50,7 +51,7 @@ examples = json.load(open(examples_file))
 metrics, predictions = evaluate_model(model, tokenizer, examples, "numeric", args, Formatter(tokenizer, args))
 if state.is_main_process:
     json.dump({"metrics": metrics, "generations": [p["generation"] for p in predictions]}, open(out, "w"))
-state.destroy_process_group()  # as the entry points do: a gloo group left to teardown can abort a finished rank
+close_process_group()  # as the entry points do at exit: a gloo group left to teardown can abort a finished rank
 """
 
 

@@ -34,6 +34,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from sftkey_trl.data.formatting import Formatter
 from sftkey_trl.evaluation.generation import evaluate_model
 from sftkey_trl.recipe.schema import SFTKeyScriptArguments
+from sftkey_trl.run.process import close_process_group
 from sftkey_trl.train.keep_best import KeepBestCallback
 
 model_dir, examples_file, out = sys.argv[1:4]
@@ -63,7 +64,8 @@ except RuntimeError as error:
     sys.exit(1)
 if state.is_main_process:
     json.dump({"history": callback.history, "generations": generations}, open(out, "w"))
-state.destroy_process_group()
+del trainer, callback, wrapped, model, evaluate  # nothing holds the group: closing it joins its threads
+close_process_group()  # as the entry points do at exit: a gloo group left to teardown can abort a finished rank
 """
 
 
