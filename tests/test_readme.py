@@ -58,7 +58,7 @@ def test_what_users_read_points_at_docs_that_exist():
 def test_quick_start_is_what_ci_runs():
     """CI runs the README's quick-start lines verbatim and installs nothing else."""
     quick_start = [c.split("#")[0].strip() for c in COMMANDS[:2]]
-    demo = "accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/run.py"
+    demo = "accelerate launch -q --config_file accelerate_configs/single_gpu.yaml recipes/run.py"
     assert quick_start == [f"pip install -r requirements.txt && {demo}", "python -m pytest"]
     ci_lines = [line.strip() for line in (ROOT / ".ci/run").read_text().splitlines()]
     assert all(line in ci_lines for line in quick_start)

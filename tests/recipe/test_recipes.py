@@ -73,12 +73,14 @@ def test_recipe_passes_dry_run(recipe):
 def test_recipe_header_launches_existing_files(recipe):
     lines = (ROOT / recipe).read_text().splitlines()
     assert lines[0].startswith("# Hardware: ") and header_value(ROOT / recipe, HARDWARE_PREFIX)
-    assert lines[1].startswith("# Launch: accelerate launch --config_file accelerate_configs/")
+    assert lines[1].startswith("# Launch: accelerate launch ") and "--config_file accelerate_configs/" in lines[1]
     assert not lines[2].startswith("#"), "the header is exactly two comment lines"
     tokens = shlex.split(launch_line(ROOT / recipe))
     assert tokens[:2] == ["accelerate", "launch"] and "recipes/run.py" in tokens
     config_file = flag_value(tokens, "--config_file")
     assert (ROOT / config_file).is_file(), f"{recipe}: accelerate config {config_file} does not exist"
+    # one process: `-q` keeps accelerate's traceback from following a one-line error (torchrun's launches ignore it)
+    assert ("-q" in tokens) == (config_file == "accelerate_configs/single_gpu.yaml"), lines[1]
     assert flag_value(tokens, "--config") == recipe
 
 

@@ -51,6 +51,19 @@ def quick_start_launch() -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", *launch[2:]]
 
 
+@pytest.mark.slow
+def test_a_mistake_under_the_quick_start_launch_ends_on_its_one_line(tmp_path):
+    """accelerate's launcher raises its own CalledProcessError on any non-zero exit, so a refused run's one line was
+    followed by a traceback whose last line named no problem. The README's launch passes `-q`: the line is last."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [*quick_start_launch(), "--output_dir", str(tmp_path / "out"), "--learning_rate", "fast"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stdout + done.stderr, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "learning_rate" in last, done.stderr[-2000:]
+
+
 @pytest.mark.e2e
 def test_demo_end_to_end(tmp_path):
     """The README's quick-start command: both stages train and are evaluated, stage 1 beats always giving the test

@@ -57,9 +57,10 @@ def test_config_header_has_an_exact_launch_line(path):
     assert len(header) >= 2, f"{path.name}: needs a header (when to use it, and the launch line)"
     launch = [line for line in header if "accelerate launch" in line]
     assert launch, f"{path.name}: no launch line in the header"
-    match = re.search(r"accelerate launch --config_file (\S+) (\S+) --config recipes/\S+\.yaml$", launch[0])
+    match = re.search(r"accelerate launch (-q )?--config_file (\S+) (\S+) --config recipes/\S+\.yaml$", launch[0])
     assert match, launch[0]
-    config_file, script = match.groups()
+    quiet, config_file, script = match.groups()
+    assert bool(quiet) == (path.stem not in MULTI_GPU_CONFIGS), "`-q` on one-process launches (torchrun ignores it)"
     assert config_file == f"accelerate_configs/{path.name}"
     assert (ROOT / config_file).is_file() and (ROOT / script).is_file()
     config = load_config_from_file(str(path))
